@@ -1,0 +1,92 @@
+"""The worker lifecycle, in the order it runs.
+
+    1. register        ``worker_init`` (MainProcess, before the pool forks):
+                       insert the process row, sweep orphaned claims, prune
+                       the dead, start the heartbeat thread.
+    2. heartbeat       every ``heartbeat_interval`` on that thread, with its
+                       own short transactions, whatever the pool is doing.
+    3. drain           warm shutdown: Celery stops claiming, releases unacked
+                       deliveries in place when the channel closes, and waits
+                       for running tasks.  Heartbeats go on all the while.
+    4. stop heartbeat  ``worker_shutdown``, which Celery sends only after the
+                       pool has joined: finish what completed, then stop beating.
+    5. deregister      same signal: release or fail any claim still held
+                       (a cold shutdown killed its task), delete the row.
+
+Celery's own event heartbeat is not used for liveness: it stops at the start
+of a warm shutdown, while tasks still run (the Solid Queue #568 failure).
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from . import SCHEME
+from . import transport as transport_module
+from .options import Options
+from .processes import LocalProcess, local_process
+from .store import store_for
+
+log = logging.getLogger("celery_sqlbackend.lifecycle")
+
+_connected = False
+
+
+def connect_signals() -> None:
+    global _connected
+    if _connected:
+        return
+    _connected = True
+    signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+
+
+def broker_store(app):
+    """The Store behind ``app``'s broker, or None if the broker is not ours."""
+    url = app.conf.broker_url or ""
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else ""
+    prefix = SCHEME + "+"
+    if not url.startswith(prefix):
+        return None
+    return store_for(url[len(prefix):], Options.from_mapping(app.conf.broker_transport_options))
+
+
+def worker_process(app) -> LocalProcess | None:
+    store = broker_store(app)
+    return local_process(store) if store is not None else None
+
+
+def on_worker_init(sender=None, **_):
+    """Step 1: register and start heartbeating."""
+    worker = sender
+    proc = worker_process(worker.app)
+    if proc is None:
+        return
+    proc.managed = True
+    pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
+    queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
+    transport_module.task_is_running = task_is_running
+    proc.register()
+
+
+def task_is_running(delivery_tag: str) -> bool:
+    """True while the Celery request delivered under ``delivery_tag`` is executing."""
+    from celery.worker import state
+    for request in list(state.active_requests):
+        message = getattr(request, "message", None)
+        if message is not None and message.delivery_tag == delivery_tag:
+            return True
+    return False
+
+
+def on_worker_shutdown(sender=None, **_):
+    """Steps 4 and 5: the pool has drained; stop beating and leave."""
+    proc = worker_process(sender.app)
+    if proc is None or proc.id is None:
+        return
+    proc.finish_completed(task_is_running)
+    proc.stop()
+    proc.deregister(reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

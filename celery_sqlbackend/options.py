@@ -1,0 +1,115 @@
+"""Transport options (``broker_transport_options``), with their defaults.
+
+Every option is listed once, here.  An option this module does not know is an
+error, not silence: a typo such as ``heartbeat_intreval`` would otherwise leave
+a production worker on the default.
+
+==========================  ========  ==================================================
+option                      default   meaning
+==========================  ========  ==================================================
+``polling_interval``        0.2 s     sleep between empty polls (PostgreSQL wakes on NOTIFY
+                                      sooner; the poll is only the fallback there)
+``table_prefix``            "sqlq_"   prefix of every table name
+``create_tables``           auto      create missing tables on first use (default: on
+                                      SQLite only; elsewhere run ``celery sqlq migrate``)
+``heartbeat_interval``      60 s      how often a worker's process row is touched
+``alive_threshold``         300 s     a process silent this long is pruned
+``max_releases``            3         times a job may go back to the queue after its
+                                      worker died before it is failed instead
+``keep_finished``           86400 s   how long finished jobs are kept (0: delete at once)
+``clear_batch_size``        500       rows deleted per maintenance batch
+``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
+``busy_timeout``            30 s      SQLite busy timeout / lock wait
+``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
+``retry_attempts``          8         attempts for a transaction that lost a lock race
+==========================  ========  ==================================================
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigurationError
+
+#: Options kombu or Celery themselves put into ``transport_options``; accepted
+#: and ignored here so that standard Celery settings never trip the check.
+_KOMBU_OPTIONS = frozenset({
+    "max_retries", "interval_start", "interval_step", "interval_max", "confirm_publish",
+    "client_properties", "retry_policy",
+})
+
+
+@dataclass(frozen=True)
+class Options:
+    polling_interval: float = 0.2
+    table_prefix: str = "sqlq_"
+    create_tables: bool | None = None
+    heartbeat_interval: float = 60.0
+    alive_threshold: float = 300.0
+    max_releases: int = 3
+    keep_finished: float = 86400.0
+    clear_batch_size: int = 500
+    dispatch_interval: float = 1.0
+    busy_timeout: float = 30.0
+    use_notify: bool = True
+    retry_attempts: int = 8
+
+    @classmethod
+    def from_mapping(cls, given: Mapping[str, Any] | None) -> "Options":
+        given = dict(given or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(k for k in given if k not in known and k not in _KOMBU_OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown celery_sqlbackend transport option(s): {', '.join(unknown)}; "
+                f"known options are: {', '.join(sorted(known))}")
+        values = {}
+        for name, value in given.items():
+            if name not in known or value is None:
+                continue
+            default = known[name].default
+            try:
+                values[name] = _coerce(value, default)
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"transport option {name}={value!r} is not valid: expected a "
+                    f"{type(default).__name__ if default is not None else 'bool'}") from None
+        opts = cls(**values)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for name in ("polling_interval", "heartbeat_interval", "alive_threshold", "dispatch_interval",
+                     "busy_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"transport option {name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_releases < 0 or self.clear_batch_size < 1 or self.retry_attempts < 1:
+            raise ConfigurationError("max_releases must be >= 0, clear_batch_size and retry_attempts >= 1")
+        if not self.table_prefix.replace("_", "").isalnum():
+            raise ConfigurationError(f"table_prefix {self.table_prefix!r} may hold only letters, digits and _")
+        if self.alive_threshold < 2 * self.heartbeat_interval:
+            warnings.warn(
+                f"alive_threshold ({self.alive_threshold}s) is less than twice heartbeat_interval "
+                f"({self.heartbeat_interval}s): one late heartbeat will get a live worker pruned",
+                RuntimeWarning, stacklevel=3)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool) or default is None:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value

@@ -1,0 +1,228 @@
+"""The process registry: who holds which claims, and whether they are alive.
+
+Each OS process that claims jobs has one ``LocalProcess`` per store: a row in
+``processes`` and a heartbeat thread of its own.  Every claim names that row.
+
+The heartbeat thread is deliberately independent of Celery's consumer (whose
+own heartbeat stops at the *start* of a warm shutdown, while tasks are still
+running: Solid Queue #568).  It beats from registration until ``stop()``,
+which the worker calls only after the pool has drained (see ``lifecycle``).
+Each beat is one UPDATE in its own short transaction; a failed beat is
+logged and retried at the next interval, leaving nothing half-done.  The same
+thread prunes dead processes and clears old finished jobs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from datetime import timedelta
+from typing import Iterable
+
+from . import pruner
+from .store import Store, queries, utcnow
+
+log = logging.getLogger("celery_sqlbackend.processes")
+
+
+class LocalProcess:
+    """This OS process, as registered in one store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.pid = os.getpid()
+        self.kind = "consumer"
+        self.name = f"{self.kind}@{socket.gethostname()}"
+        self.pool: str | None = None
+        self.concurrency: int | None = None
+        self.queues: list[str] = []
+        self.id: int | None = None
+        #: True when a Celery worker owns the lifecycle (lifecycle.py), so that
+        #: a kombu channel closing on reconnect never deregisters the process.
+        self.managed = False
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_releases: set[int] = set()
+        # delivery tag -> job id of early-acked jobs still running.  Kept per
+        # process, not per channel: a channel closed by a reconnect must not
+        # forget jobs that are still running in the pool.
+        self._started: dict[str, int] = {}
+        self.beats = 0
+        self.last_beat_error: BaseException | None = None
+        self.last_beat_at = None
+
+    def describe(self, *, kind: str, name: str, pool: str | None = None, concurrency: int | None = None,
+                 queues: Iterable[str] = ()) -> None:
+        self.kind, self.name, self.pool, self.concurrency = kind, name, pool, concurrency
+        self.queues = sorted(set(queues))
+
+    # ------------------------------------------------------------------ register / deregister
+
+    def ensure_registered(self) -> int:
+        """The process row id, registering (and starting heartbeats) on first use."""
+        if self.id is None:
+            with self._lock:
+                if self.id is None:
+                    self.register()
+        return self.id
+
+    def register(self) -> int:
+        self.id = self.store.q(
+            "register_process", kind=self.kind, name=self.name, hostname=socket.gethostname(),
+            pid=self.pid, pool=self.pool, concurrency=self.concurrency,
+            queues=json.dumps(self.queues), now=utcnow())
+        log.info("registered process %s as id %s", self.name, self.id)
+        # A starting process sweeps what crashed processes left behind.
+        self._maintain(first=True)
+        self._start_heartbeat()
+        return self.id
+
+    def update_queues(self, queues: Iterable[str]) -> None:
+        self.queues = sorted(set(self.queues) | set(queues))
+        if self.id is not None:
+            self.store.q("update_process", process_id=self.id, queues=json.dumps(self.queues))
+
+    def stop(self) -> None:
+        """Stop heartbeating: call only when this process holds no running job."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.store.options.busy_timeout + 5)
+        self._thread = None
+
+    def deregister(self, reason: str = "the worker shut down before the job finished") -> None:
+        """Give back anything still claimed, then delete the process row."""
+        if self.id is None or os.getpid() != self.pid:
+            return
+        process_id, self.id = self.id, None
+        released, failed = pruner.release_own_claims(self.store, process_id, reason)
+        if released or failed:
+            log.warning("process %s left claims behind at exit: released %s, failed %s",
+                        self.name, released, failed)
+        self.store.q("delete_process", process_id=process_id)
+        log.info("deregistered process %s (id %s)", self.name, process_id)
+
+    # ------------------------------------------------------------------ heartbeat thread
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="sqlq-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.store.options.heartbeat_interval
+        while not self._stop.wait(interval):
+            if os.getpid() != self.pid:
+                return
+            self.beat()
+            self._maintain()
+
+    def beat(self) -> bool:
+        process_id = self.id
+        if process_id is None:
+            return False
+        try:
+            alive = self.store.q("heartbeat", process_id=process_id, now=utcnow())
+        except Exception as exc:  # never let a DB hiccup kill the thread
+            self.last_beat_error = exc
+            log.warning("heartbeat of %s failed (%s); retrying in %gs", self.name, exc,
+                        self.store.options.heartbeat_interval)
+            return False
+        if not alive:
+            self._on_pruned_while_alive(process_id)
+            return False
+        self.beats += 1
+        self.last_beat_at = utcnow()
+        return True
+
+    def _on_pruned_while_alive(self, process_id: int) -> None:
+        # Another process decided we were dead (a frozen VM, a long pause, a
+        # partitioned network).  Its decision stands: every claim we held is
+        # gone and fenced updates on them will fail.  Register afresh so that
+        # new claims have a live owner.
+        log.error("process %s (id %s) was pruned while still alive: its jobs were released or failed "
+                  "by the pruner and will not be marked finished here; registering again",
+                  self.name, process_id)
+        with self._lock:
+            self.id = self.store.q(
+                "register_process", kind=self.kind, name=self.name, hostname=socket.gethostname(),
+                pid=self.pid, pool=self.pool, concurrency=self.concurrency,
+                queues=json.dumps(self.queues), now=utcnow())
+
+    # ------------------------------------------------------------------ job state (fenced)
+
+    def started(self, tag: str, job_id: int) -> None:
+        """An early ack: the job is running; a pruner must fail it, not re-run it."""
+        self._started[tag] = job_id
+        if not self.store.q("mark_acked", job_id=job_id, process_id=self.id, now=utcnow()):
+            log.error("job %s was taken from process %s (pruned) before it started", job_id, self.name)
+
+    def finish(self, job_id: int) -> bool:
+        keep = self.store.options.keep_finished > 0
+        if self.store.q("finish", job_id=job_id, process_id=self.id, now=utcnow(), keep=keep):
+            return True
+        log.error("job %s finished in %s, but its claim had been taken away (the process was pruned); "
+                  "the pruner's decision (released or failed) stands", job_id, self.name)
+        return False
+
+    def finish_completed(self, is_running=None) -> None:
+        """Finish the early-acked jobs that are no longer running."""
+        for tag, job_id in list(self._started.items()):
+            if is_running is None or not is_running(tag):
+                if self._started.pop(tag, None) is not None:
+                    self.finish(job_id)
+
+    @property
+    def running_jobs(self) -> list[int]:
+        return list(self._started.values())
+
+    # ------------------------------------------------------------------ maintenance
+
+    def defer_release(self, job_id: int) -> None:
+        """Remember a release that failed (database down) to retry from the heartbeat thread."""
+        self._pending_releases.add(job_id)
+
+    def _maintain(self, first: bool = False) -> None:
+        try:
+            self._retry_pending_releases()
+            if first:
+                pruner.sweep_orphans(self.store)
+            pruner.prune(self.store, exclude=self.id)
+            self._clear_finished()
+        except Exception as exc:
+            log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
+
+    def _retry_pending_releases(self) -> None:
+        for job_id in list(self._pending_releases):
+            if self.id is not None:
+                self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())
+            self._pending_releases.discard(job_id)
+
+    def _clear_finished(self) -> None:
+        opts = self.store.options
+        before = utcnow() - timedelta(seconds=opts.keep_finished)
+        for _ in range(20):  # bounded per beat; short transactions, no long locks
+            if self.store.q("clear_finished", before=before, limit=opts.clear_batch_size) < opts.clear_batch_size:
+                break
+
+
+_local: dict[int, LocalProcess] = {}
+_local_lock = threading.Lock()
+
+
+def local_process(store: Store) -> LocalProcess:
+    """This OS process's ``LocalProcess`` for ``store`` (a new one after fork)."""
+    key = id(store)
+    proc = _local.get(key)
+    if proc is None or proc.pid != os.getpid():
+        with _local_lock:
+            proc = _local.get(key)
+            if proc is None or proc.pid != os.getpid():
+                proc = _local[key] = LocalProcess(store)
+    return proc
+
+
+def all_local() -> list[LocalProcess]:
+    return [p for p in _local.values() if p.pid == os.getpid()]

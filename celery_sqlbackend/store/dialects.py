@@ -1,0 +1,67 @@
+"""Everything that differs between database engines, in one place.
+
+Callers ask *what* the database can do (``skip_locked``, ``returning``,
+``notify``) and *whether an error is worth retrying*; they never test the
+dialect name themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    #: ``FOR UPDATE SKIP LOCKED`` exists (PostgreSQL, MySQL 8, MariaDB 10.6+).
+    skip_locked: bool
+    #: ``DELETE … RETURNING`` exists (PostgreSQL, SQLite >= 3.35, MariaDB).
+    delete_returning: bool
+    #: ``UPDATE … RETURNING`` exists (PostgreSQL, SQLite; not MySQL/MariaDB).
+    update_returning: bool
+    #: ``DELETE … WHERE id IN (SELECT … LIMIT n)`` is allowed (MySQL refuses it).
+    delete_in_limited_subquery: bool
+    #: LISTEN/NOTIFY wake-ups (PostgreSQL only).
+    notify: bool
+
+
+def dialect_of(engine: Engine) -> Dialect:
+    name = engine.dialect.name
+    if name == "postgresql":
+        return Dialect(name, True, True, True, True, True)
+    if name == "sqlite":
+        # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
+        return Dialect(name, False, True, True, True, False)
+    if name in ("mysql", "mariadb"):
+        mariadb = getattr(engine.dialect, "is_mariadb", False)
+        return Dialect("mariadb" if mariadb else "mysql", True, bool(mariadb), False, False, False)
+    return Dialect(name, False, False, False, True, False)
+
+
+# Driver error codes that mean "the transaction lost a race; run it again".
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}   # serialization, deadlock, lock not available
+_RETRYABLE_MYSQL_CODES = {1205, 1213}                 # lock wait timeout, deadlock
+_RETRYABLE_SQLITE_TEXT = ("database is locked", "database table is locked", "database is busy")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for lock conflicts that a fresh transaction can win."""
+    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
+        return False
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate in _RETRYABLE_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES:
+        return True
+    return isinstance(exc, OperationalError) and any(t in str(orig).lower() for t in _RETRYABLE_SQLITE_TEXT)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when the database went away (the caller should reconnect later)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError) and not is_retryable(exc)

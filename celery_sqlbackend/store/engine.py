@@ -1,0 +1,96 @@
+"""Engines: one per database URL per process, safe across fork and threads.
+
+* SQLite gets WAL, ``synchronous=NORMAL`` and a busy timeout on every
+  connection, and every write transaction starts with ``BEGIN IMMEDIATE``.
+  A deferred transaction that reads and then writes cannot wait for the lock:
+  SQLite refuses the upgrade at once with "database is locked", whatever the
+  busy timeout says.  Taking the write lock up front turns contention into a
+  short, bounded wait.  Read-only work opts out with ``READ_ONLY``.
+* After ``fork()`` the child drops the pool it inherited *without closing*
+  the parent's sockets (``dispose(close=False)``), so prefork children can
+  publish and store results on connections of their own.
+* Connections are checked out per operation, so acks arriving on billiard's
+  result thread never share a connection with the claiming thread.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+#: Execution option for transactions that only read: on SQLite they begin
+#: DEFERRED so that readers never queue behind the write lock.
+READ_ONLY = {"sqlq_read_only": True}
+
+_engines: dict[tuple[str, float], Engine] = {}
+_lock = threading.Lock()
+
+
+def get_engine(url: str, busy_timeout: float = 30.0) -> Engine:
+    """The cached engine for ``url`` in this process."""
+    key = (url, busy_timeout)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _engines[key] = _create(url, busy_timeout)
+    return engine
+
+
+def _create(url: str, busy_timeout: float) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _create_sqlite(url, busy_timeout)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _create_sqlite(url: str, busy_timeout: float) -> Engine:
+    # NullPool: a SQLite "connection" is a file handle; opening one is cheap
+    # and pooling them across threads only invites check_same_thread trouble.
+    engine = create_engine(url, poolclass=NullPool,
+                           connect_args={"timeout": busy_timeout, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's BEGIN below be the only transaction control
+        # (pysqlite's own implicit BEGIN is DEFERRED).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        if conn.get_execution_options().get("sqlq_read_only"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def dispose_all(close: bool = True) -> None:
+    """Drop every cached engine (``close=False`` after fork: see module doc)."""
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.dispose(close=close)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    # Keep the engine objects (stores hold them) but give each a fresh pool.
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

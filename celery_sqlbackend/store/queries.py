@@ -1,0 +1,380 @@
+"""Every statement the job queue runs, one named function each.
+
+Each function takes an open connection (inside a transaction the caller owns),
+the store's ``Tables`` and ``Dialect``, and plain values.  Nothing here
+commits, retries or logs: ``Store`` does that, so this module reads as the
+queue's SQL and nothing else.
+
+State changes on a claimed job are *fenced*: they name the process that must
+still hold the claim, and report whether it did.  Finishing and pruning both
+delete the same ``claimed_executions`` row, so exactly one of them wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from sqlalchemy import Connection, delete, func, insert, literal, select, text, update
+
+from .dialects import Dialect
+from .schema import Tables
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job_id: int
+    queue_name: str
+    priority: int
+    payload: str
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A claim taken back from a process that is gone."""
+    job_id: int
+    process_id: int
+    acked: bool
+
+
+# --------------------------------------------------------------------------- enqueue
+
+def enqueue(conn: Connection, t: Tables, d: Dialect, *, queue: str, payload: str, task_name: str | None,
+            task_id: str | None, priority: int, now: datetime, eta: datetime | None,
+            expires_at: datetime | None) -> int:
+    """Insert a job and its ready (or, with a future ETA, scheduled) execution."""
+    job_id = conn.execute(insert(t.jobs).values(
+        queue_name=queue, task_name=task_name, task_id=task_id, priority=priority,
+        payload=payload, created_at=now, scheduled_at=eta, expires_at=expires_at,
+    )).inserted_primary_key[0]
+    if eta is not None and eta > now:
+        conn.execute(insert(t.scheduled).values(
+            job_id=job_id, queue_name=queue, priority=priority, scheduled_at=eta))
+    else:
+        conn.execute(insert(t.ready).values(
+            job_id=job_id, queue_name=queue, priority=priority, created_at=now))
+        notify_ready(conn, d, queue)
+    return job_id
+
+
+def notify_ready(conn: Connection, d: Dialect, queue: str) -> None:
+    """Wake idle workers on commit (PostgreSQL); a rolled-back enqueue sends nothing."""
+    if d.notify:
+        conn.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": NOTIFY_CHANNEL, "queue": queue})
+
+
+NOTIFY_CHANNEL = "sqlq_ready"
+
+
+# --------------------------------------------------------------------------- claim
+
+def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int,
+          process_id: int, now: datetime) -> list[Claimed]:
+    """Move up to ``limit`` ready jobs of ``queues`` to claimed by ``process_id``.
+
+    Higher priority first, FIFO within a priority: the ORDER BY is exactly the
+    ``ix_*ready_poll`` index.  Paused queues are skipped.
+    """
+    r = t.ready
+    candidates = (
+        select(r.c.id)
+        .where(r.c.queue_name.in_(queues))
+        .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        .limit(limit)
+    )
+    if d.skip_locked:
+        candidates = candidates.with_for_update(skip_locked=True)
+
+    if d.delete_returning and d.delete_in_limited_subquery:
+        taken = conn.execute(
+            delete(r).where(r.c.id.in_(candidates.scalar_subquery()))
+            .returning(r.c.job_id, r.c.queue_name)
+        ).all()
+    else:
+        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(
+            r.c.id.in_([row.id for row in conn.execute(candidates)]))).all()
+        if rows:
+            conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
+        taken = [(row.job_id, row.queue_name) for row in rows]
+    if not taken:
+        return []
+
+    conn.execute(insert(t.claimed), [
+        {"job_id": job_id, "process_id": process_id, "queue_name": queue, "claimed_at": now}
+        for job_id, queue in taken
+    ])
+    job_ids = [job_id for job_id, _ in taken]
+    conn.execute(update(t.jobs).where(t.jobs.c.id.in_(job_ids)).values(deliveries=t.jobs.c.deliveries + 1))
+    j = t.jobs
+    rows = conn.execute(
+        select(j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+        .where(j.c.id.in_(job_ids))
+    ).all()
+    rows.sort(key=lambda row: (-row.priority, row.id))
+    return [Claimed(*row) for row in rows]
+
+
+# --------------------------------------------------------------------------- fenced state changes
+
+def _release_claim(conn: Connection, t: Tables, job_id: int, process_id: int) -> bool:
+    c = t.claimed
+    return conn.execute(
+        delete(c).where(c.c.job_id == job_id, c.c.process_id == process_id)
+    ).rowcount == 1
+
+
+def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: datetime,
+           keep: bool) -> bool:
+    """Drop the claim and mark the job finished (or delete it), iff we still hold it."""
+    if not _release_claim(conn, t, job_id, process_id):
+        return False
+    if keep:
+        conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now))
+    else:
+        conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
+    return True
+
+
+def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:
+    """Finish jobs that were never claimed (broadcasts consumed with no_ack)."""
+    if keep:
+        conn.execute(update(t.jobs).where(t.jobs.c.id.in_(job_ids)).values(finished_at=now))
+    else:
+        conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(job_ids)))
+
+
+def mark_acked(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: datetime) -> bool:
+    """Record an early ack: the job has started and must not silently run twice."""
+    c = t.claimed
+    return conn.execute(
+        update(c).where(c.c.job_id == job_id, c.c.process_id == process_id).values(acked_at=now)
+    ).rowcount == 1
+
+
+def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id: int, now: datetime) -> bool:
+    """Claimed → ready, in place (same job row, id and priority), iff we hold it."""
+    if not _release_claim(conn, t, job_id, process_id):
+        return False
+    _make_ready(conn, t, d, [job_id], now)
+    return True
+
+
+def _make_ready(conn: Connection, t: Tables, d: Dialect, job_ids: Sequence[int], now: datetime) -> None:
+    j = t.jobs
+    conn.execute(insert(t.ready).from_select(
+        ["job_id", "queue_name", "priority", "created_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, literal(now, t.ready.c.created_at.type))
+        .where(j.c.id.in_(job_ids)),
+    ))
+    for queue in conn.execute(select(j.c.queue_name).where(j.c.id.in_(job_ids)).distinct()).scalars():
+        notify_ready(conn, d, queue)
+
+
+def fail(conn: Connection, t: Tables, *, job_id: int, process_id: int | None, error_class: str,
+         error: str, now: datetime) -> bool:
+    """Claimed → failed, iff ``process_id`` still holds it (None: the job is ours to fail anyway)."""
+    if process_id is not None and not _release_claim(conn, t, job_id, process_id):
+        return False
+    _insert_failed(conn, t, [job_id], error_class, error, now)
+    return True
+
+
+def _insert_failed(conn: Connection, t: Tables, job_ids: Sequence[int], error_class: str, error: str,
+                   now: datetime) -> None:
+    j = t.jobs
+    conn.execute(insert(t.failed).from_select(
+        ["job_id", "queue_name", "error_class", "error", "failed_at"],
+        select(j.c.id, j.c.queue_name, literal(error_class), literal(error),
+               literal(now, t.failed.c.failed_at.type))
+        .where(j.c.id.in_(job_ids)),
+    ))
+
+
+# --------------------------------------------------------------------------- scheduled
+
+def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limit: int) -> int:
+    """Promote scheduled executions whose time has come to ready."""
+    s = t.scheduled
+    due = select(s.c.id, s.c.job_id).where(s.c.scheduled_at <= now).order_by(s.c.scheduled_at, s.c.job_id).limit(limit)
+    if d.skip_locked:
+        due = due.with_for_update(skip_locked=True)
+    rows = conn.execute(due).all()
+    if not rows:
+        return 0
+    conn.execute(delete(s).where(s.c.id.in_([row.id for row in rows])))
+    _make_ready(conn, t, d, [row.job_id for row in rows], now)
+    return len(rows)
+
+
+def next_scheduled_at(conn: Connection, t: Tables) -> datetime | None:
+    return conn.execute(select(func.min(t.scheduled.c.scheduled_at))).scalar()
+
+
+# --------------------------------------------------------------------------- queues
+
+def ready_count(conn: Connection, t: Tables, *, queue: str) -> int:
+    r = t.ready
+    return conn.execute(select(func.count()).select_from(r).where(r.c.queue_name == queue)).scalar_one()
+
+
+def purge(conn: Connection, t: Tables, *, queue: str) -> int:
+    """Delete every waiting (ready or scheduled) job of ``queue``; claimed ones are left to finish."""
+    j = t.jobs
+    waiting = select(t.ready.c.job_id).where(t.ready.c.queue_name == queue).union_all(
+        select(t.scheduled.c.job_id).where(t.scheduled.c.queue_name == queue))
+    job_ids = list(conn.execute(waiting).scalars())
+    for chunk in _chunks(job_ids, 500):
+        conn.execute(delete(t.ready).where(t.ready.c.job_id.in_(chunk)))
+        conn.execute(delete(t.scheduled).where(t.scheduled.c.job_id.in_(chunk)))
+        conn.execute(delete(j).where(j.c.id.in_(chunk)))
+    return len(job_ids)
+
+
+def pause(conn: Connection, t: Tables, *, queue: str, now: datetime) -> None:
+    if conn.execute(select(t.pauses.c.queue_name).where(t.pauses.c.queue_name == queue)).first() is None:
+        conn.execute(insert(t.pauses).values(queue_name=queue, created_at=now))
+
+
+def resume(conn: Connection, t: Tables, *, queue: str) -> None:
+    conn.execute(delete(t.pauses).where(t.pauses.c.queue_name == queue))
+
+
+# --------------------------------------------------------------------------- processes
+
+def register_process(conn: Connection, t: Tables, *, kind: str, name: str, hostname: str, pid: int,
+                     pool: str | None, concurrency: int | None, queues: str | None, now: datetime) -> int:
+    return conn.execute(insert(t.processes).values(
+        kind=kind, name=name, hostname=hostname, pid=pid, pool=pool, concurrency=concurrency,
+        queues=queues, started_at=now, last_heartbeat_at=now,
+    )).inserted_primary_key[0]
+
+
+def heartbeat(conn: Connection, t: Tables, *, process_id: int, now: datetime) -> bool:
+    """One atomic UPDATE; False means the row is gone (we were pruned)."""
+    p = t.processes
+    return conn.execute(update(p).where(p.c.id == process_id).values(last_heartbeat_at=now)).rowcount == 1
+
+
+def update_process(conn: Connection, t: Tables, *, process_id: int, **values) -> None:
+    conn.execute(update(t.processes).where(t.processes.c.id == process_id).values(**values))
+
+
+def dead_processes(conn: Connection, t: Tables, d: Dialect, *, cutoff: datetime,
+                   exclude: int | None) -> list:
+    """Processes whose heartbeat is older than ``cutoff``, locked so only one pruner takes each."""
+    p = t.processes
+    q = select(p.c.id, p.c.name, p.c.hostname, p.c.pid, p.c.last_heartbeat_at).where(p.c.last_heartbeat_at < cutoff)
+    if exclude is not None:
+        q = q.where(p.c.id != exclude)
+    if d.skip_locked:
+        q = q.with_for_update(skip_locked=True)
+    return conn.execute(q.order_by(p.c.id)).all()
+
+
+def delete_process(conn: Connection, t: Tables, *, process_id: int) -> bool:
+    return conn.execute(delete(t.processes).where(t.processes.c.id == process_id)).rowcount == 1
+
+
+def take_claims(conn: Connection, t: Tables, d: Dialect, *, process_ids: Iterable[int] | None) -> list[Orphan]:
+    """Delete and return the claims of ``process_ids`` (None: of processes not in the registry)."""
+    c = t.claimed
+    if process_ids is None:
+        where = c.c.process_id.not_in(select(t.processes.c.id))
+    else:
+        where = c.c.process_id.in_(list(process_ids))
+    if d.delete_returning:
+        rows = conn.execute(delete(c).where(where).returning(c.c.job_id, c.c.process_id, c.c.acked_at)).all()
+    else:
+        rows = conn.execute(select(c.c.job_id, c.c.process_id, c.c.acked_at).where(where).with_for_update()).all()
+        if rows:
+            conn.execute(delete(c).where(c.c.job_id.in_([r.job_id for r in rows])))
+    return [Orphan(r.job_id, r.process_id, r.acked_at is not None) for r in rows]
+
+
+def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan], max_releases: int,
+            error_class: str, error: str, now: datetime) -> tuple[list[int], list[int]]:
+    """Release unacked orphans to ready (bounded by ``max_releases``); fail the rest.
+
+    Returns ``(released_job_ids, failed_job_ids)``.
+    """
+    if not orphans:
+        return [], []
+    j = t.jobs
+    unacked = [o.job_id for o in orphans if not o.acked]
+    releasable = set(conn.execute(
+        select(j.c.id).where(j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
+    released = [o.job_id for o in orphans if o.job_id in releasable]
+    failed = [o.job_id for o in orphans if o.job_id not in releasable]
+    if released:
+        conn.execute(update(j).where(j.c.id.in_(released)).values(releases=j.c.releases + 1))
+        _make_ready(conn, t, d, released, now)
+    over_limit = [o.job_id for o in orphans if not o.acked and o.job_id not in releasable]
+    started = [o.job_id for o in orphans if o.acked]
+    if started:
+        _insert_failed(conn, t, started, error_class, error, now)
+    if over_limit:
+        _insert_failed(conn, t, over_limit, "MaxReleasesExceeded",
+                       f"released {max_releases} times after its worker died; {error}", now)
+    return released, failed
+
+
+# --------------------------------------------------------------------------- failed jobs
+
+def retry_failed(conn: Connection, t: Tables, d: Dialect, *, job_ids: Sequence[int], now: datetime) -> int:
+    """Failed → ready, with the same job (and so the same task id)."""
+    f = t.failed
+    taken = list(conn.execute(select(f.c.job_id).where(f.c.job_id.in_(job_ids))).scalars())
+    if not taken:
+        return 0
+    conn.execute(delete(f).where(f.c.job_id.in_(taken)))
+    conn.execute(update(t.jobs).where(t.jobs.c.id.in_(taken)).values(releases=0))
+    _make_ready(conn, t, d, taken, now)
+    return len(taken)
+
+
+def discard_failed(conn: Connection, t: Tables, *, job_ids: Sequence[int]) -> int:
+    f = t.failed
+    taken = list(conn.execute(select(f.c.job_id).where(f.c.job_id.in_(job_ids))).scalars())
+    if taken:
+        conn.execute(delete(f).where(f.c.job_id.in_(taken)))
+        conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(taken)))
+    return len(taken)
+
+
+# --------------------------------------------------------------------------- retention
+
+def clear_finished(conn: Connection, t: Tables, d: Dialect, *, before: datetime, limit: int) -> int:
+    """Delete one batch of jobs finished before ``before``; callers loop until 0."""
+    j = t.jobs
+    batch = select(j.c.id).where(j.c.finished_at.is_not(None), j.c.finished_at < before).limit(limit)
+    ids = list(conn.execute(batch).scalars())
+    if ids:
+        conn.execute(delete(j).where(j.c.id.in_(ids)))
+    return len(ids)
+
+
+def _chunks(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+
+# --------------------------------------------------------------------------- fanout bindings
+
+def bind(conn: Connection, t: Tables, *, exchange: str, queue: str, routing_key: str) -> None:
+    b = t.bindings
+    exists = conn.execute(select(b.c.id).where(
+        b.c.exchange == exchange, b.c.queue_name == queue, b.c.routing_key == routing_key)).first()
+    if exists is None:
+        conn.execute(insert(b).values(exchange=exchange, queue_name=queue, routing_key=routing_key))
+
+
+def bound_queues(conn: Connection, t: Tables, *, exchange: str) -> list[str]:
+    b = t.bindings
+    return list(conn.execute(select(b.c.queue_name).where(b.c.exchange == exchange).distinct()).scalars())
+
+
+def unbind_queue(conn: Connection, t: Tables, *, queue: str) -> None:
+    conn.execute(delete(t.bindings).where(t.bindings.c.queue_name == queue))

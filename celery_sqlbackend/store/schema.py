@@ -1,0 +1,202 @@
+"""The tables, as SQLAlchemy Core definitions.
+
+The layout follows Solid Queue: ``jobs`` is the permanent record of every
+message, and a job's state is *which execution row exists for it*:
+
+    ready_executions      waiting to be claimed (the small, hot, polled table)
+    scheduled_executions  has an ETA in the future; promoted to ready when due
+    claimed_executions    delivered to a registered process, not yet finished
+    failed_executions     will not run again on its own (pruned, poison, undecodable)
+
+A job with none of these is finished (``jobs.finished_at`` is set).  Keeping
+the polled tables separate from ``jobs`` means the claim query scans only
+waiting work, however long the history grows.
+
+Every table name carries a configurable prefix so that several stores (or an
+application's own tables) can share one database.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from sqlalchemy import (
+    BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData,
+    String, Table, Text, UniqueConstraint,
+)
+
+DEFAULT_PREFIX = "sqlq_"
+
+#: An auto-incrementing 64-bit key on every engine.  SQLite only auto-increments
+#: a column declared exactly ``INTEGER PRIMARY KEY``, hence the variant.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _ts(name: str, **kw) -> Column:
+    # Naive UTC everywhere: SQLite has no time zones, and one convention on
+    # every engine keeps comparisons (due, expired, dead) trivially right.
+    return Column(name, DateTime(), **kw)
+
+
+class Tables:
+    """All tables of one store, named with its prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
+        self.prefix = prefix
+        self.metadata = md = MetaData()
+        p = prefix
+
+        def job_fk():
+            return Column("job_id", Id, ForeignKey(f"{p}jobs.id", ondelete="CASCADE"), nullable=False)
+
+        self.jobs = Table(
+            f"{p}jobs", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("queue_name", String(255), nullable=False),
+            Column("task_name", String(255)),
+            Column("task_id", String(255)),
+            Column("priority", Integer, nullable=False, default=0),
+            Column("payload", Text, nullable=False),
+            _ts("created_at", nullable=False),
+            _ts("scheduled_at"),
+            _ts("expires_at"),
+            _ts("finished_at"),
+            # How often the job was handed to a worker, and how often a pruner
+            # gave it back to the queue (bounded by ``max_releases``).
+            Column("deliveries", Integer, nullable=False, default=0),
+            Column("releases", Integer, nullable=False, default=0),
+            Index(f"ix_{p}jobs_task_id", "task_id"),
+            Index(f"ix_{p}jobs_finished_at", "finished_at"),
+            Index(f"ix_{p}jobs_queue_finished", "queue_name", "finished_at"),
+        )
+
+        self.ready = Table(
+            f"{p}ready_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            job_fk(),
+            Column("queue_name", String(255), nullable=False),
+            Column("priority", Integer, nullable=False, default=0),
+            _ts("created_at", nullable=False),
+            UniqueConstraint("job_id", name=f"uq_{p}ready_job"),
+            # Must match queries.claim's ORDER BY exactly (higher priority
+            # first, FIFO within a priority), or MySQL falls back to a filesort
+            # and locks every row it scans.
+            Index(f"ix_{p}ready_poll", "queue_name", Column("priority").desc(), "job_id"),
+        )
+
+        self.scheduled = Table(
+            f"{p}scheduled_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            job_fk(),
+            Column("queue_name", String(255), nullable=False),
+            Column("priority", Integer, nullable=False, default=0),
+            _ts("scheduled_at", nullable=False),
+            UniqueConstraint("job_id", name=f"uq_{p}scheduled_job"),
+            Index(f"ix_{p}scheduled_due", "scheduled_at", "job_id"),
+        )
+
+        self.claimed = Table(
+            f"{p}claimed_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            job_fk(),
+            Column("process_id", Id, nullable=False),
+            Column("queue_name", String(255), nullable=False),
+            _ts("claimed_at", nullable=False),
+            # Set when kombu acked the delivery while the task is still running
+            # (Celery's default early ack).  A pruner must then *fail* the job
+            # instead of releasing it: it may already have had side effects.
+            _ts("acked_at"),
+            UniqueConstraint("job_id", name=f"uq_{p}claimed_job"),
+            Index(f"ix_{p}claimed_process", "process_id", "job_id"),
+        )
+
+        self.failed = Table(
+            f"{p}failed_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            job_fk(),
+            Column("queue_name", String(255), nullable=False),
+            Column("error_class", String(255), nullable=False),
+            Column("error", Text, nullable=False),
+            _ts("failed_at", nullable=False),
+            UniqueConstraint("job_id", name=f"uq_{p}failed_job"),
+            Index(f"ix_{p}failed_at", "failed_at"),
+        )
+
+        self.processes = Table(
+            f"{p}processes", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("kind", String(32), nullable=False),
+            Column("name", String(255), nullable=False),
+            Column("hostname", String(255), nullable=False),
+            Column("pid", Integer, nullable=False),
+            Column("pool", String(32)),
+            Column("concurrency", Integer),
+            Column("queues", Text),
+            _ts("started_at", nullable=False),
+            _ts("last_heartbeat_at", nullable=False),
+            Index(f"ix_{p}processes_heartbeat", "last_heartbeat_at"),
+        )
+
+        self.pauses = Table(
+            f"{p}pauses", md,
+            Column("queue_name", String(255), primary_key=True),
+            _ts("created_at", nullable=False),
+        )
+
+        # Fanout bindings live in the database so that a broadcast published on
+        # one machine reaches the queues declared by workers on every other.
+        self.bindings = Table(
+            f"{p}bindings", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("exchange", String(255), nullable=False),
+            Column("queue_name", String(255), nullable=False),
+            Column("routing_key", String(255), nullable=False, default=""),
+            _ts("expires_at"),
+            UniqueConstraint("exchange", "queue_name", "routing_key", name=f"uq_{p}binding"),
+        )
+
+        self.results = Table(
+            f"{p}results", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("task_id", String(255), nullable=False),
+            Column("status", String(50), nullable=False),
+            Column("content_type", String(128)),
+            Column("content_encoding", String(64)),
+            Column("result", Text),
+            Column("traceback", Text),
+            Column("name", String(255)),
+            Column("args", Text),
+            Column("kwargs", Text),
+            Column("worker", String(255)),
+            Column("retries", Integer),
+            Column("queue", String(255)),
+            Column("meta", Text),
+            _ts("date_done"),
+            UniqueConstraint("task_id", name=f"uq_{p}results_task"),
+            Index(f"ix_{p}results_date_done", "date_done"),
+        )
+
+        self.groups = Table(
+            f"{p}groups", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("group_id", String(255), nullable=False),
+            Column("content_type", String(128)),
+            Column("content_encoding", String(64)),
+            Column("result", Text),
+            _ts("date_done"),
+            UniqueConstraint("group_id", name=f"uq_{p}groups_group"),
+        )
+
+        self.chords = Table(
+            f"{p}chords", md,
+            Column("group_id", String(255), primary_key=True),
+            Column("size", Integer, nullable=False),
+            Column("done", Integer, nullable=False, default=0),
+            Column("fired", Boolean, nullable=False, default=False),
+            _ts("created_at", nullable=False),
+        )
+
+
+@lru_cache(maxsize=None)
+def tables(prefix: str = DEFAULT_PREFIX) -> Tables:
+    """One shared ``Tables`` per prefix (table objects are immutable once built)."""
+    return Tables(prefix)

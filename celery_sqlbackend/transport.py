@@ -1,0 +1,359 @@
+"""kombu transport that keeps messages in an SQL database.
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes (bindings are stored in the database, so broadcasts
+  reach workers on every machine: ``celery inspect`` / ``control`` work)
+* Supports Priority: Yes, 0-9, higher first (AMQP semantics, as kombu documents)
+* Supports TTL: ETA/countdown are stored as scheduled executions; ``expires``
+  is stored and honoured by the worker
+
+Connection string
+=================
+``sqlq+<SQLAlchemy URL>``, after ``import celery_sqlbackend``::
+
+    sqlq+sqlite:///jobs.sqlite3
+    sqlq+postgresql+psycopg://user:password@db.example.com/app
+    sqlq+mysql+pymysql://user:password@db.example.com/app
+
+Transport options
+=================
+See :mod:`celery_sqlbackend.options` (one table, every default).
+
+Delivery semantics
+==================
+A claimed job stays claimed by this process (``claimed_executions``) until it
+has *finished running*, whatever ``acks_late`` says: an early ack only marks
+the claim as started, and the claim is removed in the same transaction that
+marks the job finished.  ``reject(requeue=True)`` and a closing channel put
+unacked jobs back to ready in place.  A process that dies is pruned by the
+others (see :mod:`celery_sqlbackend.pruner`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import datetime, timezone
+from queue import Empty
+from time import monotonic
+from typing import Callable
+
+from kombu.transport import virtual
+from kombu.utils.objects import cached_property
+from kombu.utils.uuid import uuid
+from sqlalchemy import exc as sa_exc
+
+from . import fanout
+from .errors import SQLQError, UndecodableMessageError
+from .notify import waiter_for
+from .options import Options
+from .processes import local_process
+from .store import Store, store_for, utcnow
+
+log = logging.getLogger("celery_sqlbackend.transport")
+
+#: Set by the worker integration (``lifecycle``): ``fn(delivery_tag) -> bool``
+#: tells whether the task delivered under that tag is still running.  With no
+#: Celery worker around (a plain kombu consumer) an ack means "done".
+task_is_running: Callable[[str], bool] | None = None
+
+
+def _utc_naive(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+class QoS(virtual.QoS):
+    """Acks and rejects reach the database; delivery bookkeeping stays kombu's."""
+
+    def ack(self, delivery_tag):
+        self.channel._on_ack(delivery_tag)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if requeue:
+            self.channel._release(delivery_tag)
+        else:
+            self.channel._dead_letter(delivery_tag)
+        super().ack(delivery_tag)
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        # delivery tag -> job id, for deliveries not yet finished.  Written by
+        # the consuming thread, read and popped by ack threads: dict ops are
+        # atomic under the GIL, and each tag is only ever handled once.
+        self._claims: dict[str, int] = {}
+        self._no_ack_queues: set[str] = set()
+        self._last_dispatch = 0.0
+        self.store.ensure_schema()
+
+    # ------------------------------------------------------------------ configuration
+
+    @cached_property
+    def options(self) -> Options:
+        return Options.from_mapping(self.connection.client.transport_options)
+
+    @cached_property
+    def store(self) -> Store:
+        return store_for(self.connection.client.hostname, self.options)
+
+    @property
+    def process(self):
+        return local_process(self.store)
+
+    # ------------------------------------------------------------------ publish
+
+    def _put(self, queue, message, **kwargs):
+        headers = message.get("headers") or {}
+        self.store.q(
+            "enqueue", queue=queue, payload=json.dumps(message),
+            task_name=headers.get("task"), task_id=headers.get("id"),
+            priority=self._get_message_priority(message), now=utcnow(),
+            eta=_utc_naive(headers.get("eta")), expires_at=_utc_naive(headers.get("expires")),
+        )
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        for queue in fanout.bound_queues(self.store, exchange):
+            self._put(queue, message)
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        if self.typeof(exchange).type == "fanout":
+            fanout.bind(self.store, exchange, queue, routing_key)
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        fanout.unbind_queue(self.store, queue)
+
+    # ------------------------------------------------------------------ consume
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self.process.update_queues([queue])
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def _get(self, queue, timeout=None):
+        """One message (``basic_get``); consumers go through ``_get_many``."""
+        messages = self._claim([queue], 1)
+        if not messages:
+            raise Empty()
+        return messages[0][0]
+
+    def _get_many(self, queues, timeout=None):
+        """Claim up to the free prefetch in one transaction and deliver them all."""
+        limit = self.qos.can_consume_max_estimate()
+        if limit is None:
+            limit = 10
+        if limit <= 0:
+            raise Empty()
+        messages = self._claim(list(queues), limit)
+        if not messages:
+            raise Empty()
+        log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
+        for payload, queue in messages:
+            self.connection._deliver(payload, queue)
+
+    def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
+        self._maybe_dispatch_due()
+        process_id = self.process.ensure_registered()
+        claimed = self.store.q("claim", queues=queues, limit=limit, process_id=process_id, now=utcnow())
+        messages = []
+        finished_no_ack = []
+        for job in claimed:
+            payload = self._decode(job, process_id)
+            if payload is None:
+                continue
+            tag = payload["properties"]["delivery_tag"]
+            if job.queue_name in self._no_ack_queues:
+                finished_no_ack.append(job.job_id)
+            else:
+                self._claims[tag] = job.job_id
+            messages.append((payload, job.queue_name))
+        for job_id in finished_no_ack:
+            self.store.q("finish", job_id=job_id, process_id=process_id, now=utcnow(), keep=False)
+        return messages
+
+    def _decode(self, job, process_id: int) -> dict | None:
+        """The stored message with a fresh delivery tag, or None (and the job failed) if unreadable."""
+        try:
+            payload = json.loads(job.payload)
+            props = payload["properties"]
+            self.decode_body(payload.get("body"), props.get("body_encoding"))
+        except Exception as exc:
+            reason = (f"{UndecodableMessageError.__name__}: job {job.job_id} in queue {job.queue_name!r} "
+                      f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
+                      "it was moved to failed and the worker went on")
+            log.error(reason)
+            self.store.q("fail", job_id=job.job_id, process_id=process_id,
+                         error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            return None
+        # Every delivery gets its own tag: the stored one was minted at publish
+        # and would repeat on redelivery.
+        props["delivery_tag"] = uuid()
+        info = props.setdefault("delivery_info", {})
+        info["sqlq_job_id"] = job.job_id
+        info["redelivered"] = job.deliveries > 1
+        payload["redelivered"] = job.deliveries > 1
+        return payload
+
+    def _maybe_dispatch_due(self) -> None:
+        now = monotonic()
+        if now - self._last_dispatch >= self.options.dispatch_interval:
+            self._last_dispatch = now
+            while self.store.q("dispatch_due", now=utcnow(), limit=self.options.clear_batch_size) \
+                    >= self.options.clear_batch_size:
+                pass
+
+    # ------------------------------------------------------------------ ack / reject / restore
+
+    def _on_ack(self, tag: str) -> None:
+        job_id = self._claims.pop(tag, None)
+        if job_id is None:
+            return
+        process_id = self.process.id
+        if task_is_running is not None and task_is_running(tag):
+            # Celery's default early ack: the task is starting, not done.
+            self.process.started(tag, job_id)
+            return
+        self.process.finish(job_id)
+
+    def finish_completed(self) -> None:
+        """Finish early-acked jobs whose task is no longer running."""
+        self.process.finish_completed(task_is_running)
+
+    def _release(self, tag: str) -> None:
+        job_id = self._claims.pop(tag, None)
+        if job_id is None:
+            return
+        try:
+            if not self.store.q("release", job_id=job_id, process_id=self.process.id, now=utcnow()):
+                log.warning("could not release job %s: this process no longer holds it", job_id)
+        except sa_exc.SQLAlchemyError as exc:
+            log.warning("release of job %s failed (%s); retrying from the heartbeat thread", job_id, exc)
+            self.process.defer_release(job_id)
+
+    def _dead_letter(self, tag: str) -> None:
+        job_id = self._claims.pop(tag, None)
+        if job_id is None:
+            return
+        self.store.q("fail", job_id=job_id, process_id=self.process.id, error_class="RejectedError",
+                     error="RejectedError: the consumer rejected the message without requeue "
+                           "(unregistered task, or Reject(requeue=False))", now=utcnow())
+
+    def _restore(self, message):
+        self._release(message.delivery_tag)
+
+    def _restore_at_beginning(self, message):
+        self._release(message.delivery_tag)
+
+    # ------------------------------------------------------------------ queues
+
+    def _purge(self, queue):
+        return self.store.q("purge", queue=queue)
+
+    def _size(self, queue):
+        return self.store.q("ready_count", queue=queue)
+
+    def _new_queue(self, queue, **kwargs):
+        pass
+
+    def _has_queue(self, queue, **kwargs):
+        return True
+
+    def _delete(self, queue, *args, **kwargs):
+        self._purge(queue)
+
+    def close(self):
+        if not self.closed:
+            self.finish_completed()
+        super().close()
+        proc = local_process(self.store)
+        if not proc.managed and proc.id is not None and not self.connection_has_consumers():
+            proc.stop()
+            proc.deregister()
+
+    def connection_has_consumers(self) -> bool:
+        transport = getattr(self, "_transport_ref", None)
+        return bool(transport and any(ch._consumers for ch in transport.channels if ch is not self))
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+
+    polling_interval = None  # from Options, see drain_events
+    can_parse_url = True
+    driver_type = "sql"
+    driver_name = "sqlalchemy"
+    default_port = 0
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (
+        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, SQLQError,
+    )
+    channel_errors = virtual.Transport.channel_errors + (sa_exc.ProgrammingError,)
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        self.options = Options.from_mapping(client.transport_options)
+        self._wake = threading.Event()
+
+    def driver_version(self):
+        import sqlalchemy
+        return sqlalchemy.__version__
+
+    def create_channel(self, connection):
+        channel = super().create_channel(connection)
+        channel._transport_ref = self
+        return channel
+
+    def establish_connection(self):
+        # Fail here (where Celery retries with backoff) rather than mid-claim.
+        store = store_for(self.client.hostname, self.options)
+        store.ensure_schema()
+        return super().establish_connection()
+
+    def drain_events(self, connection, timeout=None):
+        start = monotonic()
+        interval = self.options.polling_interval
+        waiter = None
+        while True:
+            for channel in self.channels:
+                channel.finish_completed()
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                pass
+            remaining = None if timeout is None else timeout - (monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("timed out")  # socket.timeout is TimeoutError
+            wait = interval if remaining is None else min(interval, remaining)
+            if waiter is None and self.channels:
+                waiter = waiter_for(self.channels[0].store)
+            if waiter is not None:
+                waiter.wait(wait)
+            else:
+                self._wake.wait(wait)
