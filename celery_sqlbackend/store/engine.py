@@ -19,7 +19,6 @@ import threading
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -49,9 +48,10 @@ def _create(url: str, busy_timeout: float) -> Engine:
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:
-    # NullPool: a SQLite "connection" is a file handle; opening one is cheap
-    # and pooling them across threads only invites check_same_thread trouble.
-    engine = create_engine(url, poolclass=NullPool,
+    # Pooled: opening a connection costs four PRAGMAs.  Connections move
+    # between threads (claims on one, acks on another) but are never used by
+    # two at once, so check_same_thread is off.
+    engine = create_engine(url, pool_size=5, max_overflow=10,
                            connect_args={"timeout": busy_timeout, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
