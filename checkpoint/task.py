@@ -1,0 +1,300 @@
+"""IterativeTask: a Celery task that walks an enumerator and can stop anywhere.
+
+The user writes two methods::
+
+    class Backfill(IterativeTask):
+        def build_enumerator(self, account_id, *, cursor=None):
+            return self.enumerate.integers(0, 10_000, cursor=cursor)
+
+        def each_iteration(self, item, account_id):
+            ...
+
+Between iterations the task asks its interruption adapters (the worker is
+stopping), its ``max_job_runtime`` and its throttles whether to stop.  When
+one says so, it sends itself again — same task id, same arguments, with its
+:class:`~checkpoint.cursor.Progress` in a message header — and ends with
+:class:`celery.exceptions.Ignore`, so no state is stored and
+``AsyncResult(id).get()`` keeps waiting for the run that finishes.  An
+interruption is not a retry: ``request.retries`` is carried unchanged and
+``max_retries`` never applies.
+
+The cursor is also saved durably every ``checkpoint_every`` iterations or
+``checkpoint_interval`` seconds (see :mod:`checkpoint.store`), so a run that
+is killed outright resumes from there when its message comes back.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from . import interruption
+from .cursor import HEADER, Progress, validate_cursor
+from .enumerators import Enumerators
+from .integration import install
+from .store import CursorStore, NullStore, store_for_app
+
+__all__ = ["IterativeTask"]
+
+logger = logging.getLogger("checkpoint")
+
+
+class _Stop(Exception):
+    """Internal: leave the iteration loop with a reason and a backoff."""
+
+    def __init__(self, reason: str, backoff: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.backoff = backoff
+
+
+class IterativeTask(Task):
+    """Base class for resumable iterative tasks.
+
+    Class attributes:
+        max_job_runtime: seconds a single run may iterate before it re-enqueues
+            itself (``None``: no limit; app conf ``checkpoint_max_job_runtime``
+            caps it for every task).
+        interruption_adapters: names in the adapter registry to consult.
+        checkpoint_every / checkpoint_interval: durable save cadence
+            (iterations / seconds), whichever comes first.
+        cursor_store: a :class:`~checkpoint.store.CursorStore`; by default the
+            app's (``checkpoint_store_url``, or the database of an ``sqlq+`` broker).
+        interruption_backoff: countdown (seconds) for a re-enqueue after a stop.
+    """
+
+    max_job_runtime: Optional[float] = None
+    interruption_adapters: tuple = ("celery",)
+    checkpoint_every: int = 100
+    checkpoint_interval: float = 5.0
+    cursor_store: Optional[CursorStore] = None
+    interruption_backoff: float = 0.0
+    enumerator_bind: Any = None
+    _throttles: tuple = ()
+
+    # -- user hooks ------------------------------------------------------
+
+    def build_enumerator(self, *args: Any, cursor: Any = None, **kwargs: Any) -> Iterable[tuple]:
+        """Return an iterable of ``(item, cursor)`` pairs starting after ``cursor``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_enumerator(..., cursor=None)")
+
+    def each_iteration(self, item: Any, *args: Any, **kwargs: Any) -> None:
+        """Process one item.  Must be idempotent: after a crash it may run again."""
+        raise NotImplementedError(f"{type(self).__name__} must implement each_iteration(item, ...)")
+
+    def on_start(self, *args: Any, **kwargs: Any) -> None:
+        """Called once, before the very first iteration of the job."""
+
+    def on_resume(self, *args: Any, **kwargs: Any) -> None:
+        """Called at the start of every later run (after an interruption or a crash)."""
+
+    def on_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        """Called at the end of every run, completed or interrupted, before any re-enqueue."""
+
+    def on_complete(self, *args: Any, **kwargs: Any) -> Any:
+        """Called when the enumerator is exhausted; its return value is the task's result."""
+        return None
+
+    # -- sugar -------------------------------------------------------------
+
+    @property
+    def enumerate(self) -> Enumerators:
+        """The enumerator builders (see :mod:`checkpoint.enumerators`)."""
+        return Enumerators(self)
+
+    @property
+    def progress(self) -> Optional[Progress]:
+        """The running job's progress (cursor, counters); ``None`` outside a run."""
+        return getattr(self.request, "checkpoint_progress", None)
+
+    @classmethod
+    def throttle_on(cls, condition: Callable[..., bool], backoff: float = 30.0) -> Callable[..., bool]:
+        """Pause the job while ``condition(task)`` is true: it re-enqueues itself after ``backoff`` seconds.
+
+        Usable as a decorator on a module-level function or called in a class body's
+        neighbourhood::
+
+            Backfill.throttle_on(lambda task: replica_lag() > 5, backoff=60)
+        """
+        cls._throttles = tuple(cls._throttles) + ((condition, float(backoff)),)
+        return condition
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        # Every app that runs iterative tasks must set the stop flag on shutdown.
+        install(app)
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        initial_cursor = kwargs.pop("cursor", None)
+        progress, resumed = self._load_progress(request, initial_cursor)
+        request.checkpoint_progress = progress
+        run_started = time.monotonic()
+        saver = _Saver(self, request.id, progress)
+
+        if resumed:
+            logger.info("checkpoint: %s[%s] resumed at cursor %r", self.name, request.id, progress.cursor,
+                        extra={"action": "resumed", "task_id": request.id, "cursor": progress.cursor})
+            self.on_resume(*args, **kwargs)
+        else:
+            self.on_start(*args, **kwargs)
+
+        enumerator = self.build_enumerator(*args, cursor=progress.cursor, **kwargs)
+        if enumerator is None:
+            raise TypeError(f"{self.name}.build_enumerator returned None; return an iterable of (item, cursor)")
+        iterator = iter(enumerator)
+        try:
+            self._iterate(iterator, progress, run_started, saver, args, kwargs)
+        except _Stop as stop:
+            progress.total_time += time.monotonic() - run_started
+            self.on_shutdown(*args, **kwargs)
+            self._reenqueue(request, args, kwargs, progress, stop, initial_cursor)
+        except BaseException:
+            # Keep what was done: a retry (or a redelivery) resumes from here.
+            progress.total_time += time.monotonic() - run_started
+            saver.save_quietly()
+            raise
+        finally:
+            _close(iterator)
+
+        progress.total_time += time.monotonic() - run_started
+        self.on_shutdown(*args, **kwargs)
+        result = self.on_complete(*args, **kwargs)
+        self._store().delete(request.id)
+        logger.info("checkpoint: %s[%s] completed after %d iterations, %d interruptions, %.2fs",
+                    self.name, request.id, progress.iterations, progress.times_interrupted, progress.total_time,
+                    extra={"action": "completed", "task_id": request.id})
+        return result
+
+    def _iterate(self, iterator: Any, progress: Progress, run_started: float, saver: "_Saver",
+                 args: tuple, kwargs: dict) -> None:
+        eager = bool(self.request.is_eager)
+        max_runtime = self._max_job_runtime()
+        for pair in iterator:
+            # The next item is fetched *before* deciding to stop, so a job whose
+            # last item is done completes instead of re-enqueueing an empty run.
+            if not eager:
+                self._check_stop(run_started, max_runtime)
+            item, cursor = pair
+            self.each_iteration(item, *args, **kwargs)
+            progress.cursor = cursor
+            progress.iterations += 1
+            saver.maybe_save()
+
+    def _check_stop(self, run_started: float, max_runtime: Optional[float]) -> None:
+        for condition, backoff in self._throttles:
+            if _call_condition(condition, self):
+                raise _Stop("throttled", backoff)
+        if max_runtime is not None and time.monotonic() - run_started > max_runtime:
+            raise _Stop("max_job_runtime_exceeded", self.interruption_backoff)
+        for name in self.interruption_adapters:
+            answer = interruption.lookup(name)()
+            if answer:
+                raise _Stop(answer if isinstance(answer, str) else "interrupted", self.interruption_backoff)
+
+    def _max_job_runtime(self) -> Optional[float]:
+        limits = [v for v in (self.max_job_runtime, self.app.conf.get("checkpoint_max_job_runtime")) if v]
+        return min(limits) if limits else None
+
+    # -- progress in and out -------------------------------------------------
+
+    def _load_progress(self, request: Any, initial_cursor: Any) -> tuple[Progress, bool]:
+        header = getattr(request, HEADER, None) or (request.headers or {}).get(HEADER)
+        from_message = Progress.from_json(header)
+        from_store = self._store().get(request.id) if request.id else None
+        progress = Progress.newest(from_message, from_store)
+        if progress is None:
+            return Progress(cursor=validate_cursor(initial_cursor)), False
+        return progress, True
+
+    def _reenqueue(self, request: Any, args: tuple, kwargs: dict, progress: Progress, stop: _Stop,
+                   initial_cursor: Any) -> None:
+        validate_cursor(progress.cursor)
+        progress.times_interrupted += 1
+        if getattr(request, "checkpoint_reenqueued", False):  # pragma: no cover - defensive
+            raise RuntimeError("checkpoint: refusing to re-enqueue the same run twice")
+        request.checkpoint_reenqueued = True
+        self._store().put(request.id, progress)
+        if initial_cursor is not None:
+            kwargs = {**kwargs, "cursor": initial_cursor}
+        headers = {**(request.headers or {}), HEADER: progress.to_json()}
+        options: dict[str, Any] = {"headers": headers, "expires": None}
+        if stop.backoff:
+            options["countdown"] = stop.backoff
+        # Not self.retry(): that bumps request.retries and applies max_retries.
+        # `expires` is dropped: an absolute expiry would revoke a job that was
+        # merely interrupted.
+        signature = self.signature_from_request(request, args, kwargs, **options)
+        signature.apply_async()
+        logger.info("checkpoint: %s[%s] interrupted (%s) at cursor %r after %d iterations; re-enqueued",
+                    self.name, request.id, stop.reason, progress.cursor, progress.iterations,
+                    extra={"action": "interrupted", "task_id": request.id, "reason": stop.reason,
+                           "cursor": progress.cursor, "times_interrupted": progress.times_interrupted})
+        raise Ignore()
+
+    def _store(self) -> CursorStore:
+        store = self.cursor_store
+        if store is None:
+            store = store_for_app(self.app)
+        return store
+
+
+class _Saver:
+    """Durable checkpoints on a cadence of iterations or seconds."""
+
+    def __init__(self, task: IterativeTask, task_id: Optional[str], progress: Progress) -> None:
+        self.store = task._store()
+        self.task_id = task_id
+        self.progress = progress
+        self.every = max(1, int(task.checkpoint_every or 1))
+        self.interval = task.checkpoint_interval
+        self.enabled = task_id is not None and not isinstance(self.store, NullStore)
+        self.saved_at_iteration = progress.iterations
+        self.saved_at = time.monotonic()
+        self.validated = False
+
+    def maybe_save(self) -> None:
+        if not self.enabled:
+            if not self.validated:
+                # No store: still fail at the first checkpoint, not at shutdown.
+                validate_cursor(self.progress.cursor)
+                self.validated = True
+            return
+        due_by_count = self.progress.iterations - self.saved_at_iteration >= self.every
+        due_by_time = self.interval is not None and time.monotonic() - self.saved_at >= self.interval
+        if due_by_count or due_by_time:
+            self.save()
+
+    def save(self) -> None:
+        validate_cursor(self.progress.cursor)
+        self.store.put(self.task_id, self.progress)
+        self.saved_at_iteration = self.progress.iterations
+        self.saved_at = time.monotonic()
+
+    def save_quietly(self) -> None:
+        if not self.enabled or self.progress.iterations == self.saved_at_iteration:
+            return
+        try:
+            self.save()
+        except Exception:  # the original error matters more
+            logger.exception("checkpoint: could not save the cursor of %s", self.task_id)
+
+
+def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:
+    try:
+        params = inspect.signature(condition).parameters
+    except (TypeError, ValueError):
+        params = {"task": None}
+    return bool(condition(task) if params else condition())
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
