@@ -48,7 +48,7 @@ from kombu.utils.uuid import uuid
 from sqlalchemy import exc as sa_exc
 
 from . import fanout
-from .errors import SQLQError, UndecodableMessageError
+from .errors import UndecodableMessageError
 from .notify import waiter_for
 from .options import Options
 from .processes import local_process
@@ -311,7 +311,7 @@ class Transport(virtual.Transport):
     )
 
     connection_errors = virtual.Transport.connection_errors + (
-        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, SQLQError,
+        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
     )
     channel_errors = virtual.Transport.channel_errors + (sa_exc.ProgrammingError,)
 

@@ -47,8 +47,9 @@ def validate_url(url: str) -> str:
             "'sqlq+sqlite:///path/jobs.sqlite3' or 'sqlq+postgresql+psycopg://user:pass@host/db'") from None
     except NoSuchModuleError as exc:
         raise ConfigurationError(
-            f"no SQLAlchemy dialect for {url!r} ({exc}); install its driver, e.g. "
-            "pip install 'celery-sqlbackend[postgres]' for PostgreSQL") from None
+            f"no SQLAlchemy dialect for {url!r} ({exc}). Write the broker URL as "
+            "'sqlq+sqlite:///path/jobs.sqlite3' or 'sqlq+postgresql+psycopg://user:pass@host/db', "
+            "and install the driver (pip install 'celery-sqlbackend[postgres]')") from None
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver for {url!r} is not installed ({exc}); for PostgreSQL: "
