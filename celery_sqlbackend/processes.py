@@ -21,6 +21,8 @@ import threading
 from datetime import timedelta
 from typing import Iterable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from . import pruner
 from .store import Store, queries, utcnow
 
@@ -45,7 +47,9 @@ class LocalProcess:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending_releases: set[int] = set()
+        #: job id -> "finish" | "release": state changes that failed because the
+        #: database was away, retried by the heartbeat thread until they land.
+        self._deferred: dict[int, str] = {}
         # delivery tag -> job id of early-acked jobs still running.  Kept per
         # process, not per channel: a channel closed by a reconnect must not
         # forget jobs that are still running in the pool.
@@ -96,6 +100,10 @@ class LocalProcess:
         """Give back anything still claimed, then delete the process row."""
         if self.id is None or os.getpid() != self.pid:
             return
+        try:
+            self._retry_deferred()
+        except SQLAlchemyError as exc:
+            log.warning("could not record deferred job states at exit (%s)", exc)
         process_id, self.id = self.id, None
         released, failed = pruner.release_own_claims(self.store, process_id, reason)
         if released or failed:
@@ -161,11 +169,19 @@ class LocalProcess:
 
     def finish(self, job_id: int) -> bool:
         keep = self.store.options.keep_finished > 0
-        if self.store.q("finish", job_id=job_id, process_id=self.id, now=utcnow(), keep=keep):
-            return True
-        log.error("job %s finished in %s, but its claim had been taken away (the process was pruned); "
-                  "the pruner's decision (released or failed) stands", job_id, self.name)
-        return False
+        try:
+            done = self.store.q("finish", job_id=job_id, process_id=self.id, now=utcnow(), keep=keep)
+        except SQLAlchemyError as exc:
+            # The database is away: the job did finish, so keep trying from the
+            # heartbeat thread rather than leaving it claimed forever.
+            log.warning("could not record job %s as finished (%s); retrying from the heartbeat thread",
+                        job_id, exc)
+            self._deferred[job_id] = "finish"
+            return False
+        if not done:
+            log.error("job %s finished in %s, but its claim had been taken away (the process was pruned); "
+                      "the pruner's decision (released or failed) stands", job_id, self.name)
+        return done
 
     def finish_completed(self, is_running=None) -> None:
         """Finish the early-acked jobs that are no longer running."""
@@ -182,11 +198,11 @@ class LocalProcess:
 
     def defer_release(self, job_id: int) -> None:
         """Remember a release that failed (database down) to retry from the heartbeat thread."""
-        self._pending_releases.add(job_id)
+        self._deferred[job_id] = "release"
 
     def _maintain(self, first: bool = False) -> None:
         try:
-            self._retry_pending_releases()
+            self._retry_deferred()
             if first:
                 pruner.sweep_orphans(self.store)
             pruner.prune(self.store, exclude=self.id)
@@ -194,11 +210,14 @@ class LocalProcess:
         except Exception as exc:
             log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
 
-    def _retry_pending_releases(self) -> None:
-        for job_id in list(self._pending_releases):
-            if self.id is not None:
+    def _retry_deferred(self) -> None:
+        for job_id, op in list(self._deferred.items()):
+            if op == "finish":
+                self._deferred.pop(job_id, None)
+                self.finish(job_id)          # re-defers itself if the database is still away
+            elif self.id is not None:
                 self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())
-            self._pending_releases.discard(job_id)
+                self._deferred.pop(job_id, None)
 
     def _clear_finished(self) -> None:
         opts = self.store.options

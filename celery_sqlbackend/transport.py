@@ -332,6 +332,7 @@ class Transport(virtual.Transport):
     def establish_connection(self):
         # Fail here (where Celery retries with backoff) rather than mid-claim.
         store = store_for(self.client.hostname, self.options)
+        store.ping()
         store.ensure_schema()
         return super().establish_connection()
 

@@ -112,6 +112,11 @@ class Store:
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.run(fn, *args, read_only=True, **kwargs)
 
+    def ping(self) -> None:
+        """Raise if the database cannot be reached (kombu retries connects with backoff)."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     # ------------------------------------------------------------------ schema
 
     @property
