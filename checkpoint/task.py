@@ -64,7 +64,14 @@ class IterativeTask(Task):
             (iterations / seconds), whichever comes first.
         cursor_store: a :class:`~checkpoint.store.CursorStore`; by default the
             app's (``checkpoint_store_url``, or the database of an ``sqlq+`` broker).
-        interruption_backoff: countdown (seconds) for a re-enqueue after a stop.
+        interruption_backoff: countdown (seconds) of the re-enqueue when an
+            adapter says stop.  Not zero: with polling transports Celery's
+            synchronous consumer loop goes on draining for up to 2 s after a
+            warm shutdown begins (``drain_events(timeout=2.0)``) and runs what
+            it received, so an immediately visible message bounces through
+            the stopping worker (observed: two extra empty runs).  A restarted
+            worker takes longer than this to boot anyway.
+            ``max_job_runtime`` re-enqueues without delay.
     """
 
     max_job_runtime: Optional[float] = None
@@ -72,7 +79,7 @@ class IterativeTask(Task):
     checkpoint_every: int = 100
     checkpoint_interval: float = 5.0
     cursor_store: Optional[CursorStore] = None
-    interruption_backoff: float = 0.0
+    interruption_backoff: float = 3.0
     enumerator_bind: Any = None
     _throttles: tuple = ()
 
@@ -192,7 +199,7 @@ class IterativeTask(Task):
             if _call_condition(condition, self):
                 raise _Stop("throttled", backoff)
         if max_runtime is not None and time.monotonic() - run_started > max_runtime:
-            raise _Stop("max_job_runtime_exceeded", self.interruption_backoff)
+            raise _Stop("max_job_runtime_exceeded", 0.0)
         for name in self.interruption_adapters:
             answer = interruption.lookup(name)()
             if answer:

@@ -45,3 +45,85 @@ def test_flag_reaches_the_task_within_a_second_of_term(workers, send, pool):
     else:
         assert seen_pid == worker.pid
     assert worker.wait_exit() == 0
+
+
+def _completed(items):
+    return [r for r in items.runs() if r["event"] == "complete"]
+
+
+def _assert_each_item_once(items):
+    assert items.count() == N
+    assert items.duplicates() == []
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_term_several_times_mid_run_processes_every_item_exactly_once(workers, send, pool):
+    task_id = str(uuid.uuid4())
+    send("ck.count_to", N, task_id=task_id)
+    worker = workers.start(pool=pool)
+    items = worker.items
+    thresholds = [1500, 4000, 6500]
+    for threshold in thresholds:
+        wait_until(lambda: items.count() >= threshold, 30, message=f"{threshold} items")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait_exit() == 0, worker.output()
+        assert items.count() < N, "the job finished before the TERM; slow it down (CK_ITEM_DELAY)"
+        worker = workers.start(pool=pool)
+    wait_until(lambda: _completed(items), 60, message="job completed")
+
+    _assert_each_item_once(items)
+    runs = items.runs()
+    assert {r["task_id"] for r in runs} == {task_id}
+    assert [r["event"] for r in runs] == ["start"] + ["shutdown", "resume"] * len(thresholds) + ["shutdown", "complete"]
+    complete = runs[-1]
+    assert complete["times_interrupted"] == len(thresholds)
+    assert complete["iterations"] == N
+    assert all(r["retries"] == 0 for r in runs), "an interruption must not count as a retry"
+    resumed_at = [int(r["cursor"]) for r in runs if r["event"] == "resume"]
+    assert resumed_at == sorted(resumed_at) and resumed_at[0] >= thresholds[0] - 1
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_max_job_runtime_reenqueues_and_processes_every_item_exactly_once(workers, send, pool):
+    task_id = str(uuid.uuid4())
+    send("ck.count_to", N, task_id=task_id)
+    worker = workers.start(pool=pool, env={"CK_MAX_RUNTIME": "0.6"})
+    items = worker.items
+    wait_until(lambda: _completed(items), 60, message="job completed")
+
+    _assert_each_item_once(items)
+    runs = items.runs()
+    complete = runs[-1]
+    resumes = [r for r in runs if r["event"] == "resume"]
+    assert complete["times_interrupted"] == len(resumes) >= 2
+    assert all(r["retries"] == 0 for r in runs)
+    assert {r["pid"] for r in runs} <= {worker.pid} | {r["pid"] for r in runs if r["pid"] != worker.pid}
+    assert worker.proc.poll() is None, "max_job_runtime must not stop the worker"
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_after_kill_items_are_redone_only_back_to_the_last_durable_checkpoint(workers, send, pool):
+    every = 250
+    task_id = str(uuid.uuid4())
+    send("ck.count_to", N, task_id=task_id)
+    env = {"CK_CHECKPOINT_EVERY": str(every)}
+    worker = workers.start(pool=pool, env=env)
+    items = worker.items
+    wait_until(lambda: items.count() >= 3000 + every // 2, 30, message="items before the kill")
+    worker.kill_group()  # SIGKILL to the main process and its children: no chance to save anything
+    done_before_kill = items.count()
+    assert done_before_kill < N
+
+    worker = workers.start(pool=pool, env=env)  # prunes the dead worker, whose claim goes back to ready
+    wait_until(lambda: _completed(items), 60, message="job completed after the kill")
+
+    runs = items.runs()
+    resume = [r for r in runs if r["event"] == "resume"]
+    assert len(resume) == 1
+    saved = int(resume[0]["cursor"])
+    assert resume[0]["iterations"] % every == 0 and saved == resume[0]["iterations"] - 1
+    assert done_before_kill - every <= saved < done_before_kill
+    redone = [item for item, _ in items.duplicates()]
+    assert redone == list(range(saved + 1, done_before_kill))
+    assert items.count() == N
+    assert runs[-1]["times_interrupted"] == 0

@@ -74,8 +74,9 @@ class Worker:
         self.directory = directory
         self.items = Items(directory)
         self.log_path = directory / f"worker-{name}-{time.monotonic_ns()}.log"
+        # $PYTHONPATH first: it may point at a pinned copy of celery_sqlbackend.
         full_env = {**os.environ, "CK_DIR": str(directory),
-                    "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+                    "PYTHONPATH": os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(HERE), str(REPO)] if p),
                     **(env or {})}
         full_env.pop("CHECKPOINT_STOPFLAG", None)
         cmd = [CELERY, "-A", "ckapp", "worker", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
