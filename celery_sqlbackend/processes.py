@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from typing import Iterable
 
@@ -47,13 +48,18 @@ class LocalProcess:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: job id -> "finish" | "release": state changes that failed because the
-        #: database was away, retried by the heartbeat thread until they land.
-        self._deferred: dict[int, str] = {}
-        # delivery tag -> job id of early-acked jobs still running.  Kept per
-        # process, not per channel: a channel closed by a reconnect must not
-        # forget jobs that are still running in the pool.
-        self._started: dict[str, int] = {}
+        #: job id -> ("finish" | "release", process id that claimed it): state
+        #: changes that failed because the database was away, retried by the
+        #: heartbeat thread until they land.
+        self._deferred: dict[int, tuple[str, int | None]] = {}
+        # delivery tag -> (job id, process id that claimed it) of early-acked
+        # jobs still running.  Kept per process, not per channel: a channel
+        # closed by a reconnect must not forget jobs still running in the pool.
+        # The claiming id is kept because every state change is fenced on it:
+        # after being pruned while alive this process registers under a new id,
+        # and must not finish (under that new id) a job it claimed again since.
+        self._started: dict[str, tuple[int, int | None]] = {}
+        self._last_clear = 0.0
         self.beats = 0
         self.last_beat_error: BaseException | None = None
         self.last_beat_at = None
@@ -105,11 +111,11 @@ class LocalProcess:
         except SQLAlchemyError as exc:
             log.warning("could not record deferred job states at exit (%s)", exc)
         process_id, self.id = self.id, None
-        released, failed = pruner.release_own_claims(self.store, process_id, reason)
+        # One transaction: no moment where the row is gone but claims remain.
+        released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True)
         if released or failed:
             log.warning("process %s left claims behind at exit: released %s, failed %s",
                         self.name, released, failed)
-        self.store.q("delete_process", process_id=process_id)
         log.info("deregistered process %s (id %s)", self.name, process_id)
 
     # ------------------------------------------------------------------ heartbeat thread
@@ -120,11 +126,19 @@ class LocalProcess:
         self._thread.start()
 
     def _heartbeat_loop(self) -> None:
+        # Beats are scheduled on a fixed monotonic grid, so that time spent in
+        # maintenance (pruning, clearing) never pushes the next beat later.
         interval = self.store.options.heartbeat_interval
-        while not self._stop.wait(interval):
+        next_beat = time.monotonic() + interval
+        while not self._stop.wait(max(0.0, next_beat - time.monotonic())):
             if os.getpid() != self.pid:
                 return
+            now = time.monotonic()
+            # After a long stall (SIGSTOP, a suspended VM) beat once, not once per missed slot.
+            next_beat = max(next_beat + interval, now + interval / 2)
             self.beat()
+            if self._stop.is_set():
+                return
             self._maintain()
 
     def beat(self) -> bool:
@@ -154,6 +168,8 @@ class LocalProcess:
                   "by the pruner and will not be marked finished here; registering again",
                   self.name, process_id)
         with self._lock:
+            if self.id != process_id:  # deregistered, or already registered afresh
+                return
             self.id = self.store.q(
                 "register_process", kind=self.kind, name=self.name, hostname=socket.gethostname(),
                 pid=self.pid, pool=self.pool, concurrency=self.concurrency,
@@ -161,44 +177,53 @@ class LocalProcess:
 
     # ------------------------------------------------------------------ job state (fenced)
 
-    def started(self, tag: str, job_id: int) -> None:
-        """An early ack: the job is running; a pruner must fail it, not re-run it."""
-        self._started[tag] = job_id
-        if not self.store.q("mark_acked", job_id=job_id, process_id=self.id, now=utcnow()):
-            log.error("job %s was taken from process %s (pruned) before it started", job_id, self.name)
+    def started(self, tag: str, job_id: int, process_id: int | None = None) -> None:
+        """An early ack: the job is running; a pruner must fail it, not re-run it.
 
-    def finish(self, job_id: int) -> bool:
+        ``process_id`` is the id the job was claimed under (default: the current one).
+        """
+        process_id = self.id if process_id is None else process_id
+        self._started[tag] = (job_id, process_id)
+        if not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
+            log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
+                      "here anyway and will not be marked finished", job_id, self.name, process_id)
+
+    def finish(self, job_id: int, process_id: int | None = None) -> bool:
+        """Mark the job finished iff the claim made under ``process_id`` (default: current id) stands."""
+        process_id = self.id if process_id is None else process_id
         keep = self.store.options.keep_finished > 0
         try:
-            done = self.store.q("finish", job_id=job_id, process_id=self.id, now=utcnow(), keep=keep)
+            done = self.store.q("finish", job_id=job_id, process_id=process_id, now=utcnow(), keep=keep)
         except SQLAlchemyError as exc:
             # The database is away: the job did finish, so keep trying from the
             # heartbeat thread rather than leaving it claimed forever.
             log.warning("could not record job %s as finished (%s); retrying from the heartbeat thread",
                         job_id, exc)
-            self._deferred[job_id] = "finish"
+            self._deferred[job_id] = ("finish", process_id)
             return False
         if not done:
-            log.error("job %s finished in %s, but its claim had been taken away (the process was pruned); "
-                      "the pruner's decision (released or failed) stands", job_id, self.name)
+            log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
+                      "process was pruned, and the pruner's decision (released or failed) stands",
+                      job_id, self.name, process_id)
         return done
 
     def finish_completed(self, is_running=None) -> None:
         """Finish the early-acked jobs that are no longer running."""
-        for tag, job_id in list(self._started.items()):
+        for tag in list(self._started):
             if is_running is None or not is_running(tag):
-                if self._started.pop(tag, None) is not None:
-                    self.finish(job_id)
+                entry = self._started.pop(tag, None)
+                if entry is not None:
+                    self.finish(*entry)
 
     @property
     def running_jobs(self) -> list[int]:
-        return list(self._started.values())
+        return [job_id for job_id, _ in self._started.values()]
 
     # ------------------------------------------------------------------ maintenance
 
-    def defer_release(self, job_id: int) -> None:
+    def defer_release(self, job_id: int, process_id: int | None = None) -> None:
         """Remember a release that failed (database down) to retry from the heartbeat thread."""
-        self._deferred[job_id] = "release"
+        self._deferred[job_id] = ("release", self.id if process_id is None else process_id)
 
     def _maintain(self, first: bool = False) -> None:
         try:
@@ -211,16 +236,25 @@ class LocalProcess:
             log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
 
     def _retry_deferred(self) -> None:
-        for job_id, op in list(self._deferred.items()):
-            if op == "finish":
+        for job_id, (op, process_id) in list(self._deferred.items()):
+            if process_id is None:
                 self._deferred.pop(job_id, None)
-                self.finish(job_id)          # re-defers itself if the database is still away
-            elif self.id is not None:
-                self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())
+            elif op == "finish":
+                self._deferred.pop(job_id, None)
+                self.finish(job_id, process_id)   # re-defers itself if the database is still away
+            else:
+                # Fenced like every release: a no-op if a pruner took the claim meanwhile.
+                self.store.q("release", job_id=job_id, process_id=process_id, now=utcnow())
                 self._deferred.pop(job_id, None)
 
     def _clear_finished(self) -> None:
         opts = self.store.options
+        # Clearing history is not urgent: at most every 30 s (or every beat if slower),
+        # so that frequent beats do not each take the write lock for it.
+        now = time.monotonic()
+        if now - self._last_clear < max(30.0, opts.heartbeat_interval):
+            return
+        self._last_clear = now
         before = utcnow() - timedelta(seconds=opts.keep_finished)
         for _ in range(20):  # bounded per beat; short transactions, no long locks
             if self.store.q("clear_finished", before=before, limit=opts.clear_batch_size) < opts.clear_batch_size:

@@ -76,6 +76,16 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     Higher priority first, FIFO within a priority: the ORDER BY is exactly the
     ``ix_*ready_poll`` index.  Paused queues are skipped.
     """
+    # Fenced on the way in too: claims are made only for a registered process,
+    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
+    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
+    # without blocking the process's own heartbeat UPDATE.
+    p = t.processes
+    owner = select(p.c.id).where(p.c.id == process_id)
+    if d.skip_locked:
+        owner = owner.with_for_update(read=True, key_share=True)
+    if conn.execute(owner).first() is None:
+        return []
     r = t.ready
     candidates = (
         select(r.c.id)
@@ -325,10 +335,15 @@ def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan
 def retry_failed(conn: Connection, t: Tables, d: Dialect, *, job_ids: Sequence[int], now: datetime) -> int:
     """Failed → ready, with the same job (and so the same task id)."""
     f = t.failed
-    taken = list(conn.execute(select(f.c.job_id).where(f.c.job_id.in_(job_ids))).scalars())
+    if d.delete_returning:
+        # Two concurrent retries of one job: only the one whose DELETE took the row re-queues it.
+        taken = list(conn.execute(delete(f).where(f.c.job_id.in_(job_ids)).returning(f.c.job_id)).scalars())
+    else:
+        taken = list(conn.execute(select(f.c.job_id).where(f.c.job_id.in_(job_ids)).with_for_update()).scalars())
+        if taken:
+            conn.execute(delete(f).where(f.c.job_id.in_(taken)))
     if not taken:
         return 0
-    conn.execute(delete(f).where(f.c.job_id.in_(taken)))
     conn.execute(update(t.jobs).where(t.jobs.c.id.in_(taken)).values(releases=0))
     _make_ready(conn, t, d, taken, now)
     return len(taken)
@@ -378,3 +393,31 @@ def bound_queues(conn: Connection, t: Tables, *, exchange: str) -> list[str]:
 
 def unbind_queue(conn: Connection, t: Tables, *, queue: str) -> None:
     conn.execute(delete(t.bindings).where(t.bindings.c.queue_name == queue))
+
+
+# =========================================================================== failed jobs: listing
+# (added for celery_sqlbackend.failed; kept at the end so this section is easy to review)
+
+def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_name: str | None = None,
+                error_class: str | None = None, failed_before: datetime | None = None,
+                after_job_id: int | None = None, limit: int | None = None) -> list:
+    """Failed jobs with their error, oldest job first, filtered; keyset-paged by ``after_job_id``."""
+    f, j = t.failed, t.jobs
+    q = (select(f.c.job_id, j.c.task_id, j.c.task_name, f.c.queue_name, f.c.error_class, f.c.error,
+                f.c.failed_at, j.c.created_at, j.c.deliveries, j.c.releases)
+         .select_from(f.join(j, j.c.id == f.c.job_id)))
+    if queue is not None:
+        q = q.where(f.c.queue_name == queue)
+    if task_name is not None:
+        q = q.where(j.c.task_name == task_name)
+    if error_class is not None:
+        q = q.where(f.c.error_class == error_class)
+    if failed_before is not None:
+        q = q.where(f.c.failed_at < failed_before)
+    if after_job_id is not None:
+        q = q.where(f.c.job_id > after_job_id)
+    q = q.order_by(f.c.job_id)
+    if limit is not None:
+        q = q.limit(limit)
+    return conn.execute(q).all()
+

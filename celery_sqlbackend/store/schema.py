@@ -134,6 +134,10 @@ class Tables:
             _ts("started_at", nullable=False),
             _ts("last_heartbeat_at", nullable=False),
             Index(f"ix_{p}processes_heartbeat", "last_heartbeat_at"),
+            # Process ids must never be reused: every fenced statement names one,
+            # and a pruned process that is still alive keeps using its old id.
+            # Without AUTOINCREMENT SQLite hands the highest deleted id out again.
+            sqlite_autoincrement=True,
         )
 
         self.pauses = Table(
