@@ -64,6 +64,11 @@ class IterativeTask(Task):
             (iterations / seconds), whichever comes first.
         cursor_store: a :class:`~checkpoint.store.CursorStore`; by default the
             app's (``checkpoint_store_url``, or the database of an ``sqlq+`` broker).
+        acks_late: True by default: a message acknowledged only when the run
+            ends comes back if the worker is killed (our transport releases the
+            claims of a pruned worker; AMQP/Redis redeliver), and the new run
+            resumes from the last durable checkpoint.  Early-acked jobs whose
+            worker dies are lost or failed, cursor or not.
         interruption_backoff: countdown (seconds) of the re-enqueue when an
             adapter says stop.  Not zero: with polling transports Celery's
             synchronous consumer loop goes on draining for up to 2 s after a
@@ -74,6 +79,7 @@ class IterativeTask(Task):
             ``max_job_runtime`` re-enqueues without delay.
     """
 
+    acks_late = True
     max_job_runtime: Optional[float] = None
     interruption_adapters: tuple = ("celery",)
     checkpoint_every: int = 100
