@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData,
+    BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
 )
 
@@ -158,45 +158,54 @@ class Tables:
             UniqueConstraint("exchange", "queue_name", "routing_key", name=f"uq_{p}binding"),
         )
 
+        # Result backend (celery_sqlbackend.backend).  ``payload`` is the whole
+        # Celery meta dict encoded with the configured ``result_serializer``
+        # (bytes: msgpack and pickle are binary); the plain columns beside it
+        # exist for SQL (waiting, expiry, looking results up by job or worker).
         self.results = Table(
             f"{p}results", md,
             Column("id", Id, primary_key=True, autoincrement=True),
             Column("task_id", String(255), nullable=False),
             Column("status", String(50), nullable=False),
-            Column("content_type", String(128)),
-            Column("content_encoding", String(64)),
-            Column("result", Text),
-            Column("traceback", Text),
+            Column("content_type", String(128), nullable=False),
+            Column("content_encoding", String(64), nullable=False),
+            Column("payload", LargeBinary, nullable=False),
             Column("name", String(255)),
-            Column("args", Text),
-            Column("kwargs", Text),
             Column("worker", String(255)),
             Column("retries", Integer),
             Column("queue", String(255)),
-            Column("meta", Text),
+            Column("group_id", String(255)),
             _ts("date_done"),
+            # Last write; what ``result_expires`` counts from.
+            _ts("updated_at", nullable=False),
             UniqueConstraint("task_id", name=f"uq_{p}results_task"),
-            Index(f"ix_{p}results_date_done", "date_done"),
+            Index(f"ix_{p}results_updated_at", "updated_at"),
         )
 
         self.groups = Table(
             f"{p}groups", md,
             Column("id", Id, primary_key=True, autoincrement=True),
             Column("group_id", String(255), nullable=False),
-            Column("content_type", String(128)),
-            Column("content_encoding", String(64)),
-            Column("result", Text),
-            _ts("date_done"),
+            Column("content_type", String(128), nullable=False),
+            Column("content_encoding", String(64), nullable=False),
+            Column("payload", LargeBinary, nullable=False),
+            _ts("date_done", nullable=False),
             UniqueConstraint("group_id", name=f"uq_{p}groups_group"),
+            Index(f"ix_{p}groups_date_done", "date_done"),
         )
 
+        # One row per running chord: the header parts count ``done`` up; the
+        # part that finds ``done >= size`` with ``fired`` still false sets it
+        # and publishes the body, so the body is sent once.  ``size`` stays
+        # NULL until the producer has sent the last header task.
         self.chords = Table(
             f"{p}chords", md,
             Column("group_id", String(255), primary_key=True),
-            Column("size", Integer, nullable=False),
+            Column("size", Integer),
             Column("done", Integer, nullable=False, default=0),
             Column("fired", Boolean, nullable=False, default=False),
             _ts("created_at", nullable=False),
+            Index(f"ix_{p}chords_created_at", "created_at"),
         )
 
 

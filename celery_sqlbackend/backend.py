@@ -1,0 +1,592 @@
+"""Celery result backend that keeps results, groups and chords in the SQL store.
+
+Configuration
+=============
+``result_backend`` takes the same SQLAlchemy URL as the broker, after ``sqlq+``::
+
+    result_backend = "sqlq+sqlite:///jobs.sqlite3"
+    result_backend = "sqlq+postgresql+psycopg://user:password@db/app"
+    result_backend = "sqlq://"          # the database of the (sqlq) broker
+
+Celery finds the class through the ``celery.result_backends`` entry point, so
+no import is needed beyond the one the transport asks for.  Options
+(``table_prefix``, ``create_tables``, ``polling_interval``, ...; see
+:mod:`celery_sqlbackend.options`) come from ``broker_transport_options`` when
+the results live in the broker's database, overlaid by
+``result_backend_transport_options``.
+
+What it does
+============
+* Results are encoded with ``result_serializer`` (JSON by default) and decoded
+  with the content type they were written with, under ``result_accept_content``
+  / ``accept_content``: pickle is refused unless the user allows it.
+* A result the serializer cannot encode becomes a FAILURE that says why
+  (Celery's tracer turns the ``EncodeError`` raised here into the failure).
+* ``get()``/``join()`` wait without hammering the database: PostgreSQL
+  waiters LISTEN on ``<prefix>results`` (notified from the storing
+  transaction) and fetch only what was announced, polling at ``interval`` as
+  the fallback; other databases poll with a short backing-off interval.
+  Groups are fetched with one ``IN (...)`` query per round.
+* Chords are joined natively by a counter row (``store.results.chord_part_done``);
+  no ``celery.chord_unlock`` task is involved.
+* A dropped connection is retried with backoff for up to ``reconnect_timeout``
+  seconds; ``result_expires`` is applied by :meth:`SQLBackend.cleanup` (run
+  daily by ``celery beat``) in small batches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+from time import monotonic
+from typing import Any, Callable
+
+from celery import states
+from celery.backends.base import BaseBackend, _create_chord_error_with_cause, compress_payload, \
+    decompress_payload
+from celery.exceptions import ChordError, ImproperlyConfigured, TimeoutError
+from celery.result import GroupResult, allow_join_result, result_from_tuple
+from kombu.exceptions import EncodeError
+from kombu.serialization import loads
+from kombu.utils.encoding import ensure_bytes
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+from .errors import ConfigurationError
+from .options import Options
+from .store import Store, store_for, utcnow
+from .store import results as sql
+
+log = logging.getLogger("celery_sqlbackend.backend")
+
+#: Keys of ``result_backend_transport_options`` that are the backend's own
+#: (everything else must be a store option).
+_BACKEND_OPTIONS = {"reconnect_timeout", "first_poll_interval"}
+
+
+def _maybe_signature(sig, app):
+    from celery.canvas import maybe_signature
+    return maybe_signature(sig, app=app)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when the database connection is gone (worth reconnecting), not for SQL errors."""
+    if isinstance(exc, DisconnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if sqlstate:
+            # 08: connection exception; 57P0x: server shutting down / crash.
+            return sqlstate.startswith("08") or sqlstate.startswith("57P0")
+        text = str(orig).lower()
+        if "sqlite" in type(orig).__module__:
+            return "unable to open database" in text or "disk i/o error" in text
+        # psycopg connect failures and socket errors carry no SQLSTATE.
+        return True
+    return False
+
+
+class _ResultNotifier:
+    """One LISTEN connection per process, shared by every waiting thread.
+
+    Whichever waiting thread finds nobody reading becomes the reader for one
+    wait; the task ids it receives are numbered and kept in a bounded window,
+    so that every waiter learns which results landed since its last look.
+    A waiter holds a *token* (connection epoch, sequence number) taken
+    *before* it queried; anything committed after that shows up as newer.
+    """
+
+    WINDOW = 100_000
+
+    def __init__(self, dsn: str, channel: str):
+        self.dsn = dsn
+        self.channel = channel
+        self._cond = threading.Condition()
+        self._conn = None
+        self._reading = False
+        self._epoch = 0
+        self._seq = 0
+        self._recent: deque[tuple[int, str]] = deque(maxlen=self.WINDOW)
+        self._retry_at = 0.0
+
+    def token(self):
+        with self._cond:
+            if self._conn is None and monotonic() >= self._retry_at and not self._reading:
+                try:
+                    import psycopg
+                    conn = psycopg.connect(self.dsn, autocommit=True)
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    self._conn = conn
+                    self._epoch += 1
+                except Exception as exc:
+                    log.warning("result LISTEN connection failed (%s); polling for the next 10s", exc)
+                    self._retry_at = monotonic() + 10
+            return (self._epoch, self._seq) if self._conn is not None else None
+
+    def wait(self, token, timeout: float):
+        """Wait up to ``timeout``; returns ``(token, ids)``.
+
+        ``ids`` is the set of task ids announced since ``token``, or None when
+        that is unknown (timed out, no listener, reconnected, window overrun):
+        the caller then re-reads everything it waits for.
+        """
+        deadline = monotonic() + timeout
+        with self._cond:
+            while True:
+                if token is None or self._conn is None or token[0] != self._epoch:
+                    remaining = deadline - monotonic()
+                    if remaining > 0 and (token is None or self._conn is None):
+                        self._cond.wait(remaining)
+                    return self._token_locked(), None
+                if self._seq != token[1]:
+                    return self._since_locked(token[1])
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return token, None
+                if self._reading:
+                    self._cond.wait(remaining)
+                    continue
+                self._read_locked(remaining)
+
+    def _token_locked(self):
+        return (self._epoch, self._seq) if self._conn is not None else None
+
+    def _since_locked(self, seq: int):
+        token = (self._epoch, self._seq)
+        if not self._recent or self._recent[0][0] > seq + 1:
+            return token, None      # the window no longer reaches back to ``seq``
+        ids = set()
+        for s, task_id in reversed(self._recent):
+            if s <= seq:
+                break
+            ids.add(task_id)
+        return token, ids
+
+    def _read_locked(self, timeout: float) -> None:
+        self._reading = True
+        conn = self._conn
+        got: list[str] = []
+        error = None
+        self._cond.release()
+        try:
+            try:
+                for n in conn.notifies(timeout=timeout, stop_after=1):
+                    got.append(n.payload)
+                if got:
+                    for n in conn.notifies(timeout=0):
+                        got.append(n.payload)
+            except Exception as exc:  # connection lost: reconnect on the next token()
+                error = exc
+        finally:
+            self._cond.acquire()
+            self._reading = False
+        if error is not None:
+            log.warning("result LISTEN connection lost (%s); reconnecting", error)
+            self._conn = None
+            self._epoch += 1
+            try:
+                conn.close()
+            except Exception:
+                pass
+        for task_id in got:
+            self._seq += 1
+            self._recent.append((self._seq, task_id))
+        self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            conn, self._conn = self._conn, None
+            self._epoch += 1
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+_notifiers: dict[tuple, _ResultNotifier] = {}
+_notifiers_lock = threading.Lock()
+
+
+def _notifier_for(store: Store) -> _ResultNotifier | None:
+    if not (store.dialect.notify and store.options.use_notify):
+        return None
+    key = (store.url, sql.notify_channel(store.t), os.getpid())
+    notifier = _notifiers.get(key)
+    if notifier is None:
+        with _notifiers_lock:
+            notifier = _notifiers.get(key)
+            if notifier is None:
+                dsn = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                notifier = _notifiers[key] = _ResultNotifier(dsn, sql.notify_channel(store.t))
+    return notifier
+
+
+class SQLBackend(BaseBackend):
+    """Results, groups and chords in the celery_sqlbackend store."""
+
+    supports_native_join = True
+    supports_autoexpire = False
+    supports_result_compression = True
+    persistent = True
+
+    #: Seconds to keep retrying an operation whose connection dropped.
+    reconnect_timeout = 30.0
+    #: First sleep of the backing-off poll (databases without NOTIFY).
+    first_poll_interval = 0.002
+    #: Rows deleted per transaction by :meth:`cleanup`.
+    cleanup_batch_size = 1000
+
+    def __init__(self, app, url: str | None = None, **kwargs):
+        super().__init__(app, url=url, **kwargs)
+        self.url = url
+        self.db_url = self._database_url(url)
+        store_options, own = self._options()
+        self.reconnect_timeout = float(own.get("reconnect_timeout", self.reconnect_timeout))
+        self.first_poll_interval = float(own.get("first_poll_interval", self.first_poll_interval))
+        self.store = store_for(self.db_url, store_options)
+        self.cleanup_batch_size = store_options.clear_batch_size
+        if self.content_type not in self.accept:
+            raise ImproperlyConfigured(
+                f"result_serializer={self.serializer!r} ({self.content_type}) is not in the accepted "
+                f"content types {sorted(self.accept)}: results written with it could not be read back. "
+                f"Add {self.serializer!r} to result_accept_content (only if you trust everyone who can "
+                "write to the results table), or use 'json'")
+
+    # ------------------------------------------------------------------ configuration
+
+    def _database_url(self, url: str | None) -> str:
+        if url and not url.startswith("sqlq:"):
+            return url
+        broker = self.app.conf.broker_url or ""
+        if isinstance(broker, (list, tuple)):
+            broker = broker[0] if broker else ""
+        if not (isinstance(broker, str) and broker.startswith("sqlq+")):
+            raise ConfigurationError(
+                f"result_backend={url or 'sqlq'!r} means 'the database of the sqlq broker', but "
+                f"broker_url is {broker!r}; write result_backend='sqlq+<SQLAlchemy URL>', e.g. "
+                "'sqlq+sqlite:///jobs.sqlite3' or 'sqlq+postgresql+psycopg://user@db/app'")
+        return broker[len("sqlq+"):]
+
+    def _options(self) -> tuple[Options, dict]:
+        conf = self.app.conf
+        given: dict[str, Any] = {}
+        broker = conf.broker_url if isinstance(conf.broker_url, str) else None
+        if broker and broker.startswith("sqlq+") and broker[len("sqlq+"):] == self.db_url:
+            given.update(conf.broker_transport_options or {})
+        given.update(conf.result_backend_transport_options or {})
+        own = {k: given.pop(k) for k in list(given) if k in _BACKEND_OPTIONS}
+        return Options.from_mapping(given), own
+
+    def __reduce__(self, args=(), kwargs=None):
+        kwargs = dict(kwargs or {}, url=self.url, expires=self.expires)
+        return super().__reduce__(args, kwargs)
+
+    def as_uri(self, include_password=False):
+        from kombu.utils.url import maybe_sanitize_url
+        uri = f"sqlq+{self.db_url}"
+        return uri if include_password else maybe_sanitize_url(uri)
+
+    # ------------------------------------------------------------------ database access
+
+    def _db(self, fn: Callable, *, read_only: bool = False, **kwargs):
+        """Run a ``store.results`` statement; a dropped connection is retried with backoff."""
+        store = self.store
+        deadline = monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+                    return store.run(fn, store.t, store.dialect, read_only=read_only, **kwargs)
+                return store.run(fn, store.t, read_only=read_only, **kwargs)
+            except Exception as exc:
+                if not is_disconnect(exc) or monotonic() + delay > deadline:
+                    raise
+                log.warning("result backend lost its database connection (%s: %s); retrying in %.2fs",
+                            exc.__class__.__name__, exc, delay)
+                self.on_backend_retryable_error(exc)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    def exception_safe_to_retry(self, exc):
+        return is_disconnect(exc)
+
+    def on_backend_retryable_error(self, exc):
+        # Drop pooled connections to the server that went away.
+        self.store.engine.dispose()
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_meta(self, meta: dict) -> bytes:
+        _, _, payload = self._encode(meta)
+        payload = ensure_bytes(payload)
+        if self.compression:
+            payload = compress_payload(payload, self.compression)
+        return payload
+
+    def _decode_row(self, row) -> dict:
+        payload = decompress_payload(bytes(row.payload))
+        meta = loads(payload, content_type=row.content_type, content_encoding=row.content_encoding,
+                     accept=self.accept)
+        return self.meta_from_decoded(meta)
+
+    def _unencodable(self, task_id: str, state: str, exc: Exception) -> str:
+        return (f"the {state} result of task {task_id} cannot be stored: result_serializer="
+                f"{self.serializer!r} cannot encode it ({exc.__class__.__name__}: {exc})")
+
+    # ------------------------------------------------------------------ task results
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = task_id
+        try:
+            payload = self._encode_meta(meta)
+        except Exception as exc:
+            reason = self._unencodable(task_id, state, exc)
+            if state not in self.EXCEPTION_STATES:
+                # Celery's tracer stores this as the task's FAILURE (and runs errbacks).
+                raise EncodeError(reason) from exc
+            log.error("%s; storing a FAILURE that says so", reason)
+            state = states.FAILURE
+            meta = dict(meta, status=state, result=self.prepare_exception(EncodeError(reason)),
+                        args=None, kwargs=None)
+            meta = {k: v for k, v in meta.items() if k in ("status", "result", "traceback", "children",
+                                                            "date_done", "task_id", "group_id", "parent_id")}
+            meta["children"] = None
+            payload = self._encode_meta(meta)
+        now = utcnow()
+        self._db(
+            sql.store_result, task_id=task_id, status=state, content_type=self.content_type,
+            content_encoding=self.content_encoding, payload=payload, now=now,
+            date_done=now if state in self.READY_STATES else None,
+            name=_short(meta.get("name")), worker=_short(meta.get("worker")),
+            retries=meta.get("retries") if isinstance(meta.get("retries"), int) else None,
+            queue=_short(meta.get("queue")), group_id=_short(meta.get("group_id")),
+        )
+        return result
+
+    def _get_task_meta_for(self, task_id):
+        row = self._db(sql.get_result, task_id=task_id, read_only=True)
+        if row is None:
+            return {"status": states.PENDING, "result": None}
+        return self._decode_row(row)
+
+    def task_result_exists(self, task_id):
+        return self._db(sql.result_exists, task_id=task_id, read_only=True)
+
+    def _forget(self, task_id):
+        self._db(sql.forget, task_ids=[task_id])
+
+    def result_for_job(self, job_id: int) -> dict | None:
+        """The result meta of the task a stored job carried (None: no such job, or no result yet)."""
+        row = self._db(sql.result_for_job, job_id=job_id, read_only=True)
+        return None if row is None else self._decode_row(row)
+
+    # ------------------------------------------------------------------ waiting
+
+    def _waiter(self):
+        return _notifier_for(self.store)
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+        """Wait for one result: woken by NOTIFY on PostgreSQL, a backing-off poll elsewhere."""
+        for _ in self.get_many([task_id], timeout=timeout, interval=interval, on_interval=on_interval,
+                               _raise_message="The operation timed out."):
+            pass
+        return self.get_task_meta(task_id)
+
+    def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                 on_interval=None, max_iterations=None, READY_STATES=states.READY_STATES,
+                 _raise_message=None):
+        """Yield ``(task_id, meta)`` as results become ready: one query per round."""
+        self._ensure_not_eager()
+        interval = 0.5 if interval is None else interval
+        ids = set(task_ids)
+        cache = self._cache
+        for task_id in list(ids):
+            cached = cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        if not ids:
+            return
+        notifier = self._waiter()
+        token = notifier.token() if notifier is not None else None
+        deadline = None if timeout is None else monotonic() + timeout
+        poll_cap = max(min(interval, self.store.options.polling_interval), self.first_poll_interval)
+        nap = self.first_poll_interval
+        check: set | None = None   # None: everything still pending
+        iterations = 0
+        while ids:
+            if check is None or check:
+                wanted = ids if check is None else check
+                rows = self._db(sql.get_results, task_ids=list(wanted), states=list(READY_STATES),
+                                read_only=True)
+                found = {}
+                for row in rows:
+                    found[row.task_id] = self._decode_row(row)
+                cache.update(found)
+                for task_id, meta in found.items():
+                    ids.discard(task_id)
+                    if on_message is not None:
+                        on_message(meta)
+                    yield task_id, meta
+                if not ids:
+                    return
+                if found:
+                    nap = self.first_poll_interval
+                iterations += 1
+                if max_iterations and iterations >= max_iterations:
+                    return
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(_raise_message or f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            if token is not None:
+                # LISTENing: wait for announcements; re-read everything at ``interval`` as a fallback.
+                wait = interval if remaining is None else min(interval, remaining)
+                token, announced = notifier.wait(token, wait)
+                check = None if announced is None else (announced & ids)
+                if token is None:
+                    token = notifier.token()
+            else:
+                wait = nap if remaining is None else min(nap, remaining)
+                time.sleep(wait)
+                nap = min(nap * 1.5, poll_cap)
+                check = None
+                if notifier is not None:
+                    token = notifier.token()
+
+    # ------------------------------------------------------------------ groups
+
+    def _save_group(self, group_id, result):
+        payload = self._encode_meta({"result": result.as_tuple()})
+        self._db(sql.save_group, group_id=group_id, content_type=self.content_type,
+                 content_encoding=self.content_encoding, payload=payload, now=utcnow())
+        return result
+
+    def _restore_group(self, group_id):
+        row = self._db(sql.get_group, group_id=group_id, read_only=True)
+        if row is None:
+            return None
+        meta = loads(decompress_payload(bytes(row.payload)), content_type=row.content_type,
+                     content_encoding=row.content_encoding, accept=self.accept)
+        meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id):
+        self._db(sql.delete_group, group_id=group_id)
+
+    # ------------------------------------------------------------------ chords
+
+    def set_chord_size(self, group_id, chord_size):
+        self._db(sql.chord_set_size, group_id=group_id, size=chord_size, now=utcnow())
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        """Start a native chord: save the header GroupResult and a fresh counter row."""
+        self.ensure_chords_allowed()
+        header_result = self.app.GroupResult(*header_result_args)
+        header_result.save(backend=self)
+        self._db(sql.chord_start, group_id=header_result.id, now=utcnow())
+        return header_result
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        """Count this header part; the part that completes the chord joins and sends the body, once."""
+        app = self.app
+        gid = getattr(request, "group", None)
+        if not gid or not getattr(request, "chord", None):
+            return
+        try:
+            count = self._db(sql.chord_part_done, group_id=gid)
+        except Exception as exc:
+            callback = _maybe_signature(request.chord, app)
+            log.exception("Chord %r: counting part %s failed: %r", gid, request.id, exc)
+            return self.chord_error_from_stack(callback, ChordError(f"Cannot count chord part: {exc!r}"))
+        if count is None:
+            callback = _maybe_signature(request.chord, app)
+            log.error("Chord %r: no counter (expired, or started by another backend)", gid)
+            return self.chord_error_from_stack(callback, ChordError(f"GroupResult {gid} no longer exists"))
+        if count.size is not None and count.done > count.size:
+            log.warning("Chord counter incremented too many times for %r", gid)
+        if not count.fire:
+            return
+        callback = _maybe_signature(request.chord, app)
+        try:
+            deps = GroupResult.restore(gid, backend=self)
+        except Exception as exc:
+            log.exception("Chord %r raised: %r", gid, exc)
+            return self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+        if deps is None:
+            return self.chord_error_from_stack(callback, ChordError(f"GroupResult {gid} no longer exists"))
+        try:
+            with allow_join_result():
+                ret = deps.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
+        except Exception as exc:
+            culprit = self._first_failed(deps)
+            reason = f"Dependency {culprit} raised {exc!r}" if culprit else repr(exc)
+            log.exception("Chord %r raised: %r", gid, reason)
+            self.chord_error_from_stack(callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+        else:
+            try:
+                app.amqp._retry_publish(callback.delay, ret)
+            except Exception as exc:
+                log.exception("Chord %r raised: %r", gid, exc)
+                self.chord_error_from_stack(
+                    callback, _create_chord_error_with_cause(message=f"Callback error: {exc!r}", original_exc=exc))
+        finally:
+            # The counter row stays (fired) until expiry, so a late duplicate
+            # part cannot fire the body again; the saved header goes now.
+            try:
+                deps.delete(backend=self)
+            except Exception:
+                log.warning("Chord %r: could not delete the saved header group", gid, exc_info=True)
+
+    def _first_failed(self, deps) -> str | None:
+        """The id of the first header result (in header order) that failed, in one query."""
+        ids = [r.id for r in deps.results if getattr(r, "id", None)]
+        try:
+            rows = self._db(sql.get_results, task_ids=ids, states=list(states.PROPAGATE_STATES), read_only=True)
+        except Exception:
+            return None
+        failed = {row.task_id for row in rows}
+        return next((i for i in ids if i in failed), None)
+
+    # ------------------------------------------------------------------ expiry
+
+    def cleanup(self, now=None):
+        """Delete results, groups and chord counters older than ``result_expires``, in batches.
+
+        Each batch is its own short transaction, so writers never wait long.
+        Returns the number of rows deleted per table.
+        """
+        counts = {"results": 0, "groups": 0, "chords": 0}
+        if not self.expires:
+            return counts
+        before = (now or utcnow()) - timedelta(seconds=self.expires)
+        chord_expires = self.app.conf.get("result_chord_expires") or self.expires
+        chord_before = (now or utcnow()) - timedelta(seconds=max(chord_expires, self.expires))
+        limit = self.cleanup_batch_size
+        for table, fn, cutoff in (("results", sql.expire_results, before),
+                                  ("groups", sql.expire_groups, before),
+                                  ("chords", sql.expire_chords, chord_before)):
+            while True:
+                n = self._db(fn, before=cutoff, limit=limit)
+                counts[table] += n
+                if n < limit:
+                    break
+        return counts
+
+
+def _short(value, limit: int = 255):
+    if value is None:
+        return None
+    value = str(value)
+    return value if len(value) <= limit else value[:limit]

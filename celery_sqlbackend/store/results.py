@@ -1,0 +1,256 @@
+"""Every statement the result backend runs, one named function each.
+
+Same conventions as ``queries``: each function takes an open connection
+(inside a transaction the caller owns), the store's ``Tables`` and
+``Dialect``, and plain values; ``Store.run`` commits and retries lost lock
+races.  Payloads arrive already encoded: nothing here knows about Celery or
+serializers.
+
+Results are written with an upsert that never replaces a SUCCESS (a lost or
+redelivered task must not overwrite the outcome of the run that finished).
+On PostgreSQL every ready result sends ``pg_notify(<prefix>results, task_id)``
+from the storing transaction, so waiters wake on commit and never for a
+rolled-back write.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .dialects import Dialect
+from .schema import Tables
+
+#: Result states after which a task will not change on its own (Celery's READY_STATES).
+READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+#: Rows per ``IN (...)`` list; a group below this size is fetched in one query.
+IN_CHUNK = 5000
+
+
+def notify_channel(t: Tables) -> str:
+    """The LISTEN/NOTIFY channel on which ready results are announced."""
+    return f"{t.prefix}results"
+
+
+@dataclass(frozen=True)
+class ChordCount:
+    done: int
+    size: int | None
+    #: True for exactly one caller: the part that completed the chord.
+    fire: bool
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _upsert(conn: Connection, d: Dialect, table, key: str, values: dict[str, Any],
+            update_values: dict[str, Any], where=None) -> bool:
+    """Insert ``values`` or update the row with the same ``key``; False if ``where`` refused the update."""
+    if d.name in ("postgresql", "sqlite"):
+        ins = (postgresql.insert if d.name == "postgresql" else sqlite.insert)(table).values(**values)
+        stmt = ins.on_conflict_do_update(index_elements=[key], set_=update_values, where=where)
+        return conn.execute(stmt.returning(table.c[key])).first() is not None
+    # MySQL/MariaDB and others: update first (locking an existing row only: a
+    # locked *missing* row is a gap lock on MySQL, which deadlocks inserts).
+    cond = table.c[key] == values[key]
+    upd = update(table).where(cond)
+    if where is not None:
+        upd = upd.where(where)
+    if conn.execute(upd.values(**update_values)).rowcount:
+        return True
+    if conn.execute(select(table.c[key]).where(cond)).first() is not None:
+        return False
+    conn.execute(insert(table).values(**values))
+    return True
+
+
+def _notify(conn: Connection, t: Tables, d: Dialect, task_ids: Iterable[str]) -> None:
+    if d.notify:
+        for task_id in task_ids:
+            conn.execute(text("SELECT pg_notify(:channel, :task_id)"),
+                         {"channel": notify_channel(t), "task_id": task_id})
+
+
+def _chunks(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# --------------------------------------------------------------------------- task results
+
+def store_result(conn: Connection, t: Tables, d: Dialect, *, task_id: str, status: str, content_type: str,
+                 content_encoding: str, payload: bytes, now: datetime, date_done: datetime | None = None,
+                 name: str | None = None, worker: str | None = None, retries: int | None = None,
+                 queue: str | None = None, group_id: str | None = None, notify: bool = True) -> bool:
+    """Insert or replace the result of ``task_id``, unless it is already SUCCESS.
+
+    Returns whether the row was written.  A written ready result is announced
+    on ``notify_channel`` (PostgreSQL; delivered on commit).
+    """
+    r = t.results
+    values = dict(task_id=task_id, status=status, content_type=content_type,
+                  content_encoding=content_encoding, payload=payload, name=name, worker=worker,
+                  retries=retries, queue=queue, group_id=group_id, date_done=date_done, updated_at=now)
+    changes = {k: v for k, v in values.items() if k != "task_id"}
+    stored = _upsert(conn, d, r, "task_id", values, changes, where=r.c.status != "SUCCESS")
+    if stored and notify and status in READY_STATES:
+        _notify(conn, t, d, [task_id])
+    return stored
+
+
+def get_result(conn: Connection, t: Tables, *, task_id: str):
+    """The stored row (status, content_type, content_encoding, payload, ...) or None."""
+    r = t.results
+    return conn.execute(
+        select(r.c.task_id, r.c.status, r.c.content_type, r.c.content_encoding, r.c.payload)
+        .where(r.c.task_id == task_id)
+    ).first()
+
+
+def get_results(conn: Connection, t: Tables, *, task_ids: Sequence[str],
+                states: Sequence[str] | None = READY_STATES) -> list:
+    """The rows of ``task_ids`` (only those in ``states``; None: any), one query per ``IN_CHUNK`` ids."""
+    r = t.results
+    rows = []
+    for chunk in _chunks(list(task_ids), IN_CHUNK):
+        q = (select(r.c.task_id, r.c.status, r.c.content_type, r.c.content_encoding, r.c.payload)
+             .where(r.c.task_id.in_(chunk)))
+        if states is not None:
+            q = q.where(r.c.status.in_(list(states)))
+        rows.extend(conn.execute(q).all())
+    return rows
+
+
+def result_exists(conn: Connection, t: Tables, *, task_id: str) -> bool:
+    r = t.results
+    return conn.execute(select(r.c.id).where(r.c.task_id == task_id)).first() is not None
+
+
+def forget(conn: Connection, t: Tables, *, task_ids: Sequence[str]) -> int:
+    r = t.results
+    n = 0
+    for chunk in _chunks(list(task_ids), IN_CHUNK):
+        n += conn.execute(delete(r).where(r.c.task_id.in_(chunk))).rowcount
+    return n
+
+
+def result_for_job(conn: Connection, t: Tables, *, job_id: int):
+    """The result row of the task a job carried, or None (no such job, or no result yet)."""
+    r, j = t.results, t.jobs
+    return conn.execute(
+        select(r.c.task_id, r.c.status, r.c.content_type, r.c.content_encoding, r.c.payload)
+        .select_from(j.join(r, r.c.task_id == j.c.task_id))
+        .where(j.c.id == job_id)
+    ).first()
+
+
+# --------------------------------------------------------------------------- groups
+
+def save_group(conn: Connection, t: Tables, d: Dialect, *, group_id: str, content_type: str,
+               content_encoding: str, payload: bytes, now: datetime) -> None:
+    g = t.groups
+    values = dict(group_id=group_id, content_type=content_type, content_encoding=content_encoding,
+                  payload=payload, date_done=now)
+    _upsert(conn, d, g, "group_id", values, {k: v for k, v in values.items() if k != "group_id"})
+
+
+def get_group(conn: Connection, t: Tables, *, group_id: str):
+    g = t.groups
+    return conn.execute(
+        select(g.c.group_id, g.c.content_type, g.c.content_encoding, g.c.payload).where(g.c.group_id == group_id)
+    ).first()
+
+
+def delete_group(conn: Connection, t: Tables, *, group_id: str) -> bool:
+    return conn.execute(delete(t.groups).where(t.groups.c.group_id == group_id)).rowcount == 1
+
+
+# --------------------------------------------------------------------------- chords
+
+def chord_start(conn: Connection, t: Tables, d: Dialect, *, group_id: str, now: datetime) -> None:
+    """A new run of the chord whose header is ``group_id``: counter at 0, size unknown yet.
+
+    A frozen chord applied again reuses its group id, so this resets the row.
+    """
+    c = t.chords
+    values = dict(group_id=group_id, size=None, done=0, fired=False, created_at=now)
+    _upsert(conn, d, c, "group_id", values, {k: v for k, v in values.items() if k != "group_id"})
+
+
+def chord_set_size(conn: Connection, t: Tables, d: Dialect, *, group_id: str, size: int, now: datetime) -> None:
+    """Record the header size (sent before the last header task; parts may have counted already)."""
+    c = t.chords
+    _upsert(conn, d, c, "group_id", dict(group_id=group_id, size=size, done=0, fired=False, created_at=now),
+            dict(size=size))
+
+
+def chord_part_done(conn: Connection, t: Tables, d: Dialect, *, group_id: str) -> ChordCount | None:
+    """Count one finished header part; None when the chord has no row (expired or never started).
+
+    PostgreSQL and SQLite: one ``UPDATE … RETURNING`` (the row lock, or
+    SQLite's write lock, serialises the parts).  MySQL: ``SELECT … FOR
+    UPDATE`` then ``UPDATE``.  ``fire`` is set for the one part that flips
+    ``fired`` from false to true once ``done`` has reached ``size``.
+    """
+    c = t.chords
+    if d.update_returning:
+        row = conn.execute(
+            update(c).where(c.c.group_id == group_id).values(done=c.c.done + 1)
+            .returning(c.c.done, c.c.size, c.c.fired)
+        ).first()
+        if row is None:
+            return None
+        done, size, fired = row
+    else:
+        row = conn.execute(select(c.c.done, c.c.size, c.c.fired).where(c.c.group_id == group_id)
+                           .with_for_update()).first()
+        if row is None:
+            return None
+        conn.execute(update(c).where(c.c.group_id == group_id).values(done=c.c.done + 1))
+        done, size, fired = row.done + 1, row.size, row.fired
+    fire = False
+    if size is not None and done >= size and not fired:
+        fire = conn.execute(
+            update(c).where(c.c.group_id == group_id, c.c.fired.is_(False)).values(fired=True)
+        ).rowcount == 1
+    return ChordCount(done, size, fire)
+
+
+def get_chord(conn: Connection, t: Tables, *, group_id: str):
+    c = t.chords
+    return conn.execute(select(c.c.group_id, c.c.size, c.c.done, c.c.fired, c.c.created_at)
+                        .where(c.c.group_id == group_id)).first()
+
+
+def chord_delete(conn: Connection, t: Tables, *, group_id: str) -> None:
+    conn.execute(delete(t.chords).where(t.chords.c.group_id == group_id))
+
+
+# --------------------------------------------------------------------------- expiry
+
+def expire_results(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
+    """Delete one batch of results last written before ``before``; callers loop until it returns < limit."""
+    r = t.results
+    ids = list(conn.execute(select(r.c.id).where(r.c.updated_at < before).limit(limit)).scalars())
+    if ids:
+        conn.execute(delete(r).where(r.c.id.in_(ids)))
+    return len(ids)
+
+
+def expire_groups(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
+    g = t.groups
+    ids = list(conn.execute(select(g.c.id).where(g.c.date_done < before).limit(limit)).scalars())
+    if ids:
+        conn.execute(delete(g).where(g.c.id.in_(ids)))
+    return len(ids)
+
+
+def expire_chords(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
+    c = t.chords
+    ids = list(conn.execute(select(c.c.group_id).where(c.c.created_at < before).limit(limit)).scalars())
+    if ids:
+        conn.execute(delete(c).where(c.c.group_id.in_(ids)))
+    return len(ids)
