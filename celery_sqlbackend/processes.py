@@ -24,7 +24,7 @@ from typing import Iterable
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import pruner
+from . import fanout, pruner
 from .store import Store, queries, utcnow
 
 log = logging.getLogger("celery_sqlbackend.processes")
@@ -232,6 +232,7 @@ class LocalProcess:
                 pruner.sweep_orphans(self.store)
             pruner.prune(self.store, exclude=self.id)
             self._clear_finished()
+            fanout.maintain(self.store)
         except Exception as exc:
             log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
 

@@ -43,6 +43,7 @@ from time import monotonic
 from typing import Callable
 
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from kombu.utils.uuid import uuid
 from sqlalchemy import exc as sa_exc
@@ -126,7 +127,8 @@ class Channel(virtual.Channel):
             "enqueue", queue=queue, payload=json.dumps(message),
             task_name=headers.get("task"), task_id=headers.get("id"),
             priority=self._get_message_priority(message), now=utcnow(),
-            eta=_utc_naive(headers.get("eta")), expires_at=_utc_naive(headers.get("expires")),
+            eta=_utc_naive(headers.get("eta")),
+            expires_at=_utc_naive(headers.get("expires")) or fanout.expiry_of(message),
         )
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
@@ -134,8 +136,25 @@ class Channel(virtual.Channel):
             self._put(queue, message)
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        if self.typeof(exchange).type == "fanout":
-            fanout.bind(self.store, exchange, queue, routing_key)
+        fanout.bind(self, exchange, queue, routing_key)
+
+    def _lookup(self, exchange, routing_key, default=None):
+        local = super()._lookup(exchange, routing_key, default)
+        return fanout.lookup(self, exchange, routing_key, local) if exchange else local
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        # expires / message_ttl -> x-expires / x-message-ttl, as on Redis and AMQP.
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def after_reply_message_received(self, queue):
+        # Keep the reply queue bound (it expires when its client is gone), so that
+        # the next broadcast of a long-lived client (Flower) cannot race its rebind.
+        self._purge(queue)
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        fanout.cancelled(self, queue)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
@@ -159,6 +178,7 @@ class Channel(virtual.Channel):
 
     def _get_many(self, queues, timeout=None):
         """Claim up to the free prefetch in one transaction and deliver them all."""
+        fanout.touch(self, queues)
         limit = self.qos.can_consume_max_estimate()
         if limit is None:
             limit = 10
@@ -273,7 +293,7 @@ class Channel(virtual.Channel):
         return self.store.q("ready_count", queue=queue)
 
     def _new_queue(self, queue, **kwargs):
-        pass
+        fanout.declared(self, queue, kwargs)
 
     def _has_queue(self, queue, **kwargs):
         return True
@@ -300,7 +320,9 @@ class Transport(virtual.Transport):
 
     polling_interval = None  # from Options, see drain_events
     can_parse_url = True
-    driver_type = "sql"
+    # Not "sql": Celery disables task events for driver_type "sql" (kombu's sqla+,
+    # which has no fanout).  Anything but amqp/redis keeps mingle and gossip off.
+    driver_type = "sqlq"
     driver_name = "sqlalchemy"
     default_port = 0
 

@@ -421,3 +421,155 @@ def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_n
         q = q.limit(limit)
     return conn.execute(q).all()
 
+
+# =========================================================================== operations
+# Statements for operating a store: transient (expiring) bindings for remote
+# control and events (``fanout``), and the status views of ``admin``/``celery sqlq``.
+
+def bind_queue(conn: Connection, t: Tables, *, exchange: str, queue: str, routing_key: str,
+               expires_at: datetime | None) -> None:
+    """Insert the binding, or push its expiry forward if it exists."""
+    b = t.bindings
+    where = (b.c.exchange == exchange, b.c.queue_name == queue, b.c.routing_key == routing_key)
+    if conn.execute(update(b).where(*where).values(expires_at=expires_at)).rowcount == 0:
+        conn.execute(insert(b).values(exchange=exchange, queue_name=queue, routing_key=routing_key,
+                                      expires_at=expires_at))
+
+
+def exchange_bindings(conn: Connection, t: Tables, *, exchange: str, now: datetime) -> list[tuple[str, str]]:
+    """``(queue, routing_key)`` of the bindings of ``exchange`` that have not expired."""
+    b = t.bindings
+    rows = conn.execute(select(b.c.queue_name, b.c.routing_key).where(
+        b.c.exchange == exchange, (b.c.expires_at.is_(None)) | (b.c.expires_at >= now))).all()
+    return [(row.queue_name, row.routing_key) for row in rows]
+
+
+def touch_bindings(conn: Connection, t: Tables, *, queues: Sequence[str], expires_at: datetime) -> set[str]:
+    """Push the expiry of the (expiring) bindings of ``queues`` forward; the queues that had one."""
+    b = t.bindings
+    found = set(conn.execute(select(b.c.queue_name).where(
+        b.c.queue_name.in_(list(queues)), b.c.expires_at.is_not(None)).distinct()).scalars())
+    if found:
+        conn.execute(update(b).where(b.c.queue_name.in_(found), b.c.expires_at.is_not(None))
+                     .values(expires_at=expires_at))
+    return found
+
+
+def expire_bindings(conn: Connection, t: Tables, *, now: datetime) -> list[str]:
+    """Delete expired bindings; returns the queues left with no binding at all."""
+    b = t.bindings
+    queues = list(conn.execute(select(b.c.queue_name).where(b.c.expires_at < now).distinct()).scalars())
+    if not queues:
+        return []
+    conn.execute(delete(b).where(b.c.expires_at < now))
+    still = set(conn.execute(select(b.c.queue_name).where(b.c.queue_name.in_(queues)).distinct()).scalars())
+    return sorted(q for q in queues if q not in still)
+
+
+def transient_queues(conn: Connection, t: Tables) -> list[str]:
+    b = t.bindings
+    return sorted(conn.execute(select(b.c.queue_name).where(b.c.expires_at.is_not(None)).distinct()).scalars())
+
+
+def drop_waiting(conn: Connection, t: Tables, *, queues: Sequence[str], before: datetime | None,
+                 now: datetime, limit: int) -> int:
+    """Delete up to ``limit`` ready jobs of ``queues``: all (``before`` None), or stale/expired ones."""
+    r, j = t.ready, t.jobs
+    q = select(r.c.job_id).join(j, j.c.id == r.c.job_id).where(r.c.queue_name.in_(list(queues)))
+    if before is not None:
+        q = q.where((r.c.created_at < before) | (j.c.expires_at < now))
+    ids = list(conn.execute(q.limit(limit)).scalars())
+    if ids:
+        conn.execute(delete(r).where(r.c.job_id.in_(ids)))
+        conn.execute(delete(j).where(j.c.id.in_(ids)))
+    return len(ids)
+
+
+def trim_backlog(conn: Connection, t: Tables, *, queue: str, keep: int, limit: int) -> int:
+    """Delete the oldest ready jobs of ``queue`` beyond the newest ``keep`` (at most ``limit``)."""
+    r = t.ready
+    waiting = conn.execute(select(func.count()).select_from(r).where(r.c.queue_name == queue)).scalar_one()
+    excess = min(waiting - keep, limit)
+    if excess <= 0:
+        return 0
+    ids = list(conn.execute(select(r.c.job_id).where(r.c.queue_name == queue)
+                            .order_by(r.c.job_id).limit(excess)).scalars())
+    conn.execute(delete(r).where(r.c.job_id.in_(ids)))
+    conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(ids)))
+    return len(ids)
+
+
+def queue_stats(conn: Connection, t: Tables) -> dict[str, dict]:
+    """Per queue: ready, scheduled, claimed and failed counts, oldest ready time, paused."""
+    stats: dict[str, dict] = {}
+
+    def row(queue):
+        return stats.setdefault(queue, {"ready": 0, "scheduled": 0, "claimed": 0, "failed": 0,
+                                        "oldest_ready_at": None, "paused": False})
+
+    r = t.ready
+    for queue, n, oldest in conn.execute(
+            select(r.c.queue_name, func.count(), func.min(r.c.created_at)).group_by(r.c.queue_name)):
+        row(queue).update(ready=n, oldest_ready_at=oldest)
+    for table, key in ((t.scheduled, "scheduled"), (t.claimed, "claimed"), (t.failed, "failed")):
+        for queue, n in conn.execute(select(table.c.queue_name, func.count()).group_by(table.c.queue_name)):
+            row(queue)[key] = n
+    for queue in conn.execute(select(t.pauses.c.queue_name)).scalars():
+        row(queue)["paused"] = True
+    return stats
+
+
+def process_list(conn: Connection, t: Tables, *, held_limit: int) -> list[dict]:
+    """Registered processes with the jobs each holds (the first ``held_limit`` per process)."""
+    p, c, j = t.processes, t.claimed, t.jobs
+    procs = [dict(row._mapping) for row in conn.execute(select(p).order_by(p.c.id))]
+    counts = dict(conn.execute(select(c.c.process_id, func.count()).group_by(c.c.process_id)).all())
+    for proc in procs:
+        proc["claimed"] = counts.get(proc["id"], 0)
+        proc["held"] = [dict(row._mapping) for row in conn.execute(
+            select(c.c.job_id, j.c.task_name, j.c.task_id, c.c.queue_name, c.c.claimed_at, c.c.acked_at)
+            .join(j, j.c.id == c.c.job_id).where(c.c.process_id == proc["id"])
+            .order_by(c.c.claimed_at, c.c.job_id).limit(held_limit))] if proc["claimed"] else []
+    return procs
+
+
+def paused_queues(conn: Connection, t: Tables) -> list[str]:
+    return sorted(conn.execute(select(t.pauses.c.queue_name)).scalars())
+
+
+def count_failed(conn: Connection, t: Tables, *, queue: str | None = None, task_name: str | None = None,
+                 error_class: str | None = None, failed_before: datetime | None = None) -> int:
+    """How many failed jobs match (the total behind a progress bar)."""
+    f, j = t.failed, t.jobs
+    q = select(func.count()).select_from(f.join(j, j.c.id == f.c.job_id))
+    if queue is not None:
+        q = q.where(f.c.queue_name == queue)
+    if task_name is not None:
+        q = q.where(j.c.task_name == task_name)
+    if error_class is not None:
+        q = q.where(f.c.error_class == error_class)
+    if failed_before is not None:
+        q = q.where(f.c.failed_at < failed_before)
+    return conn.execute(q).scalar_one()
+
+
+def count_finished(conn: Connection, t: Tables, *, before: datetime) -> int:
+    j = t.jobs
+    return conn.execute(select(func.count()).select_from(j).where(
+        j.c.finished_at.is_not(None), j.c.finished_at < before)).scalar_one()
+
+
+def job_detail(conn: Connection, t: Tables, *, job_id: int) -> dict | None:
+    """One job with its state (ready, scheduled, claimed, failed or finished) and failure."""
+    j, f = t.jobs, t.failed
+    row = conn.execute(select(j).where(j.c.id == job_id)).first()
+    if row is None:
+        return None
+    job = dict(row._mapping)
+    failure = conn.execute(select(f.c.error_class, f.c.error, f.c.failed_at).where(f.c.job_id == job_id)).first()
+    job["state"] = "finished" if job["finished_at"] is not None else "unknown"
+    for table, state in ((t.ready, "ready"), (t.scheduled, "scheduled"), (t.claimed, "claimed"), (f, "failed")):
+        if conn.execute(select(table.c.job_id).where(table.c.job_id == job_id)).first() is not None:
+            job["state"] = state
+    job.update(failure._mapping if failure is not None else {"error_class": None, "error": None, "failed_at": None})
+    return job

@@ -1,0 +1,447 @@
+"""``celery sqlq …``: operating the SQL broker from Celery's own command line.
+
+Installed through Celery's ``celery.commands`` entry point, so it is there
+wherever ``celery`` is, and reads the app like Celery's own commands::
+
+    celery -A proj sqlq status                   queues (counts, latency, paused) and processes
+    celery -A proj sqlq failed list --queue emails --error-class ProcessPrunedError
+    celery -A proj sqlq failed show 1234
+    celery -A proj sqlq failed retry 1234 1235   # or --all [filters]
+    celery -A proj sqlq failed discard --all --older-than 7d
+    celery -A proj sqlq queue pause emails       # resume / clear
+    celery -A proj sqlq prune
+    celery -A proj sqlq clear-finished --older-than 1d
+    celery -A proj sqlq migrate                  # --sql prints the DDL instead
+    celery -A proj sqlq check
+
+Every command takes ``--json`` (one JSON document on stdout, for scripts).
+Tables are drawn with rich; bulk operations show a progress bar on a terminal.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import timedelta
+from typing import Any, Callable
+
+import click
+
+from . import admin
+from .errors import SQLQError
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Age(click.ParamType):
+    """An age: ``90`` or ``90s``, ``15m``, ``2h``, ``7d``, ``1w``."""
+    name = "age"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, timedelta):
+            return value
+        m = _AGE.match(str(value))
+        if not m:
+            self.fail(f"{value!r} is not an age; write e.g. 90s, 15m, 2h, 7d", param, ctx)
+        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+AGE = Age()
+
+
+# --------------------------------------------------------------------------- plumbing
+
+def _app(ctx):
+    obj = ctx.find_root().obj
+    app = getattr(obj, "app", None)
+    if app is None:
+        from celery import current_app
+        app = current_app
+    return app
+
+
+def _store(ctx):
+    try:
+        return admin.store_for_app(_app(ctx))
+    except (ValueError, SQLQError) as exc:
+        raise click.UsageError(f"{exc}. Run it as `celery -A yourapp sqlq …` with a broker_url "
+                               "starting with sqlq+.") from None
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(admin.to_dict(data), indent=2, sort_keys=True, default=str))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a store operation, turning expected failures into one readable line."""
+    from sqlalchemy.exc import SQLAlchemyError
+    try:
+        return fn()
+    except SQLQError as exc:
+        raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise click.ClickException(f"database error: {first}") from None
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _ts(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _with_progress(total: int | None, label: str, work: Callable[[Callable[[int], None] | None], int],
+                   json_out: bool) -> int:
+    """Run ``work(on_progress)`` with a rich progress bar when stderr is a terminal."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    if json_out or not console.is_terminal:
+        return work(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+        return work(lambda n: progress.advance(task, n))
+
+
+json_option = click.option("--json", "json_out", is_flag=True, help="Print one JSON document (for scripts).")
+
+
+# --------------------------------------------------------------------------- the group
+
+@click.group(name="sqlq")
+@click.pass_context
+def sqlq(ctx):
+    """Operate the SQL broker: status, failed jobs, queues, pruning, migrations."""
+
+
+# --------------------------------------------------------------------------- status
+
+@sqlq.command()
+@json_option
+@click.option("--held", default=5, show_default=True, help="Jobs listed per process.")
+@click.pass_context
+def status(ctx, json_out, held):
+    """Queues (ready, scheduled, claimed, failed, latency, paused) and registered processes."""
+    store = _store(ctx)
+    st = _run(lambda: admin.status(store, held_limit=held))
+    if json_out:
+        _emit_json(st)
+        return
+    from rich.table import Table
+    console = _console()
+    qt = Table(title=f"Queues ({store!r})", title_justify="left")
+    for col, just in (("queue", "left"), ("ready", "right"), ("scheduled", "right"), ("claimed", "right"),
+                      ("failed", "right"), ("latency", "right"), ("state", "left")):
+        qt.add_column(col, justify=just)
+    for q in st.queues:
+        qt.add_row(q.name, str(q.ready), str(q.scheduled), str(q.claimed),
+                   f"[red]{q.failed}[/red]" if q.failed else "0",
+                   _fmt_age(q.latency) if q.ready else "-",
+                   "[yellow]paused[/yellow]" if q.paused else "active")
+    if not st.queues:
+        qt.add_row("(no jobs)", "", "", "", "", "", "")
+    console.print(qt)
+    pt = Table(title="Processes", title_justify="left")
+    for col in ("id", "name", "host", "pid", "pool", "last heartbeat", "claimed", "holds"):
+        pt.add_column(col, justify="right" if col in ("id", "pid", "claimed") else "left")
+    for p in st.processes:
+        beat = f"{_fmt_age(p.heartbeat_age)} ago"
+        if p.dead:
+            beat = f"[red]{beat} (dead)[/red]"
+        holds = ", ".join(f"{h.job_id}:{h.task_name or '?'}{'*' if h.started else ''}" for h in p.held)
+        if p.claimed > len(p.held):
+            holds += f" … (+{p.claimed - len(p.held)})"
+        pool = f"{p.pool or '-'}" + (f"×{p.concurrency}" if p.concurrency else "")
+        pt.add_row(str(p.id), p.name, p.hostname, str(p.pid), pool, beat, str(p.claimed), holds or "-")
+    if not st.processes:
+        pt.add_row("", "(no registered processes)", "", "", "", "", "", "")
+    console.print(pt)
+    if any(h.started for p in st.processes for h in p.held):
+        console.print("[dim]* started (acked) and running[/dim]")
+
+
+# --------------------------------------------------------------------------- failed
+
+@sqlq.group()
+def failed():
+    """Failed jobs: list, show, retry, discard."""
+
+
+def _filter_options(fn):
+    fn = click.option("--queue", "-Q", help="Only jobs of this queue.")(fn)
+    fn = click.option("--task", "task_name", help="Only jobs of this task name.")(fn)
+    fn = click.option("--error-class", help="Only jobs failed with this error class.")(fn)
+    fn = click.option("--older-than", type=AGE, help="Only jobs failed longer ago than this (e.g. 1h, 7d).")(fn)
+    return fn
+
+
+def _filters(queue, task_name, error_class, older_than) -> dict:
+    return {k: v for k, v in dict(queue=queue, task_name=task_name, error_class=error_class,
+                                  older_than=older_than).items() if v is not None}
+
+
+@failed.command(name="list")
+@_filter_options
+@click.option("--limit", default=50, show_default=True, help="At most this many (0: all).")
+@json_option
+@click.pass_context
+def failed_list(ctx, queue, task_name, error_class, older_than, limit, json_out):
+    """List failed jobs, oldest first."""
+    store = _store(ctx)
+    filters = _filters(queue, task_name, error_class, older_than)
+    jobs = _run(lambda: admin.list_failed(store, limit=limit or None, **filters))
+    total = _run(lambda: admin.count_failed(store, filters))
+    if json_out:
+        _emit_json({"total": total, "jobs": jobs})
+        return
+    from rich.table import Table
+    t = Table(title=f"Failed jobs ({len(jobs)} of {total})", title_justify="left")
+    for col in ("job", "task", "task id", "queue", "error", "failed at (UTC)"):
+        t.add_column(col, justify="right" if col == "job" else "left", overflow="fold")
+    for j in jobs:
+        first = (j.error or "").strip().splitlines()[0] if j.error else ""
+        t.add_row(str(j.job_id), j.task_name or "-", j.task_id or "-", j.queue,
+                  f"[red]{j.error_class}[/red] {first[:120]}", _ts(j.failed_at))
+    _console().print(t)
+
+
+@failed.command(name="show")
+@click.argument("job_id", type=int)
+@json_option
+@click.pass_context
+def failed_show(ctx, job_id, json_out):
+    """Show one job: state, error, headers and arguments."""
+    store = _store(ctx)
+    job = _run(lambda: admin.show_job(store, job_id))
+    if job is None:
+        raise click.ClickException(f"no job {job_id}")
+    if json_out:
+        _emit_json(job)
+        return
+    from rich.table import Table
+    t = Table(show_header=False, title=f"Job {job_id}", title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    headers = job.get("headers") or {}
+    for key in ("state", "queue_name", "task_name", "task_id", "priority", "deliveries", "releases"):
+        t.add_row(key, str(job.get(key)))
+    for key in ("created_at", "scheduled_at", "expires_at", "finished_at", "failed_at"):
+        if job.get(key) is not None:
+            t.add_row(key, _ts(job[key]) + " UTC")
+    if "argsrepr" in headers or "kwargsrepr" in headers:
+        t.add_row("args", str(headers.get("argsrepr")))
+        t.add_row("kwargs", str(headers.get("kwargsrepr")))
+    else:
+        t.add_row("body", json.dumps(job.get("body"), default=str)[:2000])
+    if job.get("error_class"):
+        t.add_row("error", f"[red]{job['error_class']}[/red]\n{job.get('error') or ''}")
+    _console().print(t)
+
+
+def _bulk_command(ctx, action: str, job_ids, all_, filters, batch_size, json_out):
+    store = _store(ctx)
+    if job_ids and (all_ or filters):
+        raise click.UsageError("give job ids, or --all with filters, not both")
+    if not job_ids and not all_:
+        raise click.UsageError("give job ids, or --all (with --queue/--task/--error-class/--older-than "
+                               "to narrow it)")
+    if job_ids:
+        fn = admin.retry_failed if action == "retry" else admin.discard_failed
+        n = _run(lambda: fn(store, job_ids))
+    else:
+        total = _run(lambda: admin.count_failed(store, filters))
+        fn = admin.retry_failed_all if action == "retry" else admin.discard_failed_all
+        verb = "Retrying" if action == "retry" else "Discarding"
+        n = _run(lambda: _with_progress(
+            total, f"{verb} failed jobs",
+            lambda progress: fn(store, filters, batch_size=batch_size, on_progress=progress), json_out))
+    if json_out:
+        _emit_json({action + ("ed" if action == "discard" else "d"): n})
+    else:
+        done = "retried (back to ready)" if action == "retry" else "discarded"
+        click.echo(f"{n} failed job(s) {done}")
+
+
+@failed.command(name="retry")
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
+@_filter_options
+@click.option("--batch-size", default=500, show_default=True, help="Jobs per transaction with --all.")
+@json_option
+@click.pass_context
+def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
+    """Put failed jobs back to ready (same job, same task id)."""
+    _bulk_command(ctx, "retry", job_ids, all_, _filters(queue, task_name, error_class, older_than),
+                  batch_size, json_out)
+
+
+@failed.command(name="discard")
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
+@_filter_options
+@click.option("--batch-size", default=500, show_default=True, help="Jobs per transaction with --all.")
+@json_option
+@click.pass_context
+def failed_discard(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
+    """Delete failed jobs for good."""
+    _bulk_command(ctx, "discard", job_ids, all_, _filters(queue, task_name, error_class, older_than),
+                  batch_size, json_out)
+
+
+# --------------------------------------------------------------------------- queues
+
+@sqlq.group()
+def queue():
+    """Pause, resume or clear a queue."""
+
+
+@queue.command(name="pause")
+@click.argument("name")
+@json_option
+@click.pass_context
+def queue_pause(ctx, name, json_out):
+    """Stop every worker claiming from NAME (held in the database, across restarts)."""
+    store = _store(ctx)
+    _run(lambda: admin.pause(store, name))
+    _emit_json({"queue": name, "paused": True}) if json_out else click.echo(f"queue {name} paused")
+
+
+@queue.command(name="resume")
+@click.argument("name")
+@json_option
+@click.pass_context
+def queue_resume(ctx, name, json_out):
+    """Let workers claim from NAME again."""
+    store = _store(ctx)
+    _run(lambda: admin.resume(store, name))
+    _emit_json({"queue": name, "paused": False}) if json_out else click.echo(f"queue {name} resumed")
+
+
+@queue.command(name="clear")
+@click.argument("name")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@click.pass_context
+def queue_clear(ctx, name, force, json_out):
+    """Delete every waiting (ready or scheduled) job of NAME; running jobs finish."""
+    store = _store(ctx)
+    if not force and not json_out and sys.stdin.isatty():
+        click.confirm(f"Delete every waiting job of queue {name}? There is no undo", abort=True)
+    n = _run(lambda: admin.clear_queue(store, name))
+    _emit_json({"queue": name, "deleted": n}) if json_out else click.echo(f"{n} waiting job(s) deleted from {name}")
+
+
+# --------------------------------------------------------------------------- maintenance
+
+@sqlq.command()
+@json_option
+@click.pass_context
+def prune(ctx, json_out):
+    """Prune dead processes (and expired remote-control/event queues) now."""
+    store = _store(ctx)
+    r = _run(lambda: admin.prune(store))
+    if json_out:
+        _emit_json(r)
+        return
+    click.echo(f"pruned {len(r.processes)} dead process(es){': ' + ', '.join(r.processes) if r.processes else ''}; "
+               f"released {len(r.released)} job(s), failed {len(r.failed)} job(s); "
+               f"expired {len(r.expired_queues)} transient queue(s), dropped {r.dropped_messages} message(s)")
+
+
+@sqlq.command(name="clear-finished")
+@click.option("--older-than", type=AGE, required=True, help="Finished longer ago than this (e.g. 1h, 7d).")
+@click.option("--batch-size", type=int, default=None, help="Rows per transaction (default: clear_batch_size).")
+@json_option
+@click.pass_context
+def clear_finished(ctx, older_than, batch_size, json_out):
+    """Delete finished jobs older than --older-than, in batches."""
+    store = _store(ctx)
+    total = _run(lambda: admin.count_finished(store, older_than))
+    n = _run(lambda: _with_progress(
+        total, "Clearing finished jobs",
+        lambda progress: admin.clear_finished(store, older_than, batch_size=batch_size, on_progress=progress),
+        json_out))
+    _emit_json({"deleted": n}) if json_out else click.echo(f"{n} finished job(s) deleted")
+
+
+# --------------------------------------------------------------------------- schema
+
+def _url_and_prefix(ctx, url, prefix):
+    if url:
+        from .store.schema import DEFAULT_PREFIX
+        return url, prefix or DEFAULT_PREFIX
+    store = _store(ctx)
+    return store.url, prefix or store.t.prefix
+
+
+@sqlq.command()
+@click.option("--url", help="SQLAlchemy (or sqlq+) URL; default: the app's broker.")
+@click.option("--prefix", help="Table prefix; default: the app's table_prefix.")
+@click.option("--revision", default="head", show_default=True)
+@click.option("--sql", "sql_only", is_flag=True, help="Print the DDL instead of running it.")
+@json_option
+@click.pass_context
+def migrate(ctx, url, prefix, revision, sql_only, json_out):
+    """Apply the Alembic migrations to the database."""
+    url, prefix = _url_and_prefix(ctx, url, prefix)
+    if sql_only:
+        click.echo(_run(lambda: admin.migration_sql(url, prefix, revision)))
+        return
+    before = None
+    try:
+        from .options import Options
+        from .store import Store
+        before = admin.current_revision(Store(url.removeprefix("sqlq+"), Options(table_prefix=prefix)))
+    except Exception:
+        pass
+    after = _run(lambda: admin.migrate(url, prefix, revision))
+    if json_out:
+        _emit_json({"from": before, "to": after, "prefix": prefix})
+    elif before == after:
+        click.echo(f"database already at {after}")
+    else:
+        click.echo(f"migrated {before or 'empty database'} -> {after} (tables {prefix}*)")
+
+
+@sqlq.command()
+@json_option
+@click.pass_context
+def check(ctx, json_out):
+    """Check the configuration: thresholds, pool sizes, the database, migrations."""
+    app = _app(ctx)
+    store = _store(ctx)
+    results = admin.check(store, app)
+    failed_ = [r for r in results if not r.ok and r.level == "error"]
+    if json_out:
+        _emit_json({"ok": not failed_, "checks": results})
+    else:
+        from rich.table import Table
+        t = Table(title="sqlq check", title_justify="left")
+        t.add_column("")
+        t.add_column("check")
+        t.add_column("detail", overflow="fold")
+        for r in results:
+            mark = "[green]ok[/green]" if r.ok else ("[red]FAIL[/red]" if r.level == "error" else "[yellow]warn[/yellow]")
+            t.add_row(mark, r.name, r.detail)
+        _console().print(t)
+    if failed_:
+        ctx.exit(1)
