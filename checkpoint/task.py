@@ -189,16 +189,20 @@ class IterativeTask(Task):
                  args: tuple, kwargs: dict) -> None:
         eager = bool(self.request.is_eager)
         max_runtime = self._max_job_runtime()
+        done_this_run = 0
         for pair in iterator:
             # The next item is fetched *before* deciding to stop, so a job whose
             # last item is done completes instead of re-enqueueing an empty run.
             if not eager:
-                self._check_stop(run_started, max_runtime)
+                # A run always makes progress before max_job_runtime can end it:
+                # a slow build_enumerator must not re-enqueue forever.
+                self._check_stop(run_started, max_runtime if done_this_run else None)
             item, cursor = pair
             self.each_iteration(item, *args, **kwargs)
             progress.cursor = cursor
             progress.iterations += 1
             saver.maybe_save()
+            done_this_run += 1
 
     def _check_stop(self, run_started: float, max_runtime: Optional[float]) -> None:
         for condition, backoff in self._throttles:
