@@ -397,9 +397,9 @@ class SQLBackend(BaseBackend):
 
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """Wait for one result: woken by NOTIFY on PostgreSQL, a backing-off poll elsewhere."""
-        for _ in self.get_many([task_id], timeout=timeout, interval=interval, on_interval=on_interval,
-                               _raise_message="The operation timed out."):
-            pass
+        for _, meta in self.get_many([task_id], timeout=timeout, interval=interval, on_interval=on_interval,
+                                     _raise_message="The operation timed out."):
+            return meta
         return self.get_task_meta(task_id)
 
     def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None,
