@@ -8,6 +8,7 @@ Configured by environment variables so one module serves every test:
     CK_MAX_RUNTIME  max_job_runtime of the counting task (default: none)
     CK_CHECKPOINT_EVERY  durable checkpoint cadence in iterations (default 100)
     CK_POOL_START_METHOD  worker_pool_start_method (e.g. "spawn")
+    CK_SOFT_SHUTDOWN  worker_soft_shutdown_timeout (seconds)
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
+if os.environ.get("CK_SOFT_SHUTDOWN"):
+    app.conf.worker_soft_shutdown_timeout = float(os.environ["CK_SOFT_SHUTDOWN"])
 if os.environ.get("CK_POOL_START_METHOD"):
     app.conf.worker_pool_start_method = os.environ["CK_POOL_START_METHOD"]
 

@@ -6,6 +6,7 @@ Every test starts ``celery worker`` subprocesses on the sqlq transport
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 
 import pytest
@@ -39,12 +40,55 @@ def test_flag_reaches_the_task_within_a_second_of_term(workers, send, pool):
     wait_until(lambda: worker.items.mark("watch_started"), 20, message="task started")
     sent_at = worker.signal(signal.SIGTERM)
     seen_at, seen_pid = wait_until(lambda: worker.items.mark("flag_seen"), 5, 0.01, "flag seen by the task")
+    print(f"{pool}: flag seen by pid {seen_pid} {1000 * (seen_at - sent_at):.1f} ms after TERM")
     assert seen_at - sent_at < 1.0, f"flag seen {seen_at - sent_at:.3f}s after TERM"
     if pool == "prefork":
         assert seen_pid != worker.pid, "under prefork the task must run in a child process"
     else:
         assert seen_pid == worker.pid
     assert worker.wait_exit() == 0
+
+
+def _flag_latency(worker, trigger):
+    worker_send = producer(worker.directory)
+    try:
+        worker_send.send_task("ck.watch_flag", args=(30.0,))
+        wait_until(lambda: worker.items.mark("watch_started"), 20, message="task started")
+        sent_at = trigger(worker_send)
+        seen_at, seen_pid = wait_until(lambda: worker.items.mark("flag_seen"), 5, 0.01, "flag seen by the task")
+    finally:
+        worker_send.close()
+    print(f"flag seen by pid {seen_pid} {1000 * (seen_at - sent_at):.1f} ms after the trigger")
+    return seen_at - sent_at, seen_pid
+
+
+def test_flag_reaches_spawned_prefork_children(workers):
+    worker = workers.start(env={"CK_POOL_START_METHOD": "spawn"})
+    latency, pid = _flag_latency(worker, lambda app: worker.signal(signal.SIGTERM))
+    assert latency < 1.0 and pid != worker.pid
+    assert worker.wait_exit() == 0
+
+
+def test_flag_is_set_before_the_soft_shutdown_wait(workers):
+    # SIGQUIT with soft shutdown: Celery sends worker_shutting_down only after
+    # the soft wait, when the task has been killed; the wrapper sets the flag first.
+    worker = workers.start(env={"CK_SOFT_SHUTDOWN": "10"})
+    latency, pid = _flag_latency(worker, lambda app: worker.signal(signal.SIGQUIT))
+    assert latency < 1.0 and pid != worker.pid
+    worker.wait_exit()
+
+
+def test_flag_is_set_by_remote_control_shutdown(workers):
+    worker = workers.start()
+
+    def shutdown(app):
+        at = time.time()
+        app.control.shutdown()
+        return at
+
+    latency, pid = _flag_latency(worker, shutdown)
+    assert latency < 2.0 and pid != worker.pid
+    worker.wait_exit()
 
 
 def _completed(items):
