@@ -100,7 +100,9 @@ class Channel(virtual.Channel):
         # delivery tag -> job id, for deliveries not yet finished.  Written by
         # the consuming thread, read and popped by ack threads: dict ops are
         # atomic under the GIL, and each tag is only ever handled once.
-        self._claims: dict[str, int] = {}
+        # (job id, process id it was claimed under): acks are fenced on that id,
+        # not the current one, which changes if the process is pruned while alive.
+        self._claims: dict[str, tuple[int, int]] = {}
         self._no_ack_queues: set[str] = set()
         self._last_dispatch = 0.0
         self.store.ensure_schema()
@@ -205,7 +207,7 @@ class Channel(virtual.Channel):
             if job.queue_name in self._no_ack_queues:
                 finished_no_ack.append(job.job_id)
             else:
-                self._claims[tag] = job.job_id
+                self._claims[tag] = (job.job_id, process_id)
             messages.append((payload, job.queue_name))
         for job_id in finished_no_ack:
             self.store.q("finish", job_id=job_id, process_id=process_id, now=utcnow(), keep=False)
@@ -245,36 +247,38 @@ class Channel(virtual.Channel):
     # ------------------------------------------------------------------ ack / reject / restore
 
     def _on_ack(self, tag: str) -> None:
-        job_id = self._claims.pop(tag, None)
-        if job_id is None:
+        claim = self._claims.pop(tag, None)
+        if claim is None:
             return
-        process_id = self.process.id
+        job_id, process_id = claim
         if task_is_running is not None and task_is_running(tag):
             # Celery's default early ack: the task is starting, not done.
-            self.process.started(tag, job_id)
+            self.process.started(tag, job_id, process_id)
             return
-        self.process.finish(job_id)
+        self.process.finish(job_id, process_id)
 
     def finish_completed(self) -> None:
         """Finish early-acked jobs whose task is no longer running."""
         self.process.finish_completed(task_is_running)
 
     def _release(self, tag: str) -> None:
-        job_id = self._claims.pop(tag, None)
-        if job_id is None:
+        claim = self._claims.pop(tag, None)
+        if claim is None:
             return
+        job_id, process_id = claim
         try:
-            if not self.store.q("release", job_id=job_id, process_id=self.process.id, now=utcnow()):
+            if not self.store.q("release", job_id=job_id, process_id=process_id, now=utcnow()):
                 log.warning("could not release job %s: this process no longer holds it", job_id)
         except sa_exc.SQLAlchemyError as exc:
             log.warning("release of job %s failed (%s); retrying from the heartbeat thread", job_id, exc)
-            self.process.defer_release(job_id)
+            self.process.defer_release(job_id, process_id)
 
     def _dead_letter(self, tag: str) -> None:
-        job_id = self._claims.pop(tag, None)
-        if job_id is None:
+        claim = self._claims.pop(tag, None)
+        if claim is None:
             return
-        self.store.q("fail", job_id=job_id, process_id=self.process.id, error_class="RejectedError",
+        job_id, process_id = claim
+        self.store.q("fail", job_id=job_id, process_id=process_id, error_class="RejectedError",
                      error="RejectedError: the consumer rejected the message without requeue "
                            "(unregistered task, or Reject(requeue=False))", now=utcnow())
 
