@@ -162,7 +162,8 @@ def status(ctx, json_out, held):
     console.print(qt)
     pt = Table(title="Processes", title_justify="left")
     for col in ("id", "name", "host", "pid", "pool", "last heartbeat", "claimed", "holds"):
-        pt.add_column(col, justify="right" if col in ("id", "pid", "claimed") else "left")
+        pt.add_column(col, justify="right" if col in ("id", "pid", "claimed") else "left",
+                      overflow="fold")
     for p in st.processes:
         beat = f"{_fmt_age(p.heartbeat_age)} ago"
         if p.dead:
@@ -219,8 +220,9 @@ def failed_list(ctx, queue, task_name, error_class, older_than, limit, json_out)
         t.add_column(col, justify="right" if col == "job" else "left", overflow="fold")
     for j in jobs:
         first = (j.error or "").strip().splitlines()[0] if j.error else ""
-        t.add_row(str(j.job_id), j.task_name or "-", j.task_id or "-", j.queue,
-                  f"[red]{j.error_class}[/red] {first[:120]}", _ts(j.failed_at))
+        error = first[:160] if first.startswith(j.error_class) else f"{j.error_class}: {first[:120]}"
+        t.add_row(str(j.job_id), j.task_name or "-", j.task_id or "-", j.queue, f"[red]{error}[/red]",
+                  _ts(j.failed_at))
     _console().print(t)
 
 
@@ -275,7 +277,7 @@ def _bulk_command(ctx, action: str, job_ids, all_, filters, batch_size, json_out
             total, f"{verb} failed jobs",
             lambda progress: fn(store, filters, batch_size=batch_size, on_progress=progress), json_out))
     if json_out:
-        _emit_json({action + ("ed" if action == "discard" else "d"): n})
+        _emit_json({"retried" if action == "retry" else "discarded": n})
     else:
         done = "retried (back to ready)" if action == "retry" else "discarded"
         click.echo(f"{n} failed job(s) {done}")
