@@ -1,9 +1,11 @@
 """Fixtures for the result backend tests.
 
-``backend_db`` is one fresh database per test module, on SQLite and on
-PostgreSQL (``SQLQ_TEST_PG_URL``: an SQLAlchemy URL of a server where we may
-create databases, e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``;
-the PostgreSQL half is skipped when it is not set).
+``backend_db`` is one fresh database per test module (workers are slow to
+start, so a module shares one), on SQLite and on PostgreSQL.  The server is
+the shared ``pg_url`` fixture of ``tests/conftest.py`` when there is one
+(``$SQLQ_TEST_PG_URL`` or a private initdb server), else ``$SQLQ_TEST_PG_URL``
+itself (an SQLAlchemy URL whose user may CREATE DATABASE); without either the
+PostgreSQL half is skipped.
 """
 from __future__ import annotations
 
@@ -11,14 +13,24 @@ import os
 import uuid
 
 import pytest
+from _pytest.fixtures import FixtureLookupError
 from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("SQLQ_TEST_PG_URL")
 
 
-def _fresh_pg_database() -> tuple[str, callable]:
+def _pg_server(request) -> str:
+    try:
+        return request.getfixturevalue("pg_url")
+    except FixtureLookupError:
+        if not PG_URL:
+            pytest.skip("no PostgreSQL: set SQLQ_TEST_PG_URL")
+        return PG_URL.removeprefix("sqlq+")
+
+
+def _fresh_pg_database(server: str) -> tuple[str, callable]:
     import psycopg
-    base = make_url(PG_URL)
+    base = make_url(server)
     name = f"be_{uuid.uuid4().hex[:12]}"
     admin_dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -37,10 +49,6 @@ def backend_db(request, tmp_path_factory):
         path = tmp_path_factory.mktemp("be") / "store.sqlite3"
         yield "sqlite", f"sqlite:///{path}"
         return
-    if not PG_URL:
-        pytest.skip("SQLQ_TEST_PG_URL is not set")
-    url, drop = _fresh_pg_database()
+    url, drop = _fresh_pg_database(_pg_server(request))
     yield "postgres", url
-    from celery_sqlbackend.store.engine import dispose_all
-    dispose_all()
-    drop()
+    drop()   # WITH (FORCE): pooled and LISTEN connections of this process included

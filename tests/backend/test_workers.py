@@ -240,3 +240,20 @@ def test_collect_group_of_1000(stack):
     stored = time.monotonic() - t0
     print(f"\n[{kind}] group of 1000: waited {live:.2f}s while running; collected stored results in {stored * 1000:.0f} ms")
     assert stored < 1.0
+
+
+def test_nested_canvases(stack):
+    """Groups and chains inside chord headers, a chord inside a chain, a group as chord body."""
+    kind, url, app, worker = stack
+    add = lambda *a: sig(app, "add", *a)  # noqa: E731
+    tsum = sig(app, "tsum")
+    # a group nested in the header counts as its parts
+    assert chord([group(add(1, 1), add(2, 2)), add(3, 3)], tsum).delay().get(timeout=30) == 12
+    # a chain in the header contributes its last result
+    assert chord([chain(add(1, 1), add(10)), add(2, 2)], tsum).delay().get(timeout=30) == 16
+    # a chord in the middle of a chain
+    res = chain(add(1, 1), chord([add(1), add(2)], tsum), add(100)).delay()
+    assert res.get(timeout=30) == 107
+    # a group as the chord body
+    res = chord([add(1, 1), add(2, 2)], group(tsum, tsum)).delay()
+    assert res.get(timeout=30) == [6, 6]
