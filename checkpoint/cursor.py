@@ -10,7 +10,7 @@ checkpoint and fail loudly instead.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 __all__ = ["CursorNotSerializableError", "validate_cursor", "Progress", "HEADER"]
@@ -72,7 +72,6 @@ class Progress:
     iterations: int = 0
     times_interrupted: int = 0
     total_time: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -82,7 +81,7 @@ class Progress:
         if not text:
             return None
         data = json.loads(text)
-        known = {k: data[k] for k in ("cursor", "iterations", "times_interrupted", "total_time", "extra") if k in data}
+        known = {k: data[k] for k in ("cursor", "iterations", "times_interrupted", "total_time") if k in data}
         return cls(**known)
 
     @classmethod

@@ -16,15 +16,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import logging
 import threading
+import time
 from typing import Any, Optional, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from .cursor import Progress
+from .cursor import Progress, validate_cursor
 
-__all__ = ["CursorStore", "NullStore", "MemoryStore", "SQLCursorStore", "store_for_app", "checkpoints_table"]
+logger = logging.getLogger("checkpoint")
+
+__all__ = ["Checkpointer", "CursorStore", "NullStore", "MemoryStore", "SQLCursorStore", "store_for_app", "checkpoints_table"]
 
 
 class CursorStore(Protocol):
@@ -60,6 +64,49 @@ class MemoryStore:
 
     def delete(self, task_id: str) -> None:
         self.rows.pop(task_id, None)
+
+
+class Checkpointer:
+    """Saves one run's progress every ``every`` iterations or ``interval`` seconds."""
+
+    def __init__(self, store: CursorStore, task_id: Optional[str], progress: Progress,
+                 every: Optional[int], interval: Optional[float]) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.progress = progress
+        self.every = max(1, int(every or 1))
+        self.interval = interval
+        self.enabled = task_id is not None and not isinstance(store, NullStore)
+        self.saved_at_iteration = progress.iterations
+        self.saved_at = time.monotonic()
+        self.first = True
+
+    def after_iteration(self) -> None:
+        if self.first:
+            # Fail at the first item, not at the first save or at shutdown.
+            validate_cursor(self.progress.cursor)
+            self.first = False
+        if not self.enabled:
+            return
+        due_by_count = self.progress.iterations - self.saved_at_iteration >= self.every
+        due_by_time = self.interval is not None and time.monotonic() - self.saved_at >= self.interval
+        if due_by_count or due_by_time:
+            self.save()
+
+    def save(self) -> None:
+        validate_cursor(self.progress.cursor)
+        self.store.put(self.task_id, self.progress)
+        self.saved_at_iteration = self.progress.iterations
+        self.saved_at = time.monotonic()
+
+    def save_quietly(self) -> None:
+        """Save after an exception, if anything is new; never mask the exception."""
+        if not self.enabled or self.progress.iterations == self.saved_at_iteration:
+            return
+        try:
+            self.save()
+        except Exception:
+            logger.exception("checkpoint: could not save the cursor of %s", self.task_id)
 
 
 metadata = sa.MetaData()

@@ -36,7 +36,7 @@ from . import interruption
 from .cursor import HEADER, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
-from .store import CursorStore, NullStore, store_for_app
+from .store import Checkpointer, CursorStore, store_for_app
 
 __all__ = ["IterativeTask"]
 
@@ -126,12 +126,13 @@ class IterativeTask(Task):
 
     @classmethod
     def throttle_on(cls, condition: Callable[..., bool], backoff: float = 30.0) -> Callable[..., bool]:
-        """Pause the job while ``condition(task)`` is true: it re-enqueues itself after ``backoff`` seconds.
+        """Pause the job while ``condition`` holds: it re-enqueues itself ``backoff`` seconds later.
 
-        Usable as a decorator on a module-level function or called in a class body's
-        neighbourhood::
+        ``condition`` is called before each item, with the task or with no
+        argument; a true result ends the run (reason ``"throttled"``).
+        Applies to the class it is called on and its subclasses::
 
-            Backfill.throttle_on(lambda task: replica_lag() > 5, backoff=60)
+            Backfill.throttle_on(lambda: replica_lag() > 5, backoff=60)
         """
         cls._throttles = tuple(cls._throttles) + ((condition, float(backoff)),)
         return condition
@@ -149,7 +150,8 @@ class IterativeTask(Task):
         progress, resumed = self._load_progress(request, initial_cursor)
         request.checkpoint_progress = progress
         run_started = time.monotonic()
-        saver = _Saver(self, request.id, progress)
+        saver = Checkpointer(self._store(), request.id, progress,
+                             every=self.checkpoint_every, interval=self.checkpoint_interval)
 
         if resumed:
             logger.info("checkpoint: %s[%s] resumed at cursor %r", self.name, request.id, progress.cursor,
@@ -185,7 +187,7 @@ class IterativeTask(Task):
                     extra={"action": "completed", "task_id": request.id})
         return result
 
-    def _iterate(self, iterator: Any, progress: Progress, run_started: float, saver: "_Saver",
+    def _iterate(self, iterator: Any, progress: Progress, run_started: float, saver: Checkpointer,
                  args: tuple, kwargs: dict) -> None:
         eager = bool(self.request.is_eager)
         max_runtime = self._max_job_runtime()
@@ -201,7 +203,7 @@ class IterativeTask(Task):
             self.each_iteration(item, *args, **kwargs)
             progress.cursor = cursor
             progress.iterations += 1
-            saver.maybe_save()
+            saver.after_iteration()
             done_this_run += 1
 
     def _check_stop(self, run_started: float, max_runtime: Optional[float]) -> None:
@@ -260,47 +262,6 @@ class IterativeTask(Task):
         if store is None:
             store = store_for_app(self.app)
         return store
-
-
-class _Saver:
-    """Durable checkpoints on a cadence of iterations or seconds."""
-
-    def __init__(self, task: IterativeTask, task_id: Optional[str], progress: Progress) -> None:
-        self.store = task._store()
-        self.task_id = task_id
-        self.progress = progress
-        self.every = max(1, int(task.checkpoint_every or 1))
-        self.interval = task.checkpoint_interval
-        self.enabled = task_id is not None and not isinstance(self.store, NullStore)
-        self.saved_at_iteration = progress.iterations
-        self.saved_at = time.monotonic()
-        self.validated = False
-
-    def maybe_save(self) -> None:
-        if not self.enabled:
-            if not self.validated:
-                # No store: still fail at the first checkpoint, not at shutdown.
-                validate_cursor(self.progress.cursor)
-                self.validated = True
-            return
-        due_by_count = self.progress.iterations - self.saved_at_iteration >= self.every
-        due_by_time = self.interval is not None and time.monotonic() - self.saved_at >= self.interval
-        if due_by_count or due_by_time:
-            self.save()
-
-    def save(self) -> None:
-        validate_cursor(self.progress.cursor)
-        self.store.put(self.task_id, self.progress)
-        self.saved_at_iteration = self.progress.iterations
-        self.saved_at = time.monotonic()
-
-    def save_quietly(self) -> None:
-        if not self.enabled or self.progress.iterations == self.saved_at_iteration:
-            return
-        try:
-            self.save()
-        except Exception:  # the original error matters more
-            logger.exception("checkpoint: could not save the cursor of %s", self.task_id)
 
 
 def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:

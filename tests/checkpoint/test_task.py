@@ -184,14 +184,15 @@ def test_stop_reenqueue_uses_the_interruption_backoff(app, adapter):
     assert message.headers["eta"] is not None
 
 
-def test_unserializable_cursor_is_a_clear_error_at_the_first_checkpoint(app, adapter):
+@pytest.mark.parametrize("store", [NullStore(), MemoryStore()], ids=["no-store", "store"])
+def test_unserializable_cursor_is_a_clear_error_at_the_first_checkpoint(app, adapter, store):
     adapter(10**9)
     processed = []
 
     class Dates(IterativeTask):
         name = "dates"
         interruption_adapters = ("test",)
-        cursor_store = NullStore()
+        cursor_store = store
 
         def build_enumerator(self, *, cursor=None):
             return iter([("a", (1, 2)), ("b", (3, 4))])
