@@ -24,6 +24,7 @@ is killed outright resumes from there when its message comes back.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import time
@@ -41,6 +42,11 @@ from .store import Checkpointer, CursorStore, store_for_app
 __all__ = ["IterativeTask"]
 
 logger = logging.getLogger("checkpoint")
+
+
+#: Where a stopped run sends itself; ``None`` means the broker.  Set only by
+#: :mod:`checkpoint.testing`, which runs jobs to completion in-process.
+_send_again: contextvars.ContextVar = contextvars.ContextVar("checkpoint_send_again", default=None)
 
 
 class _Stop(Exception):
@@ -250,7 +256,11 @@ class IterativeTask(Task):
         # `expires` is dropped: an absolute expiry would revoke a job that was
         # merely interrupted.
         signature = self.signature_from_request(request, args, kwargs, **options)
-        signature.apply_async()
+        send = _send_again.get()
+        if send is None:
+            signature.apply_async()
+        else:
+            send(signature)
         logger.info("checkpoint: %s[%s] interrupted (%s) at cursor %r after %d iterations; re-enqueued",
                     self.name, request.id, stop.reason, progress.cursor, progress.iterations,
                     extra={"action": "interrupted", "task_id": request.id, "reason": stop.reason,

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.exceptions import Ignore
 
 import checkpoint
+from checkpoint import interruption
 from checkpoint import CursorNotSerializableError, IterativeTask, MemoryStore, SQLCursorStore
 from checkpoint.cursor import HEADER, Progress
 from checkpoint.store import NullStore, store_for_app, store_url_for_app
@@ -53,7 +54,7 @@ def make_task(app, n=10, store=None, **attrs):
 
         def each_iteration(self, item, label):
             processed.append(item)
-            adapter = checkpoint.lookup_adapter("test")
+            adapter = interruption._ADAPTERS.get("test")
             if isinstance(adapter, StopAfter):
                 adapter.seen += 1
 
@@ -297,3 +298,19 @@ def test_store_url_follows_the_broker():
     redis = Celery("r", broker="redis://localhost", set_as_current=False)
     assert isinstance(store_for_app(redis), NullStore)
     assert isinstance(store_for_app(app), SQLCursorStore)
+
+
+# -- checkpoint.testing ---------------------------------------------------------------
+
+def test_run_to_completion_interrupts_every_n_items(app):
+    from checkpoint.testing import run_to_completion
+
+    task, processed, events = make_task(app, n=10, interruption_adapters=())
+    report = run_to_completion(task, "x", stop_every=3)
+    assert processed == list(range(10))
+    assert report.result == {"label": "x", "iterations": 10}
+    assert (report.runs, report.times_interrupted, report.iterations) == (4, 3, 10)
+    assert report.cursors == [2, 5, 8]
+    assert [e[0] for e in events].count("resume") == 3
+    assert task.interruption_adapters == ()
+    assert run_to_completion(task, "y").runs == 1
