@@ -426,14 +426,23 @@ def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_n
 # Statements for operating a store: transient (expiring) bindings for remote
 # control and events (``fanout``), and the status views of ``admin``/``celery sqlq``.
 
+from sqlalchemy.exc import IntegrityError  # noqa: E402  (operations section)
+
+
 def bind_queue(conn: Connection, t: Tables, *, exchange: str, queue: str, routing_key: str,
                expires_at: datetime | None) -> None:
     """Insert the binding, or push its expiry forward if it exists."""
     b = t.bindings
     where = (b.c.exchange == exchange, b.c.queue_name == queue, b.c.routing_key == routing_key)
     if conn.execute(update(b).where(*where).values(expires_at=expires_at)).rowcount == 0:
-        conn.execute(insert(b).values(exchange=exchange, queue_name=queue, routing_key=routing_key,
-                                      expires_at=expires_at))
+        # Two workers declaring the same queue at once: the loser's insert hits the
+        # unique constraint inside a savepoint, and the binding exists either way.
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(b).values(exchange=exchange, queue_name=queue, routing_key=routing_key,
+                                              expires_at=expires_at))
+        except IntegrityError:
+            conn.execute(update(b).where(*where).values(expires_at=expires_at))
 
 
 def exchange_bindings(conn: Connection, t: Tables, *, exchange: str, now: datetime) -> list[tuple[str, str]]:
