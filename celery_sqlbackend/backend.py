@@ -212,6 +212,9 @@ class _ResultNotifier:
                 pass
 
 
+#: Keyed by pid as well: a forked child makes its own.  The parent's entries
+#: stay referenced in the child on purpose: dropping them would let psycopg
+#: finish the inherited connection and end the parent's LISTEN session.
 _notifiers: dict[tuple, _ResultNotifier] = {}
 _notifiers_lock = threading.Lock()
 

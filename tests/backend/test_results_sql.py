@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event
 
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.store import Store, utcnow
