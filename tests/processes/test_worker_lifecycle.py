@@ -37,7 +37,7 @@ def test_term_mid_job_finishes_the_job_and_deregisters_only_afterwards(cluster):
     early, late = cluster.job_id("early"), cluster.job_id("late")
     [row] = cluster.processes_named("a")
 
-    a.term()
+    termed_at = a.term()
     samples = []
 
     def exited():
@@ -64,9 +64,11 @@ def test_term_mid_job_finishes_the_job_and_deregisters_only_afterwards(cluster):
     snap = cluster.snapshot()
     for job in (early, late):
         assert utc_ts(snap["jobs"][job].finished_at) <= first_gone
-    # Heartbeats went on while draining: the row's last beat moved past the threshold mark.
-    beats = [utc_ts(p.last_heartbeat_at) for _, _, reg, p in samples if reg]
-    assert max(beats) - min(beats) >= THRESHOLD
+    # The drain outlasted the alive threshold, and heartbeats went on until the jobs ended.
+    ended_at = max(cluster.ended(k)[0][4] for k in ("early", "late"))
+    assert ended_at - termed_at > THRESHOLD
+    last_beat = max(utc_ts(p.last_heartbeat_at) for _, _, reg, p in samples if reg)
+    assert last_beat >= ended_at - 2 * HEARTBEAT
     assert "pruned dead process" not in pruner.log_text()
     assert not cluster.snapshot()["failed"]
 
