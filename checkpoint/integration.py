@@ -20,7 +20,8 @@ process (see CELERY-NOTES §4.2/§4.3):
 Lifecycle, in one place:
 
 * worker_init / bootstep ``__init__``: clear the flag, publish its path for
-  spawned children, wrap ``wait_for_soft_shutdown``.
+  spawned children (``worker_pool_start_method='spawn'`` only), wrap
+  ``wait_for_soft_shutdown``.
 * warm signal, soft wait, blueprint close: set the flag.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class StopFlagStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        _prepare_worker_process()
+        _prepare_worker_process(worker)
         _wrap_soft_shutdown(worker)
 
     def create(self, worker: Any) -> "StopFlagStep":
@@ -78,10 +79,11 @@ def _set_flag(how: str) -> None:
         logger.debug("checkpoint: stop flag set (%s)", how, extra={"action": "stop_flag_set", "how": how})
 
 
-def _prepare_worker_process() -> None:
+def _prepare_worker_process(worker: Any) -> None:
     """A new worker starts out "not stopping", and spawned children can find the flag."""
     FLAG.clear()
-    FLAG.publish()
+    if getattr(worker, "pool_start_method", "fork") != "fork":
+        FLAG.publish()
 
 
 def _wrap_soft_shutdown(worker: Any) -> None:
@@ -106,7 +108,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     # Backstop for apps whose worker blueprint was built without our step
     # (e.g. IterativeTask imported lazily).  worker_init fires before the Pool
     # step starts, so the flag created at import is still inherited.
-    _prepare_worker_process()
+    _prepare_worker_process(sender)
     app = getattr(sender, "app", None)
     if app is not None:
         install(app)

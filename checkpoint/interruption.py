@@ -12,11 +12,11 @@ Two parts:
   reading it is a memory load.  Children forked later (``maxtasksperchild``,
   replacements) inherit the same mapping.
 
-  The mapping is backed by a small file rather than being anonymous so that
-  children started with the *spawn* method, which inherit nothing, can attach
-  to it: the worker publishes the path in ``$CHECKPOINT_STOPFLAG`` when it
-  starts (see :meth:`StopFlag.publish`), and a spawned child importing this
-  module maps the same file.
+  Children started with the *spawn* method inherit nothing, so for them the
+  worker moves the byte into a small file when it starts
+  (:meth:`StopFlag.share_by_file`) and publishes the path in
+  ``$CHECKPOINT_STOPFLAG``; a spawned child importing this module maps the
+  same file.  Forking workers (the default) never create a file.
 
 * A registry of interruption adapters, in the spirit of job-iteration's
   ``InterruptionAdapters``: an adapter is a zero-argument callable returning a
@@ -55,30 +55,41 @@ class StopFlag:
 
     def __init__(self, path: Optional[str] = None) -> None:
         self.owner_pid = os.getpid()
+        self.path = path
         self.attached = path is not None
         if path is None:
-            path = self._create_file()
-            atexit.register(self._remove_if_owner)
-        self.path = path
-        with open(path, "r+b") as fh:
-            self._buf = mmap.mmap(fh.fileno(), _SIZE, flags=mmap.MAP_SHARED)
+            self._buf = mmap.mmap(-1, _SIZE, flags=mmap.MAP_SHARED)
+        else:
+            self._buf = self._map(path)
 
     @staticmethod
-    def _create_file() -> str:
-        # /dev/shm keeps the page in RAM; any directory works, the page is
-        # shared through the mapping either way.
+    def _map(path: str) -> mmap.mmap:
+        with open(path, "r+b") as fh:
+            return mmap.mmap(fh.fileno(), _SIZE, flags=mmap.MAP_SHARED)
+
+    def share_by_file(self) -> None:
+        """Back the byte by a file, so that spawned children can map it too.
+
+        Must run before the pool starts: processes forked earlier keep the
+        old anonymous mapping.
+        """
+        if self.path is not None:
+            return
+        # /dev/shm keeps the page in RAM; any directory works.
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, path = tempfile.mkstemp(prefix="checkpoint-stopflag-", dir=base)
         try:
-            os.write(fd, b"\0" * _SIZE)
+            os.write(fd, bytes([self._buf[0]]) + b"\0" * (_SIZE - 1))
         finally:
             os.close(fd)
-        return path
+        self.path = path
+        self._buf = self._map(path)
+        atexit.register(self._remove_if_owner)
 
     def _remove_if_owner(self) -> None:
         # Forked children run atexit handlers too (when they exit normally):
         # only the creator removes the file.
-        if os.getpid() == self.owner_pid and not self.attached:
+        if os.getpid() == self.owner_pid and not self.attached and self.path:
             try:
                 os.unlink(self.path)
             except OSError:
@@ -99,10 +110,11 @@ class StopFlag:
     def publish(self) -> None:
         """Let pool children started with *spawn* attach to this flag.
 
-        Called when the worker starts, not at import time: a ``celery worker``
-        subprocess started by a process that merely imported :mod:`checkpoint`
-        must get its own flag, not its parent's.
+        Called when a spawning worker starts, not at import time: a ``celery
+        worker`` subprocess started by a process that merely imported
+        :mod:`checkpoint` must get its own flag, not its parent's.
         """
+        self.share_by_file()
         os.environ[ENV_VAR] = f"{self.owner_pid}:{self.path}"
 
     @classmethod

@@ -91,10 +91,13 @@ def test_a_spawned_child_attaches_to_the_published_flag(monkeypatch):
 
 
 def test_an_unrelated_process_does_not_attach(monkeypatch):
-    monkeypatch.setenv(interruption.ENV_VAR, f"{os.getpid() + 999999}:{FLAG.path}")
+    published = StopFlag()
+    published.publish()
+    monkeypatch.setenv(interruption.ENV_VAR, f"{os.getpid() + 999999}:{published.path}")
     own = StopFlag.for_this_process()
-    assert not own.attached and own.path != FLAG.path
-    own._remove_if_owner()
+    assert not own.attached and own.path is None, "a forking worker's flag needs no file"
+    published._remove_if_owner()
+    assert not os.path.exists(published.path)
 
 
 def test_flag_set_from_a_signal_handler():
@@ -150,9 +153,10 @@ def test_registering_an_iterative_task_installs_the_wiring():
 
 
 class _FakeWorker:
-    """Only what the bootstep touches: a soft-shutdown method to wrap."""
+    """Only what the bootstep touches: the pool start method and a soft-shutdown method to wrap."""
 
-    def __init__(self):
+    def __init__(self, pool_start_method="fork"):
+        self.pool_start_method = pool_start_method
         self.flag_at_soft_wait = None
 
     def wait_for_soft_shutdown(self):
@@ -164,7 +168,6 @@ def test_bootstep_wraps_soft_shutdown_and_sets_the_flag_on_close():
     worker = _FakeWorker()
     step = integration.StopFlagStep(worker)
     assert not FLAG.is_set(), "a starting worker clears the flag"
-    assert os.environ[interruption.ENV_VAR].endswith(FLAG.path)
     worker.wait_for_soft_shutdown()
     assert worker.flag_at_soft_wait is True, "the flag must be set before Celery's soft wait"
     FLAG.clear()
@@ -172,6 +175,14 @@ def test_bootstep_wraps_soft_shutdown_and_sets_the_flag_on_close():
     assert FLAG.is_set()
     integration.StopFlagStep(worker)  # a second wrap does not stack
     assert worker.wait_for_soft_shutdown.__closure__ is not None
+
+
+def test_a_spawning_worker_publishes_the_flag_file(monkeypatch):
+    monkeypatch.delenv(interruption.ENV_VAR, raising=False)
+    integration.StopFlagStep(_FakeWorker("spawn"))
+    assert FLAG.path and os.environ[interruption.ENV_VAR] == f"{os.getpid()}:{FLAG.path}"
+    FLAG.set()
+    assert StopFlag(FLAG.path).is_set(), "the file holds the very byte the flag uses"
 
 
 def test_worker_shutting_down_sets_the_flag():
