@@ -9,6 +9,7 @@ Configured by environment variables so one module serves every test:
     CK_CHECKPOINT_EVERY  durable checkpoint cadence in iterations (default 100)
     CK_POOL_START_METHOD  worker_pool_start_method (e.g. "spawn")
     CK_SOFT_SHUTDOWN  worker_soft_shutdown_timeout (seconds)
+    CK_RESULTS    store results (in the broker's database)
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
+if os.environ.get("CK_RESULTS"):
+    app.conf.update(result_backend=BROKER, task_ignore_result=False)
 if os.environ.get("CK_SOFT_SHUTDOWN"):
     app.conf.worker_soft_shutdown_timeout = float(os.environ["CK_SOFT_SHUTDOWN"])
 if os.environ.get("CK_POOL_START_METHOD"):
@@ -111,6 +114,7 @@ class CountTo(IterativeTask):
 
     def on_complete(self, n):
         self._record("complete")
+        return {"iterations": self.progress.iterations, "times_interrupted": self.progress.times_interrupted}
 
 
 count_to = app.register_task(CountTo())

@@ -171,3 +171,21 @@ def test_after_kill_items_are_redone_only_back_to_the_last_durable_checkpoint(wo
     assert redone == list(range(saved + 1, done_before_kill))
     assert items.count() == N
     assert runs[-1]["times_interrupted"] == 0
+
+
+def test_async_result_waits_across_interruptions_for_the_final_run(workers):
+    results = Celery("ck-results", broker=f"sqlq+sqlite:///{workers.directory}/jobs.sqlite3",
+                     backend=f"sqlq+sqlite:///{workers.directory}/jobs.sqlite3")
+    try:
+        result = results.send_task("ck.count_to", args=(3000,))
+        env = {"CK_RESULTS": "1"}
+        worker = workers.start(env=env)
+        wait_until(lambda: worker.items.count() >= 1000, 30, message="1000 items")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait_exit() == 0
+        assert worker.items.count() < 3000
+        assert not result.ready() and result.state == "PENDING", "an interrupted run stores no state"
+        workers.start(env=env)
+        assert result.get(timeout=60) == {"iterations": 3000, "times_interrupted": 1}
+    finally:
+        results.close()
