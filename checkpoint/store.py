@@ -116,7 +116,6 @@ checkpoints_table = sa.Table(
     metadata,
     # Celery task ids are UUIDs but may be any string the caller chose.
     sa.Column("task_id", sa.String(255), primary_key=True),
-    sa.Column("task_name", sa.String(255), nullable=True),
     sa.Column("cursor", sa.Text, nullable=True),  # JSON
     sa.Column("counters", sa.Text, nullable=False),  # JSON: iterations, times_interrupted, total_time
     sa.Column("updated_at", sa.DateTime, nullable=False),
@@ -139,9 +138,9 @@ class SQLCursorStore:
         if self._engine is None or self._pid != os.getpid():
             with self._lock:
                 if self._engine is None or self._pid != os.getpid():
-                    self._engine = self._create_engine()
-                    self._pid = os.getpid()
-                    metadata.create_all(self._engine, checkfirst=True)
+                    engine = self._create_engine()
+                    _create_table(engine)
+                    self._engine, self._pid = engine, os.getpid()
         return self._engine
 
     def _create_engine(self) -> sa.Engine:
@@ -159,7 +158,7 @@ class SQLCursorStore:
             return None
         return Progress.from_json(_merge(row.cursor, row.counters))
 
-    def put(self, task_id: str, progress: Progress, task_name: Optional[str] = None) -> None:
+    def put(self, task_id: str, progress: Progress) -> None:
         t = checkpoints_table
         values = _row_values(progress)
         values["updated_at"] = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -169,7 +168,7 @@ class SQLCursorStore:
                 return
         try:
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(t).values(task_id=task_id, task_name=task_name, **values))
+                conn.execute(sa.insert(t).values(task_id=task_id, **values))
         except IntegrityError:
             # Another run of the same task id inserted first: last writer wins.
             with self.engine.begin() as conn:
@@ -184,6 +183,15 @@ class SQLCursorStore:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+
+def _create_table(engine: sa.Engine) -> None:
+    try:
+        metadata.create_all(engine, checkfirst=True)
+    except sa.exc.DBAPIError:
+        # Several worker processes may race to create it; losing the race is fine.
+        if not sa.inspect(engine).has_table(checkpoints_table.name):
+            raise
 
 
 def _row_values(progress: Progress) -> dict[str, Any]:

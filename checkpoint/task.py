@@ -106,7 +106,11 @@ class IterativeTask(Task):
         raise NotImplementedError(f"{type(self).__name__} must implement each_iteration(item, ...)")
 
     def on_start(self, *args: Any, **kwargs: Any) -> None:
-        """Called once, before the very first iteration of the job."""
+        """Called when a run starts with no saved progress: normally once per job.
+
+        (A run killed before its first durable checkpoint starts again from
+        scratch, and calls this again.)
+        """
 
     def on_resume(self, *args: Any, **kwargs: Any) -> None:
         """Called at the start of every later run (after an interruption or a crash)."""

@@ -68,8 +68,8 @@ class Order(Base):
 
 
 @pytest.fixture
-def engine(tmp_path):
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/shop.sqlite3")
+def engine(db_url):
+    engine = sa.create_engine(db_url)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         # ids not in insertion order, and a non-unique column for composite keys

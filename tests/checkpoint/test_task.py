@@ -279,14 +279,16 @@ def test_missing_hooks_are_explained(app):
 
 # -- the SQL store -------------------------------------------------------------------
 
-def test_sql_store_put_get_update_delete(tmp_path):
-    store = SQLCursorStore(f"sqlite:///{tmp_path}/cp.sqlite3")
+def test_sql_store_put_get_update_delete(db_url):
+    store = SQLCursorStore(db_url)
     assert store.get("a") is None
     store.put("a", Progress(cursor=[1, "k"], iterations=2, times_interrupted=1, total_time=0.5))
     store.put("a", Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7))
     assert store.get("a") == Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7)
+    store.put("b", Progress(cursor={"k": [1.5, None]}, iterations=1))
     store.delete("a")
     assert store.get("a") is None
+    assert store.get("b").cursor == {"k": [1.5, None]}
     store.dispose()
 
 
