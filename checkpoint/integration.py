@@ -17,6 +17,12 @@ process (see CELERY-NOTES §4.2/§4.3):
    shutdown`` sends no signal at all; every stop path reaches ``Blueprint.stop``
    which calls ``close`` on each step.
 
+Deployment rule: signal the worker's *main* process only (systemd
+``KillMode=mixed``, the container's PID 1 being ``celery``).  A SIGTERM to the
+whole process group kills prefork children outright (they keep SIGTERM's
+default action), mid-iteration, before any flag can help; only the durable
+checkpoint limits the loss then.
+
 Lifecycle, in one place:
 
 * worker_init / bootstep ``__init__``: clear the flag, publish its path for
