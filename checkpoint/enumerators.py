@@ -226,6 +226,8 @@ def csv_rows(path: str, *, cursor: Optional[int] = None, header: bool = True,
     With ``header=True`` rows are dicts keyed by the first line.  Quoted
     fields spanning several lines are fine: the offset is taken after the
     reader has consumed the whole record (``csv.reader`` never reads ahead).
+    The file must not change between runs: a byte offset means nothing in
+    another file.
     """
     with open(path, "rb") as fh:
         lines = _OffsetLines(fh, encoding)
