@@ -1,0 +1,392 @@
+"""Throughput and latency of celery_sqlbackend, side by side with its alternatives.
+
+    .venv/bin/python bench/bench.py                 # everything available on this machine
+    .venv/bin/python bench/bench.py --jobs 500 --quick
+
+Every target runs the same Celery app (``benchapp.py``) with a real
+``celery worker`` (prefork, 2 processes) on the same machine, one after the
+other:
+
+* ``sqlq+sqlite``, ``sqlq+postgresql``: this project;
+* ``sqla+sqlite``, ``sqla+postgresql``: kombu's own SQLAlchemy transport;
+* ``redis``: when a ``redis-server`` binary is on PATH (started privately).
+
+PostgreSQL comes from ``--pg-url`` / ``SQLQ_TEST_PG_URL``, or a private
+server is started with ``initdb``/``pg_ctl`` as the test suite does.
+
+Figures: enqueue rate (one producer, sequential ``apply_async``), drain rate
+(jobs enqueued first; measured from the first to the last completion, so
+worker start-up is excluded), enqueue-to-start latency (p50/p99 over idle
+single jobs), results stored and collected (``ResultSet.get`` of N results,
+and a group of 1,000) against Celery's ``db+`` backend and Redis, and the cost
+of one claim with 1,000 versus 1,000,000 jobs waiting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+
+
+@dataclass
+class Target:
+    name: str
+    broker: str
+    backend: str | None = None          # result backend for the results run
+    backend_name: str = ""
+    options: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _env(target: Target, marks: Path, with_backend: bool = False) -> dict:
+    env = dict(os.environ)
+    env.update(BENCH_BROKER=target.broker, BENCH_MARKS=str(marks),
+               BENCH_TRANSPORT_OPTIONS=repr(target.options),
+               PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]))
+    env["BENCH_BACKEND"] = (target.backend or "") if with_backend else ""
+    return env
+
+
+def _py(code: str, env: dict, timeout: float = 600) -> dict:
+    out = subprocess.run([PY, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        raise RuntimeError(f"bench step failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _count(marks: Path) -> int:
+    try:
+        with open(marks, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+class Worker:
+    def __init__(self, env: dict, log: Path):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "celery", "-A", "benchapp", "worker", "-P", "prefork", "-c", "2", f"--loglevel={os.environ.get('BENCH_LOGLEVEL', 'WARNING')}",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"bench{os.getpid()}@%h"],
+            env=env, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.log.close()
+
+
+def _wait_marks(marks: Path, n: int, timeout: float, worker: Worker) -> tuple[float, float]:
+    """Wait for ``n`` completions; return (time of first, time of last)."""
+    first = None
+    deadline = time.monotonic() + timeout
+    while True:
+        c = _count(marks)
+        now = time.perf_counter()
+        if c and first is None:
+            first = now
+        if c >= n:
+            return first, now
+        if time.monotonic() > deadline or worker.proc.poll() is not None:
+            raise RuntimeError(f"only {c}/{n} jobs completed (worker exit code {worker.proc.poll()})")
+        time.sleep(0.005)
+
+
+ENQUEUE = """
+import json, time
+from benchapp import app, noop
+n = {n}
+with app.producer_or_acquire() as p:
+    noop.apply_async((0,), producer=p)   # connect + create tables outside the timing
+    t = time.perf_counter()
+    for i in range(n - 1):
+        noop.apply_async((i,), producer=p)
+    dt = time.perf_counter() - t
+print(json.dumps({{"enqueue_per_s": (n - 1) / dt}}))
+"""
+
+LATENCY = """
+import json, time, os
+from benchapp import app, latency
+marks = os.environ["BENCH_MARKS"]
+def count():
+    try:
+        return open(marks, "rb").read().count(b"\\n")
+    except FileNotFoundError:
+        return 0
+with app.producer_or_acquire() as p:
+    for i in range({n}):
+        before = count()
+        latency.apply_async((time.time(),), producer=p)
+        deadline = time.monotonic() + 30
+        while count() == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.02)
+print(json.dumps({{}}))
+"""
+
+RESULTS = """
+import json, time
+from celery import group
+from celery.result import ResultSet
+from benchapp import app, echo
+n = {n}
+echo.delay(-1).get(timeout=60)   # warm: worker up, tables created
+t = time.perf_counter()
+rs = ResultSet([echo.delay(i) for i in range(n)])
+values = rs.get(timeout=300)
+dt = time.perf_counter() - t
+assert sorted(values) == list(range(n))
+g = group(echo.s(i) for i in range(1000)).apply_async()
+t2 = time.perf_counter()
+# wait until all done, then time one collection of the whole group
+while not g.ready():
+    time.sleep(0.05)
+t3 = time.perf_counter()
+assert len(g.get(timeout=300)) == 1000
+collect = time.perf_counter() - t3
+print(json.dumps({{"results_per_s": n / dt, "group1000_collect_s": collect, "group1000_total_s": time.perf_counter() - t2}}))
+"""
+
+
+# --------------------------------------------------------------------------- runs
+
+def run_target(target: Target, args, work: Path) -> None:
+    marks = work / f"{target.name}.marks"
+    print(f"--- {target.name}", flush=True)
+    env = _env(target, marks)
+
+    target.figures.update(_py(ENQUEUE.format(n=args.jobs), env))
+    marks.unlink(missing_ok=True)
+    worker = Worker(env, work / f"{target.name}.drain.log")
+    try:
+        first, last = _wait_marks(marks, args.jobs, 600, worker)
+        target.figures["drain_per_s"] = (args.jobs - 1) / (last - first) if last > first else float("nan")
+
+        marks.unlink(missing_ok=True)
+        _py(LATENCY.format(n=args.latency_samples), env)
+        lat = sorted(float(x) * 1000 for x in marks.read_text().split())
+        target.figures["latency_p50_ms"] = statistics.median(lat)
+        target.figures["latency_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    finally:
+        worker.stop()
+
+    if target.backend and not args.quick:
+        env = _env(target, marks, with_backend=True)
+        worker = Worker(env, work / f"{target.name}.results.log")
+        try:
+            target.figures.update(_py(RESULTS.format(n=args.jobs), env, timeout=900))
+        finally:
+            worker.stop()
+    print("   ", {k: round(v, 2) for k, v in target.figures.items()}, flush=True)
+
+
+def claim_cost(db_url: str, sizes: list[int]) -> dict:
+    """Median cost of claiming 10 jobs (and releasing them) with ``size`` jobs waiting."""
+    code = f"""
+import json, time, statistics
+from sqlalchemy import text
+from celery_sqlbackend.store import Store, utcnow
+from celery_sqlbackend.options import Options
+from celery_sqlbackend.processes import LocalProcess
+store = Store({db_url!r}, Options(create_tables=True))
+store.create_all()
+t = store.t
+out = {{}}
+pid = store.q("register_process", kind="bench", name="bench", hostname="h", pid=1, pool=None,
+              concurrency=None, queues="[]", now=utcnow())
+have = 0
+for size in {sizes!r}:
+    add = size - have
+    dialect = store.dialect.name
+    with store.engine.begin() as c:
+        if dialect == "postgresql":
+            c.execute(text(f"INSERT INTO {{t.jobs.name}} (queue_name, priority, payload, created_at, deliveries, releases) "
+                           "SELECT 'bench', (g % 10), '{{}}', now(), 0, 0 FROM generate_series(1, :n) g"), {{"n": add}})
+        else:
+            c.execute(text(f"WITH RECURSIVE g(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM g WHERE x < :n) "
+                           f"INSERT INTO {{t.jobs.name}} (queue_name, priority, payload, created_at, deliveries, releases) "
+                           "SELECT 'bench', (x % 10), '{{}}', CURRENT_TIMESTAMP, 0, 0 FROM g"), {{"n": add}})
+        c.execute(text(f"INSERT INTO {{t.ready.name}} (job_id, queue_name, priority, created_at) "
+                       f"SELECT id, queue_name, priority, created_at FROM {{t.jobs.name}} j WHERE NOT EXISTS "
+                       f"(SELECT 1 FROM {{t.ready.name}} r WHERE r.job_id = j.id)"))
+    if dialect == "postgresql":
+        with store.engine.connect() as c:
+            c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"VACUUM ANALYZE {{t.ready.name}}"))
+    have = size
+    timings = []
+    for _ in range(200):
+        s = time.perf_counter()
+        got = store.q("claim", queues=["bench"], limit=10, process_id=pid, now=utcnow())
+        timings.append(time.perf_counter() - s)
+        for job in got:
+            store.q("release", job_id=job.job_id, process_id=pid, now=utcnow())
+    out[size] = statistics.median(timings) * 1000
+print(json.dumps(out))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return _py(code, env, timeout=1800)
+
+
+# --------------------------------------------------------------------------- servers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(work: Path):
+    exe = shutil.which("redis-server")
+    if not exe:
+        return None, None
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
+def pg_base_url(args) -> str | None:
+    url = args.pg_url or os.environ.get("SQLQ_TEST_PG_URL")
+    if url:
+        return url
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.harness import PrivatePostgres  # the test suite's throwaway server
+    except ImportError:
+        return None
+    try:
+        # Durable settings (the test suite turns fsync off for speed).
+        server = PrivatePostgres(settings={"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"})
+        return server.start().url()
+    except Exception as exc:
+        print(f"!!! no PostgreSQL for the benchmark: {exc}", flush=True)
+        return None
+
+
+def fresh_pg_db(base_url: str, name: str) -> str:
+    import psycopg
+    from sqlalchemy.engine import make_url
+    u = make_url(base_url)
+    admin = u.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        c.execute(f'CREATE DATABASE "{name}"')
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--latency-samples", type=int, default=200)
+    ap.add_argument("--claim-scale", type=int, default=1_000_000)
+    ap.add_argument("--pg-url", default=None)
+    ap.add_argument("--quick", action="store_true", help="skip the results run and the claim-scale run")
+    ap.add_argument("--only", default="", help="comma-separated target names")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sqlq-bench-"))
+    redis_proc, redis_url = start_redis(work)
+    pg = pg_base_url(args)
+    # kombu's sqla+ hands every transport option to create_engine(), so it
+    # runs with its defaults (1 s polling); ours runs with its own defaults.
+    opts: dict = {}
+    sqlq_opts = {"create_tables": True}
+    targets: list[Target] = []
+    sq = f"sqlite:///{work}/sqlq.sqlite3"
+    targets.append(Target("sqlq+sqlite", f"sqlq+{sq}", f"sqlq+{sq}", "sqlq", sqlq_opts))
+    sa = f"sqlite:///{work}/sqla.sqlite3"
+    targets.append(Target("sqla+sqlite", f"sqla+{sa}", f"db+sqlite:///{work}/sqla-results.sqlite3", "db+", opts))
+    if pg:
+        a, b = fresh_pg_db(pg, "bench_sqlq"), fresh_pg_db(pg, "bench_sqla")
+        targets.append(Target("sqlq+postgresql", f"sqlq+{a}", f"sqlq+{a}", "sqlq", sqlq_opts))
+        targets.append(Target("sqla+postgresql", f"sqla+{b}", f"db+{b}", "db+", opts))
+    else:
+        print("!!! PostgreSQL not available: PostgreSQL rows are missing from this run", flush=True)
+    if redis_url:
+        targets.append(Target("redis", redis_url, redis_url.rsplit("/", 1)[0] + "/1", "redis"))
+    else:
+        print("!!! redis-server not found: no Redis row in this run", flush=True)
+    if args.only:
+        wanted = set(args.only.split(","))
+        targets = [t for t in targets if t.name in wanted]
+
+    try:
+        for target in targets:
+            run_target(target, args, work)
+        claims = {}
+        if not args.quick:
+            claims["sqlite"] = claim_cost(f"sqlite:///{work}/claims.sqlite3", [1000, args.claim_scale])
+            if pg:
+                claims["postgresql"] = claim_cost(fresh_pg_db(pg, "bench_claims"), [1000, args.claim_scale])
+    finally:
+        if redis_proc:
+            redis_proc.kill()
+    report(targets, claims, args)
+
+
+def report(targets: list[Target], claims: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c 2, one machine")
+    cols = [("enqueue_per_s", "enqueue/s"), ("drain_per_s", "drain/s"), ("latency_p50_ms", "p50 ms"),
+            ("latency_p99_ms", "p99 ms"), ("results_per_s", "results/s"), ("group1000_collect_s", "group(1000) get s")]
+    table.add_column("target")
+    for _, title in cols:
+        table.add_column(title, justify="right")
+    for t in targets:
+        table.add_row(t.name + (f" / {t.backend_name}" if t.backend_name else ""),
+                      *[f"{t.figures[k]:.1f}" if k in t.figures else "-" for k, _ in cols])
+    console = Console()
+    console.print(table)
+    by = {t.name: t.figures for t in targets}
+    for db in ("sqlite", "postgresql"):
+        ours, theirs = by.get(f"sqlq+{db}"), by.get(f"sqla+{db}")
+        if ours and theirs:
+            console.print(f"drain rate sqlq/sqla on {db}: {ours['drain_per_s'] / theirs['drain_per_s']:.1f}x")
+            if "results_per_s" in ours and "results_per_s" in theirs:
+                console.print(f"results rate sqlq/db+ on {db}: {ours['results_per_s'] / theirs['results_per_s']:.1f}x")
+        if ours and "redis" in by:
+            console.print(f"drain rate sqlq+{db}/redis: {ours['drain_per_s'] / by['redis']['drain_per_s']:.0%}")
+    for db, c in claims.items():
+        small, big = (c[k] for k in sorted(c, key=int))
+        console.print(f"claim of 10 on {db}: {small:.2f} ms with 1,000 waiting, {big:.2f} ms with "
+                      f"{args.claim_scale:,} waiting ({big / small:.2f}x)")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps({"targets": {t.name: t.figures for t in targets},
+                                                 "claims_ms": claims, "jobs": args.jobs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
