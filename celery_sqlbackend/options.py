@@ -7,7 +7,7 @@ a production worker on the default.
 ==========================  ========  ==================================================
 option                      default   meaning
 ==========================  ========  ==================================================
-``polling_interval``        0.2 s     sleep between empty polls (PostgreSQL wakes on NOTIFY
+``polling_interval``        0.1 s     sleep between empty polls (PostgreSQL wakes on NOTIFY
                                       sooner; the poll is only the fallback there)
 ``table_prefix``            "sqlq_"   prefix of every table name
 ``create_tables``           auto      create missing tables on first use (default: on
@@ -42,7 +42,7 @@ _KOMBU_OPTIONS = frozenset({
 
 @dataclass(frozen=True)
 class Options:
-    polling_interval: float = 0.2
+    polling_interval: float = 0.1
     table_prefix: str = "sqlq_"
     create_tables: bool | None = None
     heartbeat_interval: float = 60.0

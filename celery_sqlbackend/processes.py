@@ -13,6 +13,7 @@ thread prunes dead processes and clears old finished jobs.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -51,6 +52,9 @@ class LocalProcess:
         #: job id -> ("finish" | "release", process id that claimed it): state
         #: changes that failed because the database was away, retried by the
         #: heartbeat thread until they land.
+        # (job id, process id) pairs whose task is done, recorded in batches.
+        self._to_finish: collections.deque = collections.deque()
+        self._to_mark: collections.deque = collections.deque()
         self._deferred: dict[int, tuple[str, int | None]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
@@ -107,6 +111,7 @@ class LocalProcess:
         if self.id is None or os.getpid() != self.pid:
             return
         try:
+            self.flush()
             self._retry_deferred()
         except SQLAlchemyError as exc:
             log.warning("could not record deferred job states at exit (%s)", exc)
@@ -181,10 +186,14 @@ class LocalProcess:
         """An early ack: the job is running; a pruner must fail it, not re-run it.
 
         ``process_id`` is the id the job was claimed under (default: the current one).
+        In a worker the mark is written by the main loop's next ``flush`` (one
+        transaction for every ack since the last), a few milliseconds later.
         """
         process_id = self.id if process_id is None else process_id
         self._started[tag] = (job_id, process_id)
-        if not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
+        if self.managed:
+            self._to_mark.append((job_id, process_id))
+        elif not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
             log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
                       "here anyway and will not be marked finished", job_id, self.name, process_id)
 
@@ -207,13 +216,46 @@ class LocalProcess:
                       job_id, self.name, process_id)
         return done
 
+    def finish_later(self, job_id: int, process_id: int | None = None) -> None:
+        """Queue a finish for the next ``flush`` (one transaction for many acks)."""
+        self._to_finish.append((job_id, self.id if process_id is None else process_id))
+
+    def flush(self) -> None:
+        """Write the queued started-marks and finishes in one transaction (each fenced per claim)."""
+        marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+        if not marks and not finishes:
+            return
+        keep = self.store.options.keep_finished > 0
+
+        def write(conn):
+            now = utcnow()
+            if marks:
+                queries.mark_acked_many(conn, self.store.t, claims=marks, now=now)
+            return queries.finish_many(conn, self.store.t, self.store.dialect, claims=finishes, now=now,
+                                       keep=keep) if finishes else []
+
+        try:
+            done = set(self.store.run(write))
+        except SQLAlchemyError as exc:
+            log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
+                        "heartbeat thread", len(marks), len(finishes), exc)
+            for job_id, process_id in finishes:
+                self._deferred[job_id] = ("finish", process_id)
+            return
+        for job_id, process_id in finishes:
+            if job_id not in done:
+                log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
+                          "process was pruned, and the pruner's decision (released or failed) stands",
+                          job_id, self.name, process_id)
+
     def finish_completed(self, is_running=None) -> None:
-        """Finish the early-acked jobs that are no longer running."""
+        """Finish the early-acked jobs that are no longer running, and any queued finishes."""
         for tag in list(self._started):
             if is_running is None or not is_running(tag):
                 entry = self._started.pop(tag, None)
                 if entry is not None:
-                    self.finish(*entry)
+                    self._to_finish.append(entry)
+        self.flush()
 
     @property
     def running_jobs(self) -> list[int]:
@@ -227,6 +269,7 @@ class LocalProcess:
 
     def _maintain(self, first: bool = False) -> None:
         try:
+            self.flush()
             self._retry_deferred()
             if first:
                 pruner.sweep_orphans(self.store)
@@ -260,6 +303,16 @@ class LocalProcess:
         for _ in range(20):  # bounded per beat; short transactions, no long locks
             if self.store.q("clear_finished", before=before, limit=opts.clear_batch_size) < opts.clear_batch_size:
                 break
+
+
+def _drain(queue: collections.deque) -> list:
+    """Pop everything from a deque other threads append to."""
+    items = []
+    try:
+        while True:
+            items.append(queue.popleft())
+    except IndexError:
+        return items
 
 
 _local: dict[int, LocalProcess] = {}

@@ -53,7 +53,7 @@ from .errors import UndecodableMessageError
 from .notify import waiter_for
 from .options import Options
 from .processes import local_process
-from .store import Store, store_for, utcnow
+from .store import Store, queries, store_for, utcnow
 
 log = logging.getLogger("celery_sqlbackend.transport")
 
@@ -81,6 +81,7 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag):
         self.channel._on_ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel.wake()
 
     def reject(self, delivery_tag, requeue=False):
         if requeue:
@@ -88,6 +89,7 @@ class QoS(virtual.QoS):
         else:
             self.channel._dead_letter(delivery_tag)
         super().ack(delivery_tag)
+        self.channel.wake()
 
 
 class Channel(virtual.Channel):
@@ -196,6 +198,9 @@ class Channel(virtual.Channel):
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
         process_id = self.process.ensure_registered()
+        if not self.store.dialect.skip_locked and not self.store.read(
+                queries.has_ready, self.store.t, queues=queues):
+            return []
         claimed = self.store.q("claim", queues=queues, limit=limit, process_id=process_id, now=utcnow())
         messages = []
         finished_no_ack = []
@@ -254,8 +259,17 @@ class Channel(virtual.Channel):
         if task_is_running is not None and task_is_running(tag):
             # Celery's default early ack: the task is starting, not done.
             self.process.started(tag, job_id, process_id)
-            return
-        self.process.finish(job_id, process_id)
+        elif self.process.managed:
+            # A worker's main loop records finishes in batches (drain_events).
+            self.process.finish_later(job_id, process_id)
+        else:
+            self.process.finish(job_id, process_id)
+
+    def wake(self) -> None:
+        """A prefetch slot came free: let a waiting drain_events claim again at once."""
+        transport = getattr(self, "_transport_ref", None)
+        if transport is not None:
+            transport._wake.set()
 
     def finish_completed(self) -> None:
         """Finish early-acked jobs whose task is no longer running."""
@@ -363,10 +377,18 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def drain_events(self, connection, timeout=None):
+        """Claim and deliver; between empty polls, wait for whichever can change that.
+
+        * every prefetch slot is taken: wait for an ack (``_wake``) rather than
+          the polling interval, or a busy worker idles a slot per poll;
+        * slots are free but the queues are empty: wait for NOTIFY (PostgreSQL)
+          or the polling interval.
+        """
         start = monotonic()
         interval = self.options.polling_interval
         waiter = None
         while True:
+            self._wake.clear()
             for channel in self.channels:
                 channel.finish_completed()
             try:
@@ -380,7 +402,8 @@ class Transport(virtual.Transport):
             wait = interval if remaining is None else min(interval, remaining)
             if waiter is None and self.channels:
                 waiter = waiter_for(self.channels[0].store)
-            if waiter is not None:
+            slots_free = any(ch._consumers and ch.qos.can_consume() for ch in self.channels)
+            if waiter is not None and slots_free:
                 waiter.wait(wait)
             else:
                 self._wake.wait(wait)

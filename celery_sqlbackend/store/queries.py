@@ -116,14 +116,22 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
         for job_id, queue in taken
     ])
     job_ids = [job_id for job_id, _ in taken]
-    conn.execute(update(t.jobs).where(t.jobs.c.id.in_(job_ids)).values(deliveries=t.jobs.c.deliveries + 1))
     j = t.jobs
-    rows = conn.execute(
-        select(j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
-        .where(j.c.id.in_(job_ids))
-    ).all()
+    bump = update(j).where(j.c.id.in_(job_ids)).values(deliveries=j.c.deliveries + 1)
+    columns = (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+    if d.update_returning:
+        rows = conn.execute(bump.returning(*columns)).all()
+    else:
+        conn.execute(bump)
+        rows = conn.execute(select(*columns).where(j.c.id.in_(job_ids))).all()
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
+
+
+def has_ready(conn: Connection, t: Tables, *, queues: Sequence[str]) -> bool:
+    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
+    r = t.ready
+    return conn.execute(select(r.c.id).where(r.c.queue_name.in_(queues)).limit(1)).first() is not None
 
 
 # --------------------------------------------------------------------------- fenced state changes
@@ -147,6 +155,34 @@ def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: da
     return True
 
 
+def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tuple[int, int]], now: datetime,
+                keep: bool) -> list[int]:
+    """``finish`` for a batch of ``(job_id, process_id)``: one transaction for many acks.
+
+    Returns the job ids whose claim still stood (and are now finished).
+    """
+    c = t.claimed
+    by_process: dict[int, list[int]] = {}
+    for job_id, process_id in claims:
+        by_process.setdefault(process_id, []).append(job_id)
+    done: list[int] = []
+    for process_id, job_ids in by_process.items():
+        where = (c.c.process_id == process_id) & c.c.job_id.in_(job_ids)
+        if d.delete_returning:
+            done += conn.execute(delete(c).where(where).returning(c.c.job_id)).scalars().all()
+        else:
+            held = list(conn.execute(select(c.c.job_id).where(where).with_for_update()).scalars())
+            if held:
+                conn.execute(delete(c).where(c.c.job_id.in_(held)))
+            done += held
+    if done:
+        if keep:
+            conn.execute(update(t.jobs).where(t.jobs.c.id.in_(done)).values(finished_at=now))
+        else:
+            conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(done)))
+    return done
+
+
 def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:
     """Finish jobs that were never claimed (broadcasts consumed with no_ack)."""
     if keep:
@@ -161,6 +197,19 @@ def mark_acked(conn: Connection, t: Tables, *, job_id: int, process_id: int, now
     return conn.execute(
         update(c).where(c.c.job_id == job_id, c.c.process_id == process_id).values(acked_at=now)
     ).rowcount == 1
+
+
+def mark_acked_many(conn: Connection, t: Tables, *, claims: Sequence[tuple[int, int]], now: datetime) -> int:
+    """``mark_acked`` for a batch of ``(job_id, process_id)``; returns how many claims still stood."""
+    c = t.claimed
+    by_process: dict[int, list[int]] = {}
+    for job_id, process_id in claims:
+        by_process.setdefault(process_id, []).append(job_id)
+    marked = 0
+    for process_id, job_ids in by_process.items():
+        marked += conn.execute(update(c).where(c.c.process_id == process_id, c.c.job_id.in_(job_ids))
+                               .values(acked_at=now)).rowcount
+    return marked
 
 
 def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id: int, now: datetime) -> bool:
