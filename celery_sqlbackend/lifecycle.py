@@ -87,6 +87,7 @@ def on_worker_shutdown(sender=None, **_):
     proc = worker_process(sender.app)
     if proc is None or proc.id is None:
         return
-    proc.finish_completed(task_is_running)
-    proc.stop()
-    proc.deregister(reason="WorkerShutdownError: the worker shut down (cold) while the job was running")
+    proc.finish_completed(task_is_running)   # queue finishes of the drained jobs...
+    proc.stop()                              # ...stop beating only now...
+    proc.deregister(                         # ...write them, give back leftovers, delete the row
+        reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 import time
 from datetime import timedelta
 from typing import Iterable
@@ -55,6 +56,9 @@ class LocalProcess:
         # (job id, process id) pairs whose task is done, recorded in batches.
         self._to_finish: collections.deque = collections.deque()
         self._to_mark: collections.deque = collections.deque()
+        #: Channels claiming for this process, so that ``reconcile`` can tell
+        #: which claimed jobs it really has in hand.
+        self.channels: "weakref.WeakSet" = weakref.WeakSet()
         self._deferred: dict[int, tuple[str, int | None]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
@@ -221,32 +225,48 @@ class LocalProcess:
         self._to_finish.append((job_id, self.id if process_id is None else process_id))
 
     def flush(self) -> None:
-        """Write the queued started-marks and finishes in one transaction (each fenced per claim)."""
+        """Write the queued started-marks and finishes in one transaction of their own."""
+        self.flush_with(None)
+
+    def flush_with(self, then):
+        """Write the queued marks and finishes, then ``then(conn)``, in one transaction.
+
+        The claim loop passes its claim as ``then``, so that a busy worker
+        commits once per loop for everything: the acks since the last loop and
+        the next batch of jobs.  Returns what ``then`` returned.
+        """
         marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
         if not marks and not finishes:
-            return
+            return self.store.run(then) if then is not None else None
         keep = self.store.options.keep_finished > 0
+        t, d = self.store.t, self.store.dialect
 
         def write(conn):
             now = utcnow()
             if marks:
-                queries.mark_acked_many(conn, self.store.t, claims=marks, now=now)
-            return queries.finish_many(conn, self.store.t, self.store.dialect, claims=finishes, now=now,
-                                       keep=keep) if finishes else []
+                queries.mark_acked_many(conn, t, claims=marks, now=now)
+            done = queries.finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
+            return done, (then(conn) if then is not None else None)
 
         try:
-            done = set(self.store.run(write))
+            done, result = self.store.run(write)
         except SQLAlchemyError as exc:
             log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
                         "heartbeat thread", len(marks), len(finishes), exc)
             for job_id, process_id in finishes:
                 self._deferred[job_id] = ("finish", process_id)
-            return
+            raise
+        done = set(done)
         for job_id, process_id in finishes:
             if job_id not in done:
                 log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
                           "process was pruned, and the pruner's decision (released or failed) stands",
                           job_id, self.name, process_id)
+        return result
+
+    @property
+    def has_pending_writes(self) -> bool:
+        return bool(self._to_mark or self._to_finish)
 
     def finish_completed(self, is_running=None) -> None:
         """Finish the early-acked jobs that are no longer running, and any queued finishes."""
@@ -255,7 +275,6 @@ class LocalProcess:
                 entry = self._started.pop(tag, None)
                 if entry is not None:
                     self._to_finish.append(entry)
-        self.flush()
 
     @property
     def running_jobs(self) -> list[int]:
@@ -269,8 +288,12 @@ class LocalProcess:
 
     def _maintain(self, first: bool = False) -> None:
         try:
-            self.flush()
+            try:
+                self.flush()
+            except SQLAlchemyError:
+                pass  # logged and deferred by flush
             self._retry_deferred()
+            self.reconcile()
             if first:
                 pruner.sweep_orphans(self.store)
             pruner.prune(self.store, exclude=self.id)
@@ -278,6 +301,33 @@ class LocalProcess:
             fanout.maintain(self.store)
         except Exception as exc:
             log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
+
+    def reconcile(self, grace: float = 30.0) -> list[int]:
+        """Release claims the store says we hold but this process does not know about.
+
+        That happens when a claim committed but its reply never arrived (the
+        connection dropped at the wrong moment): the jobs would otherwise stay
+        claimed by a live process forever.  ``grace`` covers claims committed
+        a moment ago that a channel is still delivering.
+        """
+        if self.id is None:
+            return []
+        held = set(self.store.read(queries.claims_of, self.store.t, process_id=self.id,
+                                   before=utcnow() - timedelta(seconds=grace)))
+        if not held:
+            return []
+        known = {job_id for job_id, _ in self._started.values()}
+        known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
+        known |= set(self._deferred)
+        for channel in list(self.channels):
+            known |= {job_id for job_id, _ in list(channel._claims.values())}
+        lost = sorted(held - known)
+        for job_id in lost:
+            self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())
+        if lost:
+            log.warning("released %d job(s) claimed by %s that it never received (a claim whose reply "
+                        "was lost): %s", len(lost), self.name, lost)
+        return lost
 
     def _retry_deferred(self) -> None:
         for job_id, (op, process_id) in list(self._deferred.items()):

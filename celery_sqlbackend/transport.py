@@ -197,11 +197,22 @@ class Channel(virtual.Channel):
 
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
-        process_id = self.process.ensure_registered()
-        if not self.store.dialect.skip_locked and not self.store.read(
-                queries.has_ready, self.store.t, queues=queues):
+        proc = self.process
+        proc.channels.add(self)
+        process_id = proc.ensure_registered()
+        store = self.store
+        if not store.dialect.skip_locked and not store.read(queries.has_ready, store.t, queues=queues):
+            # Idle SQLite polls stay reads; only pending acks need the write lock.
+            if proc.has_pending_writes:
+                proc.flush()
             return []
-        claimed = self.store.q("claim", queues=queues, limit=limit, process_id=process_id, now=utcnow())
+
+        def claim(conn):
+            return queries.claim(conn, store.t, store.dialect, queues=queues, limit=limit,
+                                 process_id=process_id, now=utcnow())
+
+        # One transaction: the acks since the last loop, then the next batch.
+        claimed = proc.flush_with(claim)
         messages = []
         finished_no_ack = []
         for job in claimed:
@@ -272,7 +283,7 @@ class Channel(virtual.Channel):
             transport._wake.set()
 
     def finish_completed(self) -> None:
-        """Finish early-acked jobs whose task is no longer running."""
+        """Queue finishes for early-acked jobs whose task is no longer running."""
         self.process.finish_completed(task_is_running)
 
     def _release(self, tag: str) -> None:
@@ -395,7 +406,11 @@ class Transport(virtual.Transport):
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
             except Empty:
-                pass
+                # No claim ran (prefetch full) or it found nothing: acks
+                # queued meanwhile are written now.
+                for channel in self.channels[:1]:
+                    if channel.process.has_pending_writes:
+                        channel.process.flush()
             remaining = None if timeout is None else timeout - (monotonic() - start)
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError

@@ -352,6 +352,13 @@ def take_claims(conn: Connection, t: Tables, d: Dialect, *, process_ids: Iterabl
     return [Orphan(r.job_id, r.process_id, r.acked_at is not None) for r in rows]
 
 
+def claims_of(conn: Connection, t: Tables, *, process_id: int, before: datetime) -> list[int]:
+    """Job ids ``process_id`` has held since before ``before`` (for reconciliation)."""
+    c = t.claimed
+    return list(conn.execute(select(c.c.job_id).where(c.c.process_id == process_id,
+                                                      c.c.claimed_at < before)).scalars())
+
+
 def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan], max_releases: int,
             error_class: str, error: str, now: datetime) -> tuple[list[int], list[int]]:
     """Release unacked orphans to ready (bounded by ``max_releases``); fail the rest.
