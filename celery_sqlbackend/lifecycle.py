@@ -31,6 +31,7 @@ from .store import store_for
 log = logging.getLogger("celery_sqlbackend.lifecycle")
 
 _connected = False
+_worker = None   # the WorkController of this process, once worker_init has run
 
 
 def connect_signals() -> None:
@@ -69,6 +70,9 @@ def on_worker_init(sender=None, **_):
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
     transport_module.task_is_running = task_is_running
+    transport_module.worker_stopping = worker_stopping
+    global _worker
+    _worker = worker
     proc.register()
 
 
@@ -80,6 +84,16 @@ def task_is_running(delivery_tag: str) -> bool:
         if message is not None and message.delivery_tag == delivery_tag:
             return True
     return False
+
+
+def worker_stopping() -> bool:
+    """True once Celery is shutting the worker down (not merely reconnecting)."""
+    from celery import bootsteps
+    from celery.worker import state
+    if _worker is not None and getattr(_worker.blueprint, "state", None) in (bootsteps.CLOSE, bootsteps.TERMINATE):
+        return True   # includes `celery control shutdown`, which sets no flag in state
+    return bool(state.should_stop is not None and state.should_stop is not False
+                or state.should_terminate is not None and state.should_terminate is not False)
 
 
 def on_worker_shutdown(sender=None, **_):

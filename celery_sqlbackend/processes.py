@@ -59,6 +59,9 @@ class LocalProcess:
         #: Channels claiming for this process, so that ``reconcile`` can tell
         #: which claimed jobs it really has in hand.
         self.channels: "weakref.WeakSet" = weakref.WeakSet()
+        #: delivery tag -> (job id, process id, since): claims of channels that
+        #: closed on a lost connection while Celery may still run them.
+        self.adopted: dict[str, tuple[int, int, float]] = {}
         self._deferred: dict[int, tuple[str, int | None]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
@@ -321,6 +324,12 @@ class LocalProcess:
         known |= set(self._deferred)
         for channel in list(self.channels):
             known |= {job_id for job_id, _ in list(channel._claims.values())}
+        now = time.monotonic()
+        for tag, (job_id, _, since) in list(self.adopted.items()):
+            if now - since < grace:
+                known.add(job_id)
+            else:
+                self.adopted.pop(tag, None)   # never acked: Celery dropped it with the old connection
         lost = sorted(held - known)
         for job_id in lost:
             self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())

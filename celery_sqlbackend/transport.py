@@ -62,6 +62,10 @@ log = logging.getLogger("celery_sqlbackend.transport")
 #: Celery worker around (a plain kombu consumer) an ack means "done".
 task_is_running: Callable[[str], bool] | None = None
 
+#: Set by the worker integration: ``fn() -> bool``, True once the worker is
+#: shutting down (as opposed to reconnecting after a lost connection).
+worker_stopping: Callable[[], bool] | None = None
+
 
 def _utc_naive(value: str | None) -> datetime | None:
     if not value:
@@ -262,8 +266,17 @@ class Channel(virtual.Channel):
 
     # ------------------------------------------------------------------ ack / reject / restore
 
-    def _on_ack(self, tag: str) -> None:
+    def _take_claim(self, tag: str):
+        """The claim delivered under ``tag``: this channel's, or one a closed channel handed over."""
         claim = self._claims.pop(tag, None)
+        if claim is None:
+            claim = self.process.adopted.pop(tag, None)
+            if claim is not None:
+                claim = claim[:2]
+        return claim
+
+    def _on_ack(self, tag: str) -> None:
+        claim = self._take_claim(tag)
         if claim is None:
             return
         job_id, process_id = claim
@@ -287,7 +300,7 @@ class Channel(virtual.Channel):
         self.process.finish_completed(task_is_running)
 
     def _release(self, tag: str) -> None:
-        claim = self._claims.pop(tag, None)
+        claim = self._take_claim(tag)
         if claim is None:
             return
         job_id, process_id = claim
@@ -299,7 +312,7 @@ class Channel(virtual.Channel):
             self.process.defer_release(job_id, process_id)
 
     def _dead_letter(self, tag: str) -> None:
-        claim = self._claims.pop(tag, None)
+        claim = self._take_claim(tag)
         if claim is None:
             return
         job_id, process_id = claim
@@ -308,6 +321,20 @@ class Channel(virtual.Channel):
                            "(unregistered task, or Reject(requeue=False))", now=utcnow())
 
     def _restore(self, message):
+        """An unacked delivery of a closing channel.
+
+        In a worker that is not stopping, the channel closes because the
+        connection was lost, and Celery may still run (and ack) what it had
+        prefetched.  The claim is then kept, owned by the live process, and
+        handed to ``process.adopted``: a later ack finishes it, and
+        ``reconcile`` releases it if nothing claims it within the grace period.
+        Releasing it at once would let another worker run it a second time.
+        """
+        if self.process.managed and worker_stopping is not None and not worker_stopping():
+            claim = self._claims.pop(message.delivery_tag, None)
+            if claim is not None:
+                self.process.adopted[message.delivery_tag] = (*claim, monotonic())
+            return
         self._release(message.delivery_tag)
 
     def _restore_at_beginning(self, message):
