@@ -1,6 +1,8 @@
 """A small harness for real ``celery worker`` subprocesses running ``beapp``."""
 from __future__ import annotations
 
+from tests import harness
+
 import os
 import signal
 import subprocess
@@ -14,16 +16,10 @@ REPO = HERE.parents[1]
 CELERY = str(Path(sys.executable).with_name("celery"))
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
                message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    """The shared poll-with-deadline, with this suite's longer default timeout."""
+    return harness.wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 class Worker:

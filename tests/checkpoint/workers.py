@@ -5,6 +5,8 @@ never by sleeping a fixed time and hoping.
 """
 from __future__ import annotations
 
+from tests import harness
+
 import os
 import signal
 import sqlite3
@@ -19,16 +21,10 @@ REPO = HERE.parents[1]
 CELERY = str(Path(sys.executable).with_name("celery"))
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
                message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    """The shared poll-with-deadline, with this suite's longer default timeout."""
+    return harness.wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 class Items:

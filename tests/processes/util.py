@@ -1,6 +1,8 @@
 """Reading job states and checking the registry invariants, for the process tests."""
 from __future__ import annotations
 
+from tests import harness
+
 import time
 from typing import Any, Callable
 
@@ -9,15 +11,8 @@ from sqlalchemy import select
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
                message: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    """The shared poll-with-deadline, with this suite's longer default timeout."""
+    return harness.wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 def _snapshot(conn, t) -> dict[str, Any]:
