@@ -8,6 +8,8 @@
     3. drain           warm shutdown: Celery stops claiming, releases unacked
                        deliveries in place when the channel closes, and waits
                        for running tasks.  Heartbeats go on all the while.
+                       (A channel closed by a lost connection is not a drain:
+                       its claims stay with the live process; see transport.)
     4. stop heartbeat  ``worker_shutdown``, which Celery sends only after the
                        pool has joined: finish what completed, then stop beating.
     5. deregister      same signal: release or fail any claim still held
