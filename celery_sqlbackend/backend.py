@@ -56,7 +56,7 @@ from kombu.utils.encoding import ensure_bytes
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
 from .errors import ConfigurationError
-from .options import Options
+from .options import Options, from_celery_conf
 from .store import Store, store_for, utcnow
 from .store import results as sql
 
@@ -284,7 +284,7 @@ class SQLBackend(BaseBackend):
         given: dict[str, Any] = {}
         broker = conf.broker_url if isinstance(conf.broker_url, str) else None
         if broker and broker.startswith("sqlq+") and broker[len("sqlq+"):] == self.db_url:
-            given.update(conf.broker_transport_options or {})
+            given.update(from_celery_conf(conf))
         given.update(conf.result_backend_transport_options or {})
         own = {k: given.pop(k) for k in list(given) if k in _BACKEND_OPTIONS}
         return Options.from_mapping(given), own

@@ -26,7 +26,7 @@ from celery import signals
 
 from . import SCHEME
 from . import transport as transport_module
-from .options import Options
+from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
 
@@ -41,6 +41,7 @@ def connect_signals() -> None:
     if _connected:
         return
     _connected = True
+    signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
 
@@ -53,12 +54,18 @@ def broker_store(app):
     prefix = SCHEME + "+"
     if not url.startswith(prefix):
         return None
-    return store_for(url[len(prefix):], Options.from_mapping(app.conf.broker_transport_options))
+    return store_for(url[len(prefix):], Options.from_mapping(from_celery_conf(app.conf)))
 
 
 def worker_process(app) -> LocalProcess | None:
     store = broker_store(app)
     return local_process(store) if store is not None else None
+
+
+def on_celeryd_init(sender=None, conf=None, **_):
+    """Step 0: before the worker connects, fold ``sqlq_*`` settings into the transport options."""
+    if conf is not None and str(conf.get("broker_url") or "").startswith(SCHEME + "+"):
+        conf.broker_transport_options = from_celery_conf(conf)
 
 
 def on_worker_init(sender=None, **_):

@@ -1,6 +1,7 @@
 """Transport options (``broker_transport_options``), with their defaults.
 
-Every option is listed once, here.  An option this module does not know is an
+Every option is listed once, here.  Each can also be given as a Celery
+setting named ``sqlq_<option>`` (see ``from_celery_conf``).  An option this module does not know is an
 error, not silence: a typo such as ``heartbeat_intreval`` would otherwise leave
 a production worker on the default.
 
@@ -93,6 +94,22 @@ class Options:
                 f"alive_threshold ({self.alive_threshold}s) is less than twice heartbeat_interval "
                 f"({self.heartbeat_interval}s): one late heartbeat will get a live worker pruned",
                 RuntimeWarning, stacklevel=3)
+
+
+def from_celery_conf(conf) -> dict:
+    """The transport options of a Celery config, with ``sqlq_<option>`` settings folded in.
+
+    ``app.conf.sqlq_heartbeat_interval = 10`` is the same as
+    ``broker_transport_options = {"heartbeat_interval": 10}``; an explicit
+    transport option wins.
+    """
+    merged = {}
+    for f in fields(Options):
+        value = conf.get(f"sqlq_{f.name}")
+        if value is not None:
+            merged[f.name] = value
+    merged.update(conf.get("broker_transport_options") or {})
+    return merged
 
 
 def _coerce(value: Any, default: Any) -> Any:

@@ -172,3 +172,16 @@ def test_payload_is_stored_as_readable_json(conn, db_url):
     _publish(conn)
     [(payload,)] = rows(db_url, "select payload from sqlq_jobs")
     assert json.loads(payload)["properties"]["delivery_info"]["routing_key"] == "q"
+
+
+def test_sqlq_settings_in_celery_config_reach_the_worker_store(sqlite_url):
+    from celery import Celery
+    from celery_sqlbackend import lifecycle
+    app = Celery("cfg", broker=f"sqlq+{sqlite_url}")
+    app.conf.sqlq_heartbeat_interval = 7
+    app.conf.sqlq_alive_threshold = 30
+    app.conf.broker_transport_options = {"alive_threshold": 40}
+    lifecycle.on_celeryd_init(conf=app.conf)
+    opts = lifecycle.broker_store(app).options
+    assert (opts.heartbeat_interval, opts.alive_threshold) == (7, 40)   # explicit transport option wins
+    assert app.conf.broker_transport_options == {"heartbeat_interval": 7, "alive_threshold": 40}
