@@ -14,12 +14,15 @@
                        pool has joined: finish what completed, then stop beating.
     5. deregister      same signal: release or fail any claim still held
                        (a cold shutdown killed its task), delete the row.
+                       Celery sends no ``worker_shutdown`` after a cold
+                       shutdown, so steps 4-5 also run at interpreter exit.
 
 Celery's own event heartbeat is not used for liveness: it stops at the start
 of a warm shutdown, while tasks still run (the Solid Queue #568 failure).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 
 from celery import signals
@@ -80,8 +83,10 @@ def on_worker_init(sender=None, **_):
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
     transport_module.task_is_running = task_is_running
     transport_module.worker_stopping = worker_stopping
+    transport_module.worker_terminating = worker_terminating
     global _worker
     _worker = worker
+    atexit.register(on_worker_shutdown, sender=worker)
     proc.register()
 
 
@@ -105,12 +110,19 @@ def worker_stopping() -> bool:
                 or state.should_terminate is not None and state.should_terminate is not False)
 
 
+def worker_terminating() -> bool:
+    """True in a cold shutdown (SIGQUIT, a second Ctrl-C): Celery kills running tasks."""
+    from celery.worker import state
+    return state.should_terminate is not None and state.should_terminate is not False
+
+
 def on_worker_shutdown(sender=None, **_):
     """Steps 4 and 5: the pool has drained; stop beating and leave."""
     proc = worker_process(sender.app)
     if proc is None or proc.id is None:
         return
-    proc.finish_completed(task_is_running)   # queue finishes of the drained jobs...
+    if not worker_terminating():             # (a cold shutdown killed, not finished, them)
+        proc.finish_completed(task_is_running)   # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

@@ -62,6 +62,8 @@ class LocalProcess:
         #: delivery tag -> (job id, process id, since): claims of channels that
         #: closed on a lost connection while Celery may still run them.
         self.adopted: dict[str, tuple[int, int, float]] = {}
+        #: Non-zero while the claim loop is inside a delivery (see _flush_if_loop_blocked).
+        self.delivering = 0
         self._deferred: dict[int, tuple[str, int | None]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
@@ -198,8 +200,10 @@ class LocalProcess:
         """
         process_id = self.id if process_id is None else process_id
         self._started[tag] = (job_id, process_id)
+        log.debug("job %s started (early ack)", job_id)
         if self.managed:
             self._to_mark.append((job_id, process_id))
+            self._flush_if_loop_blocked()
         elif not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
             log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
                       "here anyway and will not be marked finished", job_id, self.name, process_id)
@@ -226,6 +230,18 @@ class LocalProcess:
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
         """Queue a finish for the next ``flush`` (one transaction for many acks)."""
         self._to_finish.append((job_id, self.id if process_id is None else process_id))
+        self._flush_if_loop_blocked()
+
+    def _flush_if_loop_blocked(self) -> None:
+        # Under prefork, Celery's main loop blocks inside a delivery while every
+        # pool process is busy (billiard's apply_async waits for a free one),
+        # possibly for as long as a task runs.  The ack thread then writes the
+        # batch itself rather than leave a started job unmarked meanwhile.
+        if self.delivering:
+            try:
+                self.flush()
+            except SQLAlchemyError:
+                pass  # logged and deferred by flush
 
     def flush(self) -> None:
         """Write the queued started-marks and finishes in one transaction of their own."""
@@ -259,6 +275,7 @@ class LocalProcess:
             for job_id, process_id in finishes:
                 self._deferred[job_id] = ("finish", process_id)
             raise
+        log.debug("recorded %d started and %d finished job(s)", len(marks), len(finishes))
         done = set(done)
         for job_id, process_id in finishes:
             if job_id not in done:

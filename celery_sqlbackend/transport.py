@@ -66,6 +66,11 @@ task_is_running: Callable[[str], bool] | None = None
 #: shutting down (as opposed to reconnecting after a lost connection).
 worker_stopping: Callable[[], bool] | None = None
 
+#: Set by the worker integration: ``fn() -> bool``, True in a cold shutdown,
+#: where running tasks are killed: a started job that stops running then has
+#: not finished, and is left for deregistration to fail.
+worker_terminating: Callable[[], bool] | None = None
+
 
 def _utc_naive(value: str | None) -> datetime | None:
     if not value:
@@ -196,8 +201,13 @@ class Channel(virtual.Channel):
         if not messages:
             raise Empty()
         log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
-        for payload, queue in messages:
-            self.connection._deliver(payload, queue)
+        proc = self.process
+        proc.delivering += 1
+        try:
+            for payload, queue in messages:
+                self.connection._deliver(payload, queue)
+        finally:
+            proc.delivering -= 1
 
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
@@ -297,6 +307,8 @@ class Channel(virtual.Channel):
 
     def finish_completed(self) -> None:
         """Queue finishes for early-acked jobs whose task is no longer running."""
+        if worker_terminating is not None and worker_terminating():
+            return
         self.process.finish_completed(task_is_running)
 
     def _release(self, tag: str) -> None:

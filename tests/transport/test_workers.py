@@ -190,3 +190,23 @@ def test_expired_tasks_are_revoked_not_run(app_dir, db_url, spawn_worker):
     assert "expired" not in _labels(runs)
     wait_until(lambda: rows(db_url, "select count(*) from sqlq_jobs where finished_at is null") == [(0,)],
                timeout=10, message="the expired job to be recorded finished")
+
+
+def test_cold_shutdown_fails_the_started_job_and_releases_the_prefetched_one(app_dir, db_url, spawn_worker):
+    """SIGQUIT kills running tasks: an early-acked job must not end up looking finished."""
+    directory, app, runs = app_dir
+    app.record.apply_async(("long", 30))
+    app.record.apply_async(("queued",))
+    worker = spawn_worker(directory, concurrency=1, extra_args=["--prefetch-multiplier", "2"])
+    wait_until(lambda: rows(db_url, "select count(*) from sqlq_claimed_executions where acked_at is not null")
+               == [(1,)], timeout=30, message="the long job to start")
+    worker.quit()
+    worker.wait_exit(60)
+    states = dict(rows(db_url, "select j.task_id is not null and f.job_id is not null, count(*) from sqlq_jobs j "
+                               "left join sqlq_failed_executions f on f.job_id = j.id group by 1"))
+    [(error_class,)] = rows(db_url, "select error_class from sqlq_failed_executions")
+    assert error_class == "WorkerShutdownError", states
+    assert rows(db_url, "select count(*) from sqlq_ready_executions") == [(1,)]
+    assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(0,)]
+    assert rows(db_url, "select count(*) from sqlq_processes") == [(0,)]
+    assert "long" not in _labels(runs)
