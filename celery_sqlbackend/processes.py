@@ -10,6 +10,11 @@ which the worker calls only after the pool has drained (see ``lifecycle``).
 Each beat is one UPDATE in its own short transaction; a failed beat is
 logged and retried at the next interval, leaving nothing half-done.  The same
 thread prunes dead processes and clears old finished jobs.
+
+Job state changes reported by acks (started, finished) are queued and written
+in batches: by the claim loop, in the same transaction as its next claim, or,
+while that loop is blocked handing a job to a busy pool, by a small writer
+thread after ``WRITE_DELAY``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ from . import fanout, pruner
 from .store import Store, queries, utcnow
 
 log = logging.getLogger("celery_sqlbackend.processes")
+
+#: How long acks wait for the claim loop before the writer thread writes them.
+WRITE_DELAY = 0.02
 
 
 class LocalProcess:
@@ -64,6 +72,8 @@ class LocalProcess:
         self.adopted: dict[str, tuple[int, int, float]] = {}
         #: Non-zero while the claim loop is inside a delivery (see _flush_if_loop_blocked).
         self.delivering = 0
+        self._writes_waiting = threading.Event()
+        self._writer: threading.Thread | None = None
         self._deferred: dict[int, tuple[str, int | None]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
@@ -111,9 +121,10 @@ class LocalProcess:
     def stop(self) -> None:
         """Stop heartbeating: call only when this process holds no running job."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.store.options.busy_timeout + 5)
-        self._thread = None
+        for thread in (self._thread, self._writer):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=self.store.options.busy_timeout + 5)
+        self._thread = self._writer = None
 
     def deregister(self, reason: str = "the worker shut down before the job finished") -> None:
         """Give back anything still claimed, then delete the process row."""
@@ -138,6 +149,8 @@ class LocalProcess:
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="sqlq-heartbeat", daemon=True)
         self._thread.start()
+        self._writer = threading.Thread(target=self._writer_loop, name="sqlq-writer", daemon=True)
+        self._writer.start()
 
     def _heartbeat_loop(self) -> None:
         # Beats are scheduled on a fixed monotonic grid, so that time spent in
@@ -233,15 +246,28 @@ class LocalProcess:
         self._flush_if_loop_blocked()
 
     def _flush_if_loop_blocked(self) -> None:
-        # Under prefork, Celery's main loop blocks inside a delivery while every
-        # pool process is busy (billiard's apply_async waits for a free one),
-        # possibly for as long as a task runs.  The ack thread then writes the
-        # batch itself rather than leave a started job unmarked meanwhile.
         if self.delivering:
-            try:
-                self.flush()
-            except SQLAlchemyError:
-                pass  # logged and deferred by flush
+            self._writes_waiting.set()
+
+    def _writer_loop(self) -> None:
+        """Write acks the claim loop cannot, while it is blocked in a delivery.
+
+        Under prefork, Celery's main loop blocks inside a delivery while every
+        pool process is busy (billiard's apply_async waits for a free one),
+        possibly for as long as a task runs.  Acks queued meanwhile are written
+        here after ``WRITE_DELAY`` (so they still go in batches), unless the
+        loop, free again, has taken them with its next claim.
+        """
+        while not self._stop.is_set():
+            if not self._writes_waiting.wait(1.0):
+                continue
+            self._writes_waiting.clear()
+            while self.has_pending_writes and not self._stop.wait(WRITE_DELAY):
+                if self.delivering:
+                    try:
+                        self.flush()
+                    except SQLAlchemyError:
+                        pass  # logged and deferred by flush
 
     def flush(self) -> None:
         """Write the queued started-marks and finishes in one transaction of their own."""
