@@ -34,7 +34,7 @@ from . import failed as _failed
 from . import fanout, pruner
 from .failed import FailedJob, store_for_app
 from .options import Options
-from .store import Store, queries, store_for, utcnow
+from .store import Store, queries, utcnow
 from .store.schema import DEFAULT_PREFIX
 
 __all__ = [

@@ -235,10 +235,13 @@ class LocalProcess:
             self._deferred[job_id] = ("finish", process_id)
             return False
         if not done:
-            log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
-                      "process was pruned, and the pruner's decision (released or failed) stands",
-                      job_id, self.name, process_id)
+            self._log_claim_lost(job_id, process_id)
         return done
+
+    def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
+        log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
+                  "process was pruned, and the pruner's decision (released or failed) stands",
+                  job_id, self.name, process_id)
 
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
         """Queue a finish for the next ``flush`` (one transaction for many acks)."""
@@ -305,9 +308,7 @@ class LocalProcess:
         done = set(done)
         for job_id, process_id in finishes:
             if job_id not in done:
-                log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
-                          "process was pruned, and the pruner's decision (released or failed) stands",
-                          job_id, self.name, process_id)
+                self._log_claim_lost(job_id, process_id)
         return result
 
     @property

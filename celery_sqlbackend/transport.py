@@ -239,8 +239,9 @@ class Channel(virtual.Channel):
             else:
                 self._claims[tag] = (job.job_id, process_id)
             messages.append((payload, job.queue_name))
-        for job_id in finished_no_ack:
-            self.store.q("finish", job_id=job_id, process_id=process_id, now=utcnow(), keep=False)
+        if finished_no_ack:   # broadcasts: delivered is done; one transaction for all
+            self.store.q("finish_many", claims=[(job_id, process_id) for job_id in finished_no_ack],
+                         now=utcnow(), keep=False)
         return messages
 
     def _decode(self, job, process_id: int) -> dict | None:

@@ -454,14 +454,10 @@ def unbind_queue(conn: Connection, t: Tables, *, queue: str) -> None:
 # =========================================================================== failed jobs: listing
 # (added for celery_sqlbackend.failed; kept at the end so this section is easy to review)
 
-def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_name: str | None = None,
-                error_class: str | None = None, failed_before: datetime | None = None,
-                after_job_id: int | None = None, limit: int | None = None) -> list:
-    """Failed jobs with their error, oldest job first, filtered; keyset-paged by ``after_job_id``."""
+def _filter_failed(q, t: Tables, *, queue: str | None, task_name: str | None, error_class: str | None,
+                   failed_before: datetime | None):
+    """The filters shared by listing and counting failed jobs (``failed`` joined to ``jobs``)."""
     f, j = t.failed, t.jobs
-    q = (select(f.c.job_id, j.c.task_id, j.c.task_name, f.c.queue_name, f.c.error_class, f.c.error,
-                f.c.failed_at, j.c.created_at, j.c.deliveries, j.c.releases)
-         .select_from(f.join(j, j.c.id == f.c.job_id)))
     if queue is not None:
         q = q.where(f.c.queue_name == queue)
     if task_name is not None:
@@ -470,6 +466,19 @@ def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_n
         q = q.where(f.c.error_class == error_class)
     if failed_before is not None:
         q = q.where(f.c.failed_at < failed_before)
+    return q
+
+
+def failed_jobs(conn: Connection, t: Tables, *, queue: str | None = None, task_name: str | None = None,
+                error_class: str | None = None, failed_before: datetime | None = None,
+                after_job_id: int | None = None, limit: int | None = None) -> list:
+    """Failed jobs with their error, oldest job first, filtered; keyset-paged by ``after_job_id``."""
+    f, j = t.failed, t.jobs
+    q = (select(f.c.job_id, j.c.task_id, j.c.task_name, f.c.queue_name, f.c.error_class, f.c.error,
+                f.c.failed_at, j.c.created_at, j.c.deliveries, j.c.releases)
+         .select_from(f.join(j, j.c.id == f.c.job_id)))
+    q = _filter_failed(q, t, queue=queue, task_name=task_name, error_class=error_class,
+                       failed_before=failed_before)
     if after_job_id is not None:
         q = q.where(f.c.job_id > after_job_id)
     q = q.order_by(f.c.job_id)
@@ -607,14 +616,8 @@ def count_failed(conn: Connection, t: Tables, *, queue: str | None = None, task_
     """How many failed jobs match (the total behind a progress bar)."""
     f, j = t.failed, t.jobs
     q = select(func.count()).select_from(f.join(j, j.c.id == f.c.job_id))
-    if queue is not None:
-        q = q.where(f.c.queue_name == queue)
-    if task_name is not None:
-        q = q.where(j.c.task_name == task_name)
-    if error_class is not None:
-        q = q.where(f.c.error_class == error_class)
-    if failed_before is not None:
-        q = q.where(f.c.failed_at < failed_before)
+    q = _filter_failed(q, t, queue=queue, task_name=task_name, error_class=error_class,
+                       failed_before=failed_before)
     return conn.execute(q).scalar_one()
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -75,7 +73,7 @@ def test_events_dump_sees_task_events_and_its_queue_expires(db_url, make_app, sp
     task_id = cli.run("call", "testapp.add", "--args", "[2, 3]").stdout.strip()
     text = wait_until(lambda: "task succeeded" in log.read_text() and log.read_text(), 30,
                       message="task-succeeded in celery events --dump")
-    assert f"task received" in text and task_id in text, text
+    assert "task received" in text and task_id in text, text
     assert " heartbeat: " in text, text  # worker events too
 
     # A reader that dies without cleaning up: its queue expires (event_queue_expires)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from tests.harness import rows, wait_until
 
-from .populate import enqueue, populate
+from .populate import populate
 
 
 @pytest.fixture

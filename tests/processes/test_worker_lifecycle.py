@@ -80,7 +80,7 @@ def test_kill_fails_the_started_job_and_reruns_the_acks_late_one_elsewhere(clust
     cluster.send("untouched", 0.1, queue="nobody")
     wait_until(lambda: cluster.started("early") and cluster.started("late"), 30, message="both jobs started")
     wait_for_claims(cluster, 2, "a")
-    survivor = cluster.worker("b")
+    cluster.worker("b")                         # the survivor, and the pruner
     early, late, untouched = (cluster.job_id(k) for k in ("early", "late", "untouched"))
     killed_at = a.kill_group()
     a.wait_exit(10)

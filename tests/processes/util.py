@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from tests import harness
 
-import time
 from typing import Any, Callable
 
 from sqlalchemy import select
