@@ -292,7 +292,7 @@ class LocalProcess:
         def write(conn):
             now = utcnow()
             if marks:
-                queries.mark_acked_many(conn, t, claims=marks, now=now)
+                queries.mark_acked_many(conn, t, d, claims=marks, now=now)
             done = queries.finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
             return done, (then(conn) if then is not None else None)
 

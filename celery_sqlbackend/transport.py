@@ -116,6 +116,8 @@ class Channel(virtual.Channel):
         self._claims: dict[str, tuple[int, int]] = {}
         self._no_ack_queues: set[str] = set()
         self._last_dispatch = 0.0
+        self._last_broadcast_poll = 0.0
+        self._last_claim_full: dict[tuple[str, ...], bool] = {}
         self.store.ensure_schema()
 
     # ------------------------------------------------------------------ configuration
@@ -192,6 +194,13 @@ class Channel(virtual.Channel):
     def _get_many(self, queues, timeout=None):
         """Claim up to the free prefetch in one transaction and deliver them all."""
         fanout.touch(self, queues)
+        if self._broadcast_only(queues):
+            # Remote control (pidbox) and other broadcast queues: polled once per
+            # polling interval, not on every loop of a busy worker.
+            now = monotonic()
+            if now - self._last_broadcast_poll < self.options.polling_interval:
+                raise Empty()
+            self._last_broadcast_poll = now
         limit = self.qos.can_consume_max_estimate()
         if limit is None:
             limit = 10
@@ -209,14 +218,19 @@ class Channel(virtual.Channel):
         finally:
             proc.delivering -= 1
 
+    def _broadcast_only(self, queues) -> bool:
+        return bool(queues) and all(q in self._no_ack_queues for q in queues)
+
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
         proc = self.process
         proc.channels.add(self)
         process_id = proc.ensure_registered()
         store = self.store
-        if not store.dialect.skip_locked and not store.read(queries.has_ready, store.t, queues=queues):
-            # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # (Not worth a look while the last claim filled its batch: more are likely waiting.)
+        busy = self._last_claim_full.get(tuple(queues), False)
+        if not store.dialect.skip_locked and not busy and not store.read(queries.has_ready, store.t, store.dialect, queues=queues):
             if proc.has_pending_writes:
                 proc.flush()
             return []
@@ -227,6 +241,7 @@ class Channel(virtual.Channel):
 
         # One transaction: the acks since the last loop, then the next batch.
         claimed = proc.flush_with(claim)
+        self._last_claim_full[tuple(queues)] = len(claimed) >= limit
         messages = []
         finished_no_ack = []
         for job in claimed:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import Connection, delete, func, insert, literal, select, text, update
+from sqlalchemy import Connection, Executable, bindparam, delete, func, insert, literal, select, text, update
 
 from .dialects import Dialect
 from .schema import Tables
@@ -36,6 +36,24 @@ class Orphan:
     job_id: int
     process_id: int
     acked: bool
+
+
+def _prebuilt(t: Tables, d: Dialect, name: str, build: Callable[[], Executable]) -> Executable:
+    """A statement of the claim loop, built once per store and dialect.
+
+    Why: building a Core statement and its cache key costs a busy worker more
+    CPU than SQLite takes to run it, and the worker's main process is
+    CPU-bound.  Values go in as bind parameters (``expanding`` for lists).
+    """
+    key = (name, d.name)
+    stmt = t.prebuilt.get(key)
+    if stmt is None:
+        stmt = t.prebuilt[key] = build()
+    return stmt
+
+
+def _ids(name: str = "ids"):
+    return bindparam(name, expanding=True)
 
 
 # --------------------------------------------------------------------------- enqueue
@@ -76,62 +94,80 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     Higher priority first, FIFO within a priority: the ORDER BY is exactly the
     ``ix_*ready_poll`` index.  Paused queues are skipped.
     """
-    # Fenced on the way in too: claims are made only for a registered process,
-    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
-    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
-    # without blocking the process's own heartbeat UPDATE.
-    p = t.processes
-    owner = select(p.c.id).where(p.c.id == process_id)
-    if d.skip_locked:
-        owner = owner.with_for_update(read=True, key_share=True)
-    if conn.execute(owner).first() is None:
+    if conn.execute(_prebuilt(t, d, "claim_owner", lambda: _claim_owner(t, d)), {"pid": process_id}).first() is None:
         return []
-    r = t.ready
-    candidates = (
-        select(r.c.id)
-        .where(r.c.queue_name.in_(queues))
-        .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
-        .order_by(r.c.priority.desc(), r.c.job_id)
-        .limit(limit)
-    )
-    if d.skip_locked:
-        candidates = candidates.with_for_update(skip_locked=True)
-
     if d.delete_returning and d.delete_in_limited_subquery:
-        taken = conn.execute(
-            delete(r).where(r.c.id.in_(candidates.scalar_subquery()))
-            .returning(r.c.job_id, r.c.queue_name)
-        ).all()
+        taken = conn.execute(_prebuilt(t, d, "claim_take", lambda: _claim_take(t, d)),
+                             {"queues": list(queues), "limit": limit}).all()
     else:
-        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(
-            r.c.id.in_([row.id for row in conn.execute(candidates)]))).all()
+        r = t.ready
+        ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
+        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
         if rows:
             conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
         taken = [(row.job_id, row.queue_name) for row in rows]
     if not taken:
         return []
 
-    conn.execute(insert(t.claimed), [
+    conn.execute(_prebuilt(t, d, "claim_insert", lambda: insert(t.claimed)), [
         {"job_id": job_id, "process_id": process_id, "queue_name": queue, "claimed_at": now}
         for job_id, queue in taken
     ])
     job_ids = [job_id for job_id, _ in taken]
-    j = t.jobs
-    bump = update(j).where(j.c.id.in_(job_ids)).values(deliveries=j.c.deliveries + 1)
-    columns = (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
     if d.update_returning:
-        rows = conn.execute(bump.returning(*columns)).all()
+        rows = conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t).returning(*_claimed_columns(t))),
+                            {"ids": job_ids}).all()
     else:
-        conn.execute(bump)
-        rows = conn.execute(select(*columns).where(j.c.id.in_(job_ids))).all()
+        conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t)), {"ids": job_ids})
+        rows = conn.execute(select(*_claimed_columns(t)).where(t.jobs.c.id.in_(job_ids))).all()
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
 
 
-def has_ready(conn: Connection, t: Tables, *, queues: Sequence[str]) -> bool:
-    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
+def _claim_owner(t: Tables, d: Dialect):
+    # Fenced on the way in too: claims are made only for a registered process,
+    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
+    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
+    # without blocking the process's own heartbeat UPDATE.
+    p = t.processes
+    owner = select(p.c.id).where(p.c.id == bindparam("pid"))
+    return owner.with_for_update(read=True, key_share=True) if d.skip_locked else owner
+
+
+def _claim_candidates(t: Tables, d: Dialect):
     r = t.ready
-    return conn.execute(select(r.c.id).where(r.c.queue_name.in_(queues)).limit(1)).first() is not None
+    candidates = (
+        select(r.c.id)
+        .where(r.c.queue_name.in_(bindparam("queues", expanding=True)))
+        .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        .limit(bindparam("limit"))
+    )
+    return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
+
+
+def _claim_take(t: Tables, d: Dialect):
+    r = t.ready
+    return (delete(r).where(r.c.id.in_(_claim_candidates(t, d).scalar_subquery()))
+            .returning(r.c.job_id, r.c.queue_name))
+
+
+def _claim_bump(t: Tables):
+    j = t.jobs
+    return update(j).where(j.c.id.in_(_ids())).values(deliveries=j.c.deliveries + 1)
+
+
+def _claimed_columns(t: Tables):
+    j = t.jobs
+    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+
+
+def has_ready(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str]) -> bool:
+    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
+    def build():
+        r = t.ready
+        return select(r.c.id).where(r.c.queue_name.in_(bindparam("queues", expanding=True))).limit(1)
+    return conn.execute(_prebuilt(t, d, "has_ready", build), {"queues": list(queues)}).first() is not None
 
 
 # --------------------------------------------------------------------------- fenced state changes
@@ -162,25 +198,38 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
     Returns the job ids whose claim still stood (and are now finished).
     """
     c = t.claimed
-    by_process: dict[int, list[int]] = {}
-    for job_id, process_id in claims:
-        by_process.setdefault(process_id, []).append(job_id)
     done: list[int] = []
-    for process_id, job_ids in by_process.items():
-        where = (c.c.process_id == process_id) & c.c.job_id.in_(job_ids)
+    for process_id, job_ids in _by_process(claims).items():
         if d.delete_returning:
-            done += conn.execute(delete(c).where(where).returning(c.c.job_id)).scalars().all()
+            stmt = _prebuilt(t, d, "finish_many", lambda: delete(c).where(_held(c)).returning(c.c.job_id))
+            done += conn.execute(stmt, {"pid": process_id, "ids": job_ids}).scalars().all()
         else:
-            held = list(conn.execute(select(c.c.job_id).where(where).with_for_update()).scalars())
+            held = list(conn.execute(select(c.c.job_id).where(_held(c)).with_for_update(),
+                                     {"pid": process_id, "ids": job_ids}).scalars())
             if held:
                 conn.execute(delete(c).where(c.c.job_id.in_(held)))
             done += held
     if done:
+        j = t.jobs
         if keep:
-            conn.execute(update(t.jobs).where(t.jobs.c.id.in_(done)).values(finished_at=now))
+            stmt = _prebuilt(t, d, "finish_keep", lambda: update(j).where(j.c.id.in_(_ids()))
+                             .values(finished_at=bindparam("now")))
+            conn.execute(stmt, {"ids": done, "now": now})
         else:
-            conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(done)))
+            conn.execute(_prebuilt(t, d, "finish_drop", lambda: delete(j).where(j.c.id.in_(_ids()))), {"ids": done})
     return done
+
+
+def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    by_process: dict[int, list[int]] = {}
+    for job_id, process_id in claims:
+        by_process.setdefault(process_id, []).append(job_id)
+    return by_process
+
+
+def _held(c):
+    """Claims named by ``ids`` that process ``pid`` still holds (the fence)."""
+    return (c.c.process_id == bindparam("pid")) & c.c.job_id.in_(_ids())
 
 
 def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:
@@ -199,17 +248,13 @@ def mark_acked(conn: Connection, t: Tables, *, job_id: int, process_id: int, now
     ).rowcount == 1
 
 
-def mark_acked_many(conn: Connection, t: Tables, *, claims: Sequence[tuple[int, int]], now: datetime) -> int:
+def mark_acked_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tuple[int, int]],
+                    now: datetime) -> int:
     """``mark_acked`` for a batch of ``(job_id, process_id)``; returns how many claims still stood."""
     c = t.claimed
-    by_process: dict[int, list[int]] = {}
-    for job_id, process_id in claims:
-        by_process.setdefault(process_id, []).append(job_id)
-    marked = 0
-    for process_id, job_ids in by_process.items():
-        marked += conn.execute(update(c).where(c.c.process_id == process_id, c.c.job_id.in_(job_ids))
-                               .values(acked_at=now)).rowcount
-    return marked
+    stmt = _prebuilt(t, d, "mark_acked_many", lambda: update(c).where(_held(c)).values(acked_at=bindparam("now")))
+    return sum(conn.execute(stmt, {"pid": process_id, "ids": job_ids, "now": now}).rowcount
+               for process_id, job_ids in _by_process(claims).items())
 
 
 def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id: int, now: datetime) -> bool:

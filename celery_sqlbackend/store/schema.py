@@ -43,6 +43,8 @@ class Tables:
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         self.prefix = prefix
         self.metadata = md = MetaData()
+        #: Hot statements built once (see ``queries._prebuilt``), by (name, dialect name).
+        self.prebuilt: dict[tuple[str, str], object] = {}
         p = prefix
 
         def job_fk():
