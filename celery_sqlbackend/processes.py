@@ -290,10 +290,7 @@ class LocalProcess:
         t, d = self.store.t, self.store.dialect
 
         def write(conn):
-            now = utcnow()
-            if marks:
-                queries.mark_acked_many(conn, t, d, claims=marks, now=now)
-            done = queries.finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
+            done = queries.record_acks(conn, t, d, marks=marks, finishes=finishes, now=utcnow(), keep=keep)
             return done, (then(conn) if then is not None else None)
 
         try:

@@ -25,12 +25,14 @@ class Dialect:
     delete_in_limited_subquery: bool
     #: LISTEN/NOTIFY wake-ups (PostgreSQL only).
     notify: bool
+    #: DELETE/INSERT/UPDATE inside ``WITH`` (PostgreSQL): a claim is one round trip.
+    dml_cte: bool = False
 
 
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
-        return Dialect(name, True, True, True, True, True)
+        return Dialect(name, True, True, True, True, True, dml_cte=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
         return Dialect(name, False, True, True, True, False)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import Connection, Executable, bindparam, delete, func, insert, literal, select, text, update
+from sqlalchemy import (Connection, Executable, bindparam, delete, exists, func, insert, literal, select, text,
+                        update)
 
 from .dialects import Dialect
 from .schema import Tables
@@ -94,6 +95,11 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     Higher priority first, FIFO within a priority: the ORDER BY is exactly the
     ``ix_*ready_poll`` index.  Paused queues are skipped.
     """
+    if d.dml_cte:
+        rows = conn.execute(_prebuilt(t, d, "claim_in_one", lambda: _claim_in_one(t, d)),
+                            {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
+        rows.sort(key=lambda row: (-row.priority, row.id))
+        return [Claimed(*row) for row in rows]
     if conn.execute(_prebuilt(t, d, "claim_owner", lambda: _claim_owner(t, d)), {"pid": process_id}).first() is None:
         return []
     if d.delete_returning and d.delete_in_limited_subquery:
@@ -150,6 +156,30 @@ def _claim_take(t: Tables, d: Dialect):
     r = t.ready
     return (delete(r).where(r.c.id.in_(_claim_candidates(t, d).scalar_subquery()))
             .returning(r.c.job_id, r.c.queue_name))
+
+
+def _claim_in_one(t: Tables, d: Dialect):
+    """The whole claim as one statement (PostgreSQL): fence, take, record, count, return.
+
+        WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
+             taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)
+                       RETURNING job_id, queue_name),
+             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken)
+        UPDATE jobs SET deliveries = deliveries + 1 FROM taken WHERE jobs.id = taken.job_id
+        RETURNING <the claimed columns>
+    """
+    r, j, c = t.ready, t.jobs, t.claimed
+    owner = _claim_owner(t, d).cte("owner")
+    candidates = _claim_candidates(t, d).where(exists(select(owner.c.id)))
+    taken = (delete(r).where(r.c.id.in_(candidates.scalar_subquery()))
+             .returning(r.c.job_id, r.c.queue_name).cte("taken"))
+    recorded = insert(c).from_select(
+        ["job_id", "process_id", "queue_name", "claimed_at"],
+        select(taken.c.job_id, bindparam("pid", type_=c.c.process_id.type), taken.c.queue_name,
+               bindparam("now", type_=c.c.claimed_at.type)),
+    ).cte("recorded")
+    return (update(j).where(j.c.id == taken.c.job_id).values(deliveries=j.c.deliveries + 1)
+            .returning(*_claimed_columns(t)).add_cte(recorded))
 
 
 def _claim_bump(t: Tables):
@@ -218,6 +248,48 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
         else:
             conn.execute(_prebuilt(t, d, "finish_drop", lambda: delete(j).where(j.c.id.in_(_ids()))), {"ids": done})
     return done
+
+
+def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
+                finishes: Sequence[tuple[int, int]], now: datetime, keep: bool) -> list[int]:
+    """A loop's worth of acks: started marks and finishes of ``(job_id, process_id)``.
+
+    Returns the job ids whose claim still stood and are now finished.  A job
+    that started and finished since the last loop only needs its finish (and
+    must not be both updated and deleted in one PostgreSQL statement).
+    """
+    finishing = {job_id for job_id, _ in finishes}
+    marks = [m for m in marks if m[0] not in finishing]
+    if not d.dml_cte:
+        if marks:
+            mark_acked_many(conn, t, d, claims=marks, now=now)
+        return finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
+    marks_by, finishes_by = _by_process(marks), _by_process(finishes)
+    stmt = _prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, keep))
+    done: list[int] = []
+    for process_id in set(marks_by) | set(finishes_by):
+        done += conn.execute(stmt, {"pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
+                                    "ids": finishes_by.get(process_id, [])}).scalars().all()
+    return done
+
+
+def _acks_in_one(t: Tables, keep: bool):
+    """``record_acks`` for one process as one statement (PostgreSQL).
+
+        WITH marked AS (UPDATE claimed SET acked_at = :now WHERE process_id = :pid AND job_id IN (:marks)),
+             done AS (DELETE FROM claimed WHERE process_id = :pid AND job_id IN (:ids) RETURNING job_id)
+        UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id
+        (or DELETE FROM jobs USING done … when finished jobs are not kept)
+    """
+    c, j = t.claimed, t.jobs
+    marked = (update(c).where(c.c.process_id == bindparam("pid"), c.c.job_id.in_(_ids("marks")))
+              .values(acked_at=bindparam("now")).cte("marked"))
+    done = delete(c).where(_held(c)).returning(c.c.job_id).cte("done")
+    if keep:
+        record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+    else:
+        record = delete(j).where(j.c.id == done.c.job_id)
+    return record.returning(j.c.id).add_cte(marked)
 
 
 def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:

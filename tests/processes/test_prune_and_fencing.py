@@ -215,6 +215,26 @@ def test_early_acked_jobs_are_finished_under_the_id_they_were_claimed_with(store
     lp.deregister()
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-finished", "delete-finished"])
+def test_a_loop_of_acks_is_fenced_and_a_job_started_and_finished_together_ends_finished(store, keep):
+    """``record_acks``: what a worker's claim loop writes for every ack since the last
+    loop (one statement on PostgreSQL, where a row may not be both updated and deleted)."""
+    mine, other = register(store, "w1"), register(store, "w2")
+    a, b, c, d = enqueue(store, 4)
+    assert claim(store, mine, 3) == [a, b, c]
+    assert claim(store, other, 1) == [d]
+    done = store.q("record_acks", marks=[(a, mine), (b, mine), (d, mine)],
+                   finishes=[(a, mine), (c, mine), (d, mine)], now=utcnow(), keep=keep)
+    assert sorted(done) == [a, c]                     # d is not ours: fenced
+    states = job_states(store)
+    assert {job: states.get(job) for job in (b, d)} == {b: "claimed", d: "claimed"}
+    assert {job: states.get(job) for job in (a, c)} == ({a: "finished", c: "finished"} if keep else {a: None, c: None})
+    claimed = store.t.claimed
+    acked = {row.job_id: row.acked_at is not None
+             for row in store.run(lambda conn: conn.execute(select(claimed)).all())}
+    assert acked == {b: True, d: False}
+
+
 # --------------------------------------------------------------------------- registry
 
 
