@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
+PREFETCH_MULTIPLIER = 4   # --prefetch-multiplier: Celery's worker_prefetch_multiplier, the same for every target
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Target:
 
 def _env(target: Target, marks: Path, with_backend: bool = False) -> dict:
     env = dict(os.environ)
-    env.update(BENCH_BROKER=target.broker, BENCH_MARKS=str(marks),
+    env.update(BENCH_BROKER=target.broker, BENCH_MARKS=str(marks), BENCH_PREFETCH=str(PREFETCH_MULTIPLIER),
                BENCH_TRANSPORT_OPTIONS=repr(target.options),
                PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]))
     env["BENCH_BACKEND"] = (target.backend or "") if with_backend else ""
@@ -315,7 +316,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the results run and the claim-scale run")
     ap.add_argument("--only", default="", help="comma-separated target names")
     ap.add_argument("--no-claims", action="store_true", help="skip the claim-scale run")
+    ap.add_argument("--prefetch-multiplier", type=int, default=4,
+                    help="worker_prefetch_multiplier for every target (Celery's default: 4)")
     args = ap.parse_args()
+    global PREFETCH_MULTIPLIER
+    PREFETCH_MULTIPLIER = args.prefetch_multiplier
 
     work = Path(tempfile.mkdtemp(prefix="sqlq-bench-"))
     redis_proc, redis_url = start_redis(work)
@@ -361,7 +366,8 @@ def report(targets: list[Target], claims: dict, args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c 2, one machine")
+    table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c 2, "
+                          f"prefetch multiplier {args.prefetch_multiplier}, one machine")
     cols = [("enqueue_per_s", "enqueue/s"), ("drain_per_s", "drain/s"), ("latency_p50_ms", "p50 ms"),
             ("latency_p99_ms", "p99 ms"), ("results_per_s", "results/s"), ("group1000_collect_s", "group(1000) get s")]
     table.add_column("target")
