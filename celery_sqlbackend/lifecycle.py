@@ -82,6 +82,7 @@ def on_worker_init(sender=None, **_):
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
     transport_module.task_is_running = task_is_running
+    transport_module.running_tags = running_tags
     transport_module.worker_stopping = worker_stopping
     transport_module.worker_terminating = worker_terminating
     global _worker
@@ -92,12 +93,14 @@ def on_worker_init(sender=None, **_):
 
 def task_is_running(delivery_tag: str) -> bool:
     """True while the Celery request delivered under ``delivery_tag`` is executing."""
+    return delivery_tag in running_tags()
+
+
+def running_tags() -> set[str]:
+    """Delivery tags of the Celery requests executing now."""
     from celery.worker import state
-    for request in list(state.active_requests):
-        message = getattr(request, "message", None)
-        if message is not None and message.delivery_tag == delivery_tag:
-            return True
-    return False
+    return {request.message.delivery_tag for request in list(state.active_requests)
+            if getattr(request, "message", None) is not None}
 
 
 def worker_stopping() -> bool:

@@ -19,6 +19,7 @@ thread after ``WRITE_DELAY``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -70,8 +71,9 @@ class LocalProcess:
         #: delivery tag -> (job id, process id, since): claims of channels that
         #: closed on a lost connection while Celery may still run them.
         self.adopted: dict[str, tuple[int, int, float]] = {}
-        #: Non-zero while the claim loop is inside a delivery (see _flush_if_loop_blocked).
-        self.delivering = 0
+        #: Non-zero while the claim loop is away: inside a delivery, or waiting for acks
+        #: (see ``loop_away``); the writer thread writes acks meanwhile.
+        self._loop_away = 0
         self._writes_waiting = threading.Event()
         self._writer: threading.Thread | None = None
         self._deferred: dict[int, tuple[str, int | None]] = {}
@@ -249,24 +251,35 @@ class LocalProcess:
         self._flush_if_loop_blocked()
 
     def _flush_if_loop_blocked(self) -> None:
-        if self.delivering:
+        if self._loop_away:
             self._writes_waiting.set()
 
+    @contextlib.contextmanager
+    def loop_away(self):
+        """The claim loop will not write for a while (it is delivering, or waiting for acks)."""
+        self._loop_away += 1
+        try:
+            self._flush_if_loop_blocked()   # acks queued before it left, too
+            yield
+        finally:
+            self._loop_away -= 1
+
     def _writer_loop(self) -> None:
-        """Write acks the claim loop cannot, while it is blocked in a delivery.
+        """Write acks the claim loop cannot, while it is away.
 
         Under prefork, Celery's main loop blocks inside a delivery while every
         pool process is busy (billiard's apply_async waits for a free one),
-        possibly for as long as a task runs.  Acks queued meanwhile are written
-        here after ``WRITE_DELAY`` (so they still go in batches), unless the
-        loop, free again, has taken them with its next claim.
+        possibly for as long as a task runs; and between claims it waits for
+        enough acks to make the next claim worth a transaction.  Acks queued
+        meanwhile are written here after ``WRITE_DELAY`` (so they still go in
+        batches), unless the loop, back, has taken them with its next claim.
         """
         while not self._stop.is_set():
             if not self._writes_waiting.wait(1.0):
                 continue
             self._writes_waiting.clear()
             while self.has_pending_writes and not self._stop.wait(WRITE_DELAY):
-                if self.delivering:
+                if self._loop_away:
                     try:
                         self.flush()
                     except SQLAlchemyError:

@@ -34,6 +34,7 @@ others (see :mod:`celery_sqlbackend.pruner`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -57,10 +58,17 @@ from .store import Store, queries, store_for, utcnow
 
 log = logging.getLogger("celery_sqlbackend.transport")
 
+#: Jobs per claim when kombu sets no prefetch limit (``worker_prefetch_multiplier = 0``).
+UNLIMITED_BATCH = 10
+
 #: Set by the worker integration (``lifecycle``): ``fn(delivery_tag) -> bool``
 #: tells whether the task delivered under that tag is still running.  With no
 #: Celery worker around (a plain kombu consumer) an ack means "done".
 task_is_running: Callable[[str], bool] | None = None
+
+#: Set by the worker integration: ``fn() -> set``, the delivery tags of tasks
+#: executing now (None: no Celery worker, so every unacked delivery is waiting).
+running_tags: Callable[[], set] | None = None
 
 #: Set by the worker integration: ``fn() -> bool``, True once the worker is
 #: shutting down (as opposed to reconnecting after a lost connection).
@@ -201,22 +209,36 @@ class Channel(virtual.Channel):
             if now - self._last_broadcast_poll < self.options.polling_interval:
                 raise Empty()
             self._last_broadcast_poll = now
-        limit = self.qos.can_consume_max_estimate()
-        if limit is None:
-            limit = 10
+        limit = self._claim_limit()
         if limit <= 0:
             raise Empty()
         messages = self._claim(list(queues), limit)
         if not messages:
             raise Empty()
         log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
-        proc = self.process
-        proc.delivering += 1
-        try:
+        with self.process.loop_away():
             for payload, queue in messages:
                 self.connection._deliver(payload, queue)
-        finally:
-            proc.delivering -= 1
+
+    def _claim_limit(self) -> int:
+        """How many jobs to claim now: the free prefetch, or 0 to wait for more acks.
+
+        While the pool still has deliveries it has not started, a claim waits
+        until half the prefetch is free: a claim costs about the same for one
+        job as for eight, so this halves the transactions of a busy worker
+        without letting its pool run dry.  (Unacked deliveries that are
+        already running, with ``acks_late``, are not work in waiting.)
+        """
+        free = self.qos.can_consume_max_estimate()
+        if free is None:            # no prefetch limit (multiplier 0)
+            return UNLIMITED_BATCH
+        if free >= max(1, self.qos.prefetch_count // 2):
+            return free
+        qos = self.qos
+        unacked = set(qos._delivered) - set(qos._dirty)
+        if running_tags is not None:
+            unacked -= running_tags()
+        return 0 if unacked else free
 
     def _broadcast_only(self, queues) -> bool:
         return bool(queues) and all(q in self._no_ack_queues for q in queues)
@@ -445,8 +467,9 @@ class Transport(virtual.Transport):
     def drain_events(self, connection, timeout=None):
         """Claim and deliver; between empty polls, wait for whichever can change that.
 
-        * every prefetch slot is taken: wait for an ack (``_wake``) rather than
-          the polling interval, or a busy worker idles a slot per poll;
+        * too few prefetch slots are free (``_claim_limit``): wait for an ack
+          (``_wake``) rather than the polling interval, or a busy worker idles
+          a slot per poll;
         * slots are free but the queues are empty: wait for NOTIFY (PostgreSQL)
           or the polling interval.
         """
@@ -461,19 +484,18 @@ class Transport(virtual.Transport):
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
             except Empty:
-                # No claim ran (prefetch full) or it found nothing: acks
-                # queued meanwhile are written now.
-                for channel in self.channels[:1]:
-                    if channel.process.has_pending_writes:
-                        channel.process.flush()
+                pass
             remaining = None if timeout is None else timeout - (monotonic() - start)
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError
             wait = interval if remaining is None else min(interval, remaining)
             if waiter is None and self.channels:
                 waiter = waiter_for(self.channels[0].store)
-            slots_free = any(ch._consumers and ch.qos.can_consume() for ch in self.channels)
-            if waiter is not None and slots_free:
-                waiter.wait(wait)
-            else:
-                self._wake.wait(wait)
+            # (Broadcast-only channels, such as remote control, never hold a slot.)
+            claimable = [ch for ch in self.channels if ch._consumers and not ch._broadcast_only(ch._active_queues)]
+            # Acks that no claim carries meanwhile are written by the writer thread.
+            with claimable[0].process.loop_away() if claimable else contextlib.nullcontext():
+                if waiter is not None and any(ch._claim_limit() > 0 for ch in claimable):
+                    waiter.wait(wait)
+                else:
+                    self._wake.wait(wait)

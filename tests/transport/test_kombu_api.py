@@ -185,3 +185,31 @@ def test_sqlq_settings_in_celery_config_reach_the_worker_store(sqlite_url):
     opts = lifecycle.broker_store(app).options
     assert (opts.heartbeat_interval, opts.alive_threshold) == (7, 40)   # explicit transport option wins
     assert app.conf.broker_transport_options == {"heartbeat_interval": 7, "alive_threshold": 40}
+
+
+def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is_waiting(conn, db_url, monkeypatch):
+    """Fewer, larger claim transactions: with deliveries still waiting to start, a claim waits
+    until half the prefetch is free; deliveries already running (acks_late) are not waiting."""
+    from kombu import Consumer
+    from celery_sqlbackend import transport
+    monkeypatch.setattr(transport, "running_tags", None)
+    _publish(conn, n=20)
+    got = []
+    consumer = Consumer(conn.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(m)], accept=["json"])
+    consumer.qos(prefetch_count=4)
+    with consumer:
+        conn.drain_events(timeout=2)
+        assert len(got) == 4                 # one claim of the whole prefetch
+        got[0].ack()                         # one slot free, three deliveries waiting
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.3)
+        assert len(got) == 4
+        got[1].ack()                         # half free: claims two
+        conn.drain_events(timeout=2)
+        assert len(got) == 6
+        got[2].ack()                         # one free; the other three are running, none waiting
+        running = {m.delivery_tag for m in got[3:6]}
+        monkeypatch.setattr(transport, "running_tags", lambda: running)
+        conn.drain_events(timeout=2)
+        assert len(got) == 7
+    assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)]
