@@ -94,13 +94,15 @@ def release_own_claims(store: Store, process_id: int, reason: str,
                        delete_process: bool = False) -> tuple[list[int], list[int]]:
     """Give back what this process still holds on its way out (cold shutdown, consumer exit).
 
-    With ``delete_process`` the process row goes in the same transaction, so that
-    no claim can ever name a process that is no longer registered.
+    Jobs never started go back to ready without counting toward ``max_releases``
+    (their process did not die); started ones are failed with ``reason``.  With
+    ``delete_process`` the process row goes in the same transaction, so that no
+    claim can ever name a process that is no longer registered.
     """
     def _release(conn):
         orphans = queries.take_claims(conn, store.t, store.dialect, process_ids=[process_id])
         result = queries.recover(conn, store.t, store.dialect, orphans=orphans,
-                                 max_releases=store.options.max_releases + 1,
+                                 max_releases=None,
                                  error_class="WorkerShutdownError", error=reason, now=utcnow())
         if delete_process:
             queries.delete_process(conn, store.t, process_id=process_id)

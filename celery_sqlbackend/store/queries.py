@@ -476,22 +476,28 @@ def claims_of(conn: Connection, t: Tables, *, process_id: int, before: datetime)
                                                       c.c.claimed_at < before)).scalars())
 
 
-def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan], max_releases: int,
+def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan], max_releases: int | None,
             error_class: str, error: str, now: datetime) -> tuple[list[int], list[int]]:
     """Release unacked orphans to ready (bounded by ``max_releases``); fail the rest.
 
+    ``max_releases=None``: the claims are given back by their own process on its
+    way out, which is no death and does not count toward the bound.
     Returns ``(released_job_ids, failed_job_ids)``.
     """
     if not orphans:
         return [], []
     j = t.jobs
     unacked = [o.job_id for o in orphans if not o.acked]
-    releasable = set(conn.execute(
-        select(j.c.id).where(j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
+    if max_releases is None:
+        releasable = set(unacked)
+    else:
+        releasable = set(conn.execute(select(j.c.id).where(
+            j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
     released = [o.job_id for o in orphans if o.job_id in releasable]
     failed = [o.job_id for o in orphans if o.job_id not in releasable]
     if released:
-        conn.execute(update(j).where(j.c.id.in_(released)).values(releases=j.c.releases + 1))
+        if max_releases is not None:
+            conn.execute(update(j).where(j.c.id.in_(released)).values(releases=j.c.releases + 1))
         _make_ready(conn, t, d, released, now)
     over_limit = [o.job_id for o in orphans if not o.acked and o.job_id not in releasable]
     started = [o.job_id for o in orphans if o.acked]
@@ -536,10 +542,18 @@ def discard_failed(conn: Connection, t: Tables, *, job_ids: Sequence[int]) -> in
 def clear_finished(conn: Connection, t: Tables, d: Dialect, *, before: datetime, limit: int) -> int:
     """Delete one batch of jobs finished before ``before``; callers loop until 0."""
     j = t.jobs
-    batch = select(j.c.id).where(j.c.finished_at.is_not(None), j.c.finished_at < before).limit(limit)
-    ids = list(conn.execute(batch).scalars())
+    return delete_batch(conn, j.c.id, j.c.finished_at.is_not(None), j.c.finished_at < before, limit=limit)
+
+
+def delete_batch(conn: Connection, key, *conditions, limit: int) -> int:
+    """Delete up to ``limit`` rows of ``key``'s table matching ``conditions``; returns how many.
+
+    For clearing history: callers loop until fewer than ``limit`` come back, so
+    each transaction stays short and never holds a long lock.
+    """
+    ids = list(conn.execute(select(key).where(*conditions).limit(limit)).scalars())
     if ids:
-        conn.execute(delete(j).where(j.c.id.in_(ids)))
+        conn.execute(delete(key.table).where(key.in_(ids)))
     return len(ids)
 
 

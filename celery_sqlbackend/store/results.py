@@ -22,6 +22,7 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .dialects import Dialect
+from .queries import delete_batch
 from .schema import Tables
 
 #: Result states after which a task will not change on its own (Celery's READY_STATES).
@@ -233,24 +234,12 @@ def chord_delete(conn: Connection, t: Tables, *, group_id: str) -> None:
 
 def expire_results(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
     """Delete one batch of results last written before ``before``; callers loop until it returns < limit."""
-    r = t.results
-    ids = list(conn.execute(select(r.c.id).where(r.c.updated_at < before).limit(limit)).scalars())
-    if ids:
-        conn.execute(delete(r).where(r.c.id.in_(ids)))
-    return len(ids)
+    return delete_batch(conn, t.results.c.id, t.results.c.updated_at < before, limit=limit)
 
 
 def expire_groups(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
-    g = t.groups
-    ids = list(conn.execute(select(g.c.id).where(g.c.date_done < before).limit(limit)).scalars())
-    if ids:
-        conn.execute(delete(g).where(g.c.id.in_(ids)))
-    return len(ids)
+    return delete_batch(conn, t.groups.c.id, t.groups.c.date_done < before, limit=limit)
 
 
 def expire_chords(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
-    c = t.chords
-    ids = list(conn.execute(select(c.c.group_id).where(c.c.created_at < before).limit(limit)).scalars())
-    if ids:
-        conn.execute(delete(c).where(c.c.group_id.in_(ids)))
-    return len(ids)
+    return delete_batch(conn, t.chords.c.group_id, t.chords.c.created_at < before, limit=limit)

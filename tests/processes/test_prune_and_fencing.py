@@ -275,6 +275,19 @@ def test_deregister_gives_back_claims_and_deletes_the_row_together(store):
     assert process_ids(store) == set()
     assert job_states(store) == {early: "failed", late: "ready"}
     assert failed_rows(store)[early] == ("WorkerShutdownError", "WorkerShutdownError: cold")
+    # Given back by its own process on the way out: not a death, so not counted toward max_releases.
+    assert store.read(lambda c: c.execute(select(store.t.jobs.c.releases)
+                                          .where(store.t.jobs.c.id == late)).scalar()) == 0
+
+
+def test_a_job_given_back_at_exit_more_than_max_releases_times_is_never_failed_for_it(store):
+    [job] = enqueue(store)
+    for _ in range(store.options.max_releases + 2):
+        lp = LocalProcess(store)
+        assert claim(store, lp.register()) == [job]
+        lp.stop()
+        lp.deregister()
+    assert job_states(store) == {job: "ready"}
 
 
 def test_the_heartbeat_thread_beats_every_interval_and_stops_when_told(store):
