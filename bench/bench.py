@@ -39,7 +39,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-PREFETCH_MULTIPLIER = 4   # --prefetch-multiplier: Celery's worker_prefetch_multiplier, the same for every target
 
 
 @dataclass
@@ -54,9 +53,9 @@ class Target:
 
 # --------------------------------------------------------------------------- helpers
 
-def _env(target: Target, marks: Path, with_backend: bool = False) -> dict:
+def _env(target: Target, marks: Path, prefetch_multiplier: int, with_backend: bool = False) -> dict:
     env = dict(os.environ)
-    env.update(BENCH_BROKER=target.broker, BENCH_MARKS=str(marks), BENCH_PREFETCH=str(PREFETCH_MULTIPLIER),
+    env.update(BENCH_BROKER=target.broker, BENCH_MARKS=str(marks), BENCH_PREFETCH=str(prefetch_multiplier),
                BENCH_TRANSPORT_OPTIONS=repr(target.options),
                PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]))
     env["BENCH_BACKEND"] = (target.backend or "") if with_backend else ""
@@ -176,7 +175,7 @@ print(json.dumps({{"results_per_s": n / dt, "group1000_collect_s": collect, "gro
 def run_target(target: Target, args, work: Path) -> None:
     marks = work / f"{target.name}.marks"
     print(f"--- {target.name}", flush=True)
-    env = _env(target, marks)
+    env = _env(target, marks, args.prefetch_multiplier)
 
     target.figures.update(_py(ENQUEUE.format(n=args.jobs), env))
     marks.unlink(missing_ok=True)
@@ -194,7 +193,7 @@ def run_target(target: Target, args, work: Path) -> None:
         worker.stop()
 
     if target.backend and not args.quick:
-        env = _env(target, marks, with_backend=True)
+        env = _env(target, marks, args.prefetch_multiplier, with_backend=True)
         worker = Worker(env, work / f"{target.name}.results.log")
         try:
             target.figures.update(_py(RESULTS.format(n=args.jobs), env, timeout=900))
@@ -319,8 +318,6 @@ def main() -> None:
     ap.add_argument("--prefetch-multiplier", type=int, default=4,
                     help="worker_prefetch_multiplier for every target (Celery's default: 4)")
     args = ap.parse_args()
-    global PREFETCH_MULTIPLIER
-    PREFETCH_MULTIPLIER = args.prefetch_multiplier
 
     work = Path(tempfile.mkdtemp(prefix="sqlq-bench-"))
     redis_proc, redis_url = start_redis(work)

@@ -81,7 +81,6 @@ def on_worker_init(sender=None, **_):
     pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
-    transport_module.task_is_running = task_is_running
     transport_module.running_tags = running_tags
     transport_module.worker_stopping = worker_stopping
     transport_module.worker_terminating = worker_terminating
@@ -89,11 +88,6 @@ def on_worker_init(sender=None, **_):
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
     proc.register()
-
-
-def task_is_running(delivery_tag: str) -> bool:
-    """True while the Celery request delivered under ``delivery_tag`` is executing."""
-    return delivery_tag in running_tags()
 
 
 def running_tags() -> set[str]:
@@ -125,7 +119,7 @@ def on_worker_shutdown(sender=None, **_):
     if proc is None or proc.id is None:
         return
     if not worker_terminating():             # (a cold shutdown killed, not finished, them)
-        proc.finish_completed(task_is_running)   # queue finishes of the drained jobs...
+        proc.finish_completed(running_tags())    # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

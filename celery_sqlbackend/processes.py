@@ -218,7 +218,7 @@ class LocalProcess:
         log.debug("job %s started (early ack)", job_id)
         if self.managed:
             self._to_mark.append((job_id, process_id))
-            self._flush_if_loop_blocked()
+            self._wake_writer_if_loop_away()
         elif not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
             log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
                       "here anyway and will not be marked finished", job_id, self.name, process_id)
@@ -248,9 +248,9 @@ class LocalProcess:
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
         """Queue a finish for the next ``flush`` (one transaction for many acks)."""
         self._to_finish.append((job_id, self.id if process_id is None else process_id))
-        self._flush_if_loop_blocked()
+        self._wake_writer_if_loop_away()
 
-    def _flush_if_loop_blocked(self) -> None:
+    def _wake_writer_if_loop_away(self) -> None:
         if self._loop_away:
             self._writes_waiting.set()
 
@@ -259,7 +259,7 @@ class LocalProcess:
         """The claim loop will not write for a while (it is delivering, or waiting for acks)."""
         self._loop_away += 1
         try:
-            self._flush_if_loop_blocked()   # acks queued before it left, too
+            self._wake_writer_if_loop_away()   # acks queued before it left, too
             yield
         finally:
             self._loop_away -= 1
@@ -325,10 +325,10 @@ class LocalProcess:
     def has_pending_writes(self) -> bool:
         return bool(self._to_mark or self._to_finish)
 
-    def finish_completed(self, is_running=None) -> None:
-        """Finish the early-acked jobs that are no longer running, and any queued finishes."""
+    def finish_completed(self, running: set[str]) -> None:
+        """Queue finishes for the early-acked jobs whose delivery tag is not in ``running``."""
         for tag in list(self._started):
-            if is_running is None or not is_running(tag):
+            if tag not in running:
                 entry = self._started.pop(tag, None)
                 if entry is not None:
                     self._to_finish.append(entry)

@@ -61,13 +61,9 @@ log = logging.getLogger("celery_sqlbackend.transport")
 #: Jobs per claim when kombu sets no prefetch limit (``worker_prefetch_multiplier = 0``).
 UNLIMITED_BATCH = 10
 
-#: Set by the worker integration (``lifecycle``): ``fn(delivery_tag) -> bool``
-#: tells whether the task delivered under that tag is still running.  With no
-#: Celery worker around (a plain kombu consumer) an ack means "done".
-task_is_running: Callable[[str], bool] | None = None
-
-#: Set by the worker integration: ``fn() -> set``, the delivery tags of tasks
-#: executing now (None: no Celery worker, so every unacked delivery is waiting).
+#: Set by the worker integration (``lifecycle``): ``fn() -> set``, the delivery
+#: tags of the tasks executing now.  With no Celery worker around (a plain kombu
+#: consumer) it is None: an ack means "done", and an unacked delivery is waiting.
 running_tags: Callable[[], set] | None = None
 
 #: Set by the worker integration: ``fn() -> bool``, True once the worker is
@@ -125,7 +121,7 @@ class Channel(virtual.Channel):
         self._no_ack_queues: set[str] = set()
         self._last_dispatch = 0.0
         self._last_broadcast_poll = 0.0
-        self._last_claim_full: dict[tuple[str, ...], bool] = {}
+        self._full_batch_from: tuple[str, ...] | None = None   # queues whose last claim filled its batch
         self.store.ensure_schema()
 
     # ------------------------------------------------------------------ configuration
@@ -251,7 +247,7 @@ class Channel(virtual.Channel):
         store = self.store
         # Idle SQLite polls stay reads; only pending acks need the write lock.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
-        busy = self._last_claim_full.get(tuple(queues), False)
+        busy = self._full_batch_from == tuple(queues)
         if not store.dialect.skip_locked and not busy and not store.read(queries.has_ready, store.t, store.dialect, queues=queues):
             if proc.has_pending_writes:
                 proc.flush()
@@ -263,7 +259,7 @@ class Channel(virtual.Channel):
 
         # One transaction: the acks since the last loop, then the next batch.
         claimed = proc.flush_with(claim)
-        self._last_claim_full[tuple(queues)] = len(claimed) >= limit
+        self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
         messages = []
         finished_no_ack = []
         for job in claimed:
@@ -328,7 +324,7 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        if task_is_running is not None and task_is_running(tag):
+        if running_tags is not None and tag in running_tags():
             # Celery's default early ack: the task is starting, not done.
             self.process.started(tag, job_id, process_id)
         elif self.process.managed:
@@ -347,7 +343,7 @@ class Channel(virtual.Channel):
         """Queue finishes for early-acked jobs whose task is no longer running."""
         if worker_terminating is not None and worker_terminating():
             return
-        self.process.finish_completed(task_is_running)
+        self.process.finish_completed(running_tags() if running_tags is not None else set())
 
     def _release(self, tag: str) -> None:
         claim = self._take_claim(tag)
@@ -478,8 +474,8 @@ class Transport(virtual.Transport):
         waiter = None
         while True:
             self._wake.clear()
-            for channel in self.channels:
-                channel.finish_completed()
+            if self.channels:     # (every channel of a connection shares one process)
+                self.channels[0].finish_completed()
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
                 return

@@ -282,8 +282,7 @@ def _acks_in_one(t: Tables, keep: bool):
         (or DELETE FROM jobs USING done … when finished jobs are not kept)
     """
     c, j = t.claimed, t.jobs
-    marked = (update(c).where(c.c.process_id == bindparam("pid"), c.c.job_id.in_(_ids("marks")))
-              .values(acked_at=bindparam("now")).cte("marked"))
+    marked = update(c).where(_held(c, "marks")).values(acked_at=bindparam("now")).cte("marked")
     done = delete(c).where(_held(c)).returning(c.c.job_id).cte("done")
     if keep:
         record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
@@ -299,9 +298,9 @@ def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     return by_process
 
 
-def _held(c):
-    """Claims named by ``ids`` that process ``pid`` still holds (the fence)."""
-    return (c.c.process_id == bindparam("pid")) & c.c.job_id.in_(_ids())
+def _held(c, ids: str = "ids"):
+    """Claims named by the list ``ids`` that process ``pid`` still holds (the fence)."""
+    return (c.c.process_id == bindparam("pid")) & c.c.job_id.in_(_ids(ids))
 
 
 def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:

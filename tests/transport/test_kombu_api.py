@@ -201,6 +201,7 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
         conn.drain_events(timeout=2)
         assert len(got) == 4                 # one claim of the whole prefetch
         got[0].ack()                         # one slot free, three deliveries waiting
+        assert consumer.channel._claim_limit() == 0
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.3)
         assert len(got) == 4
