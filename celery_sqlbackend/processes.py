@@ -285,41 +285,44 @@ class LocalProcess:
                     except SQLAlchemyError:
                         pass  # logged and deferred by flush
 
-    def flush(self) -> None:
-        """Write the queued started-marks and finishes in one transaction of their own."""
-        self.flush_with(None)
+    def flush(self, claim: dict | None = None) -> list:
+        """Write the queued started-marks and finishes in one transaction, with the next claim if asked.
 
-    def flush_with(self, then):
-        """Write the queued marks and finishes, then ``then(conn)``, in one transaction.
-
-        The claim loop passes its claim as ``then``, so that a busy worker
-        commits once per loop for everything: the acks since the last loop and
-        the next batch of jobs.  Returns what ``then`` returned.
+        The claim loop passes its claim (``queries.claim``'s ``queues``,
+        ``limit`` and ``process_id``), so that a busy worker writes once per
+        loop for everything: the acks since the last loop and the next batch
+        of jobs.  On PostgreSQL that is one statement, sent without BEGIN and
+        COMMIT: one round trip.  Returns the jobs claimed.
         """
         marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
-        if not marks and not finishes:
-            return self.store.run(then) if then is not None else None
-        keep = self.store.options.keep_finished > 0
-        t, d = self.store.t, self.store.dialect
+        if not marks and not finishes and claim is None:
+            return []
+        store = self.store
+        keep = store.options.keep_finished > 0
+        t, d = store.t, store.dialect
 
         def write(conn):
-            done = queries.record_acks(conn, t, d, marks=marks, finishes=finishes, now=utcnow(), keep=keep)
-            return done, (then(conn) if then is not None else None)
+            if claim is None:
+                return queries.record_acks(conn, t, d, marks=marks, finishes=finishes, now=utcnow(), keep=keep), []
+            return queries.acks_and_claim(conn, t, d, marks=marks, finishes=finishes, keep=keep, now=utcnow(),
+                                          **claim)
 
         try:
-            done, result = self.store.run(write)
+            done, claimed = store.run(write, single=queries.one_statement(d, marks, finishes))
         except SQLAlchemyError as exc:
-            log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
-                        "heartbeat thread", len(marks), len(finishes), exc)
+            if marks or finishes:
+                log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
+                            "heartbeat thread", len(marks), len(finishes), exc)
             for job_id, process_id in finishes:
                 self._deferred[job_id] = ("finish", process_id)
             raise
-        log.debug("recorded %d started and %d finished job(s)", len(marks), len(finishes))
+        if marks or finishes:
+            log.debug("recorded %d started and %d finished job(s)", len(marks), len(finishes))
         done = set(done)
         for job_id, process_id in finishes:
             if job_id not in done:
                 self._log_claim_lost(job_id, process_id)
-        return result
+        return claimed
 
     @property
     def has_pending_writes(self) -> bool:

@@ -253,12 +253,8 @@ class Channel(virtual.Channel):
                 proc.flush()
             return []
 
-        def claim(conn):
-            return queries.claim(conn, store.t, store.dialect, queues=queues, limit=limit,
-                                 process_id=process_id, now=utcnow())
-
         # One transaction: the acks since the last loop, then the next batch.
-        claimed = proc.flush_with(claim)
+        claimed = proc.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
         self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
         messages = []
         finished_no_ack = []

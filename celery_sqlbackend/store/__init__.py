@@ -78,12 +78,17 @@ class Store:
 
     # ------------------------------------------------------------------ plumbing
 
-    def run(self, fn: Callable[..., T], *args: Any, read_only: bool = False, **kwargs: Any) -> T:
-        """Run ``fn(conn, *args, **kwargs)`` in a transaction, retrying lost lock races."""
-        self.ensure_schema()
-        return self._run(fn, *args, read_only=read_only, **kwargs)
+    def run(self, fn: Callable[..., T], *args: Any, read_only: bool = False, single: bool = False,
+            **kwargs: Any) -> T:
+        """Run ``fn(conn, *args, **kwargs)`` in a transaction, retrying lost lock races.
 
-    def _run(self, fn, *args, read_only=False, **kwargs):
+        ``single``: ``fn`` runs exactly one statement, which is then sent on
+        its own where the dialect saves round trips that way (``autocommit_single``).
+        """
+        self.ensure_schema()
+        return self._run(fn, *args, read_only=read_only, single=single, **kwargs)
+
+    def _run(self, fn, *args, read_only=False, single=False, **kwargs):
         attempts = self.options.retry_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -91,6 +96,8 @@ class Store:
                 with conn_ctx as conn:
                     if read_only:
                         conn = conn.execution_options(**READ_ONLY)
+                    elif single and self.dialect.autocommit_single:
+                        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                     with conn.begin():
                         return fn(conn, *args, **kwargs)
             except Exception as exc:

@@ -25,14 +25,17 @@ class Dialect:
     delete_in_limited_subquery: bool
     #: LISTEN/NOTIFY wake-ups (PostgreSQL only).
     notify: bool
-    #: DELETE/INSERT/UPDATE inside ``WITH`` (PostgreSQL): a claim is one round trip.
+    #: DELETE/INSERT/UPDATE inside ``WITH`` (PostgreSQL): a claim loop is one statement.
     dml_cte: bool = False
+    #: A one-statement transaction is sent without BEGIN/COMMIT (PostgreSQL,
+    #: where each is a round trip to the server; a statement is atomic alone).
+    autocommit_single: bool = False
 
 
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
-        return Dialect(name, True, True, True, True, True, dml_cte=True)
+        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
         return Dialect(name, False, True, True, True, False)

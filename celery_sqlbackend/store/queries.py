@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import (Connection, Executable, bindparam, delete, exists, func, insert, literal, select, text,
-                        update)
+from sqlalchemy import (Connection, Executable, bindparam, delete, exists, func, insert, literal, null, select, text,
+                        union_all, update)
 
 from .dialects import Dialect
 from .schema import Tables
@@ -258,8 +258,7 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
     that started and finished since the last loop only needs its finish (and
     must not be both updated and deleted in one PostgreSQL statement).
     """
-    finishing = {job_id for job_id, _ in finishes}
-    marks = [m for m in marks if m[0] not in finishing]
+    marks = _without_finishing(marks, finishes)
     if not d.dml_cte:
         if marks:
             mark_acked_many(conn, t, d, claims=marks, now=now)
@@ -268,27 +267,88 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
     stmt = _prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, keep))
     done: list[int] = []
     for process_id in set(marks_by) | set(finishes_by):
-        done += conn.execute(stmt, {"pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
+        done += conn.execute(stmt, {"ack_pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
                                     "ids": finishes_by.get(process_id, [])}).scalars().all()
     return done
 
 
-def _acks_in_one(t: Tables, keep: bool):
-    """``record_acks`` for one process as one statement (PostgreSQL).
+def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
+                   finishes: Sequence[tuple[int, int]], keep: bool, queues: Sequence[str], limit: int,
+                   process_id: int, now: datetime) -> tuple[list[int], list[Claimed]]:
+    """The claim loop's write: the acks since the last loop, then the next batch.
 
-        WITH marked AS (UPDATE claimed SET acked_at = :now WHERE process_id = :pid AND job_id IN (:marks)),
-             done AS (DELETE FROM claimed WHERE process_id = :pid AND job_id IN (:ids) RETURNING job_id)
-        UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id
-        (or DELETE FROM jobs USING done … when finished jobs are not kept)
+    Returns (job ids finished, jobs claimed).  On PostgreSQL, when every ack
+    names one process id, this is a single statement (``_loop_in_one``), so
+    the caller can run it without BEGIN and COMMIT: one round trip per loop.
+    """
+    if not one_statement(d, marks, finishes):
+        return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
+            claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+    if not marks and not finishes:
+        return [], claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+    marks = _without_finishing(marks, finishes)
+    ack_pid = (finishes or marks)[0][1]
+    rows = conn.execute(_prebuilt(t, d, f"loop_in_one_{keep}", lambda: _loop_in_one(t, d, keep)), {
+        "pid": process_id, "queues": list(queues), "limit": limit, "now": now, "ack_pid": ack_pid,
+        "marks": [job_id for job_id, _ in marks], "ids": [job_id for job_id, _ in finishes]}).all()
+    done = [row.id for row in rows if row.queue_name is None]
+    claimed = sorted((row for row in rows if row.queue_name is not None), key=lambda row: (-row.priority, row.id))
+    return done, [Claimed(*row) for row in claimed]
+
+
+def one_statement(d: Dialect, marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]]) -> bool:
+    """True when ``acks_and_claim`` / ``record_acks`` run as a single statement here."""
+    return d.dml_cte and len({process_id for _, process_id in (*marks, *finishes)}) <= 1
+
+
+def _without_finishing(marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]]) -> list:
+    finishing = {job_id for job_id, _ in finishes}
+    return [m for m in marks if m[0] not in finishing]
+
+
+def _acks_ctes(t: Tables, keep: bool):
+    """Started marks and finishes of process ``ack_pid``, as data-modifying CTEs (PostgreSQL).
+
+        marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
+        done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
+        finished AS (UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id)
+                    (or DELETE FROM jobs USING done … when finished jobs are not kept)
     """
     c, j = t.claimed, t.jobs
-    marked = update(c).where(_held(c, "marks")).values(acked_at=bindparam("now")).cte("marked")
-    done = delete(c).where(_held(c)).returning(c.c.job_id).cte("done")
+    marked = update(c).where(_held(c, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
+    done = delete(c).where(_held(c, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
         record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
     else:
         record = delete(j).where(j.c.id == done.c.job_id)
-    return record.returning(j.c.id).add_cte(marked)
+    return marked, record.returning(j.c.id)
+
+
+def _acks_in_one(t: Tables, keep: bool):
+    """``record_acks`` for one process as one statement (PostgreSQL): ``_acks_ctes``, returning the finished ids."""
+    marked, finished = _acks_ctes(t, keep)
+    return finished.add_cte(marked)
+
+
+def _loop_in_one(t: Tables, d: Dialect, keep: bool):
+    """``acks_and_claim`` as one statement (PostgreSQL): ``_acks_ctes``, then ``_claim_in_one``.
+
+        WITH <marked, done, finished>, <owner, taken, recorded>,
+             bumped AS (UPDATE jobs SET deliveries = deliveries + 1 FROM taken … RETURNING <claimed columns>)
+        SELECT <claimed columns> FROM bumped
+        UNION ALL SELECT id, NULL, NULL, NULL, NULL FROM finished
+
+    The acks touch only jobs this process holds and the claim only jobs that
+    were ready, so no row is modified twice in the one statement.
+    """
+    marked, finished = _acks_ctes(t, keep)
+    finished = finished.cte("finished")
+    bumped = _claim_in_one(t, d).cte("bumped")
+    nothing = null()
+    return union_all(
+        select(*bumped.c),
+        select(finished.c.id, nothing, nothing, nothing, nothing),
+    ).add_cte(marked)
 
 
 def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
@@ -298,9 +358,9 @@ def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     return by_process
 
 
-def _held(c, ids: str = "ids"):
+def _held(c, ids: str = "ids", pid: str = "pid"):
     """Claims named by the list ``ids`` that process ``pid`` still holds (the fence)."""
-    return (c.c.process_id == bindparam("pid")) & c.c.job_id.in_(_ids(ids))
+    return (c.c.process_id == bindparam(pid)) & c.c.job_id.in_(_ids(ids))
 
 
 def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:
