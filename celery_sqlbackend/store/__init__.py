@@ -9,7 +9,9 @@ each attempt is its own transaction.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -72,6 +74,7 @@ class Store:
         self.dialect = dialect_of(self.engine)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        self._local = threading.local()   # see _own_connection
 
     def __repr__(self) -> str:
         return f"<Store {self.engine.url.render_as_string(hide_password=True)}>"
@@ -82,25 +85,26 @@ class Store:
             **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` in a transaction, retrying lost lock races.
 
-        ``single``: ``fn`` runs exactly one statement, which is then sent on
-        its own where the dialect saves round trips that way (``autocommit_single``).
+        ``single``: ``fn`` runs exactly one statement.  Where the dialect saves
+        round trips that way (``autocommit_single``), it is sent on its own, on
+        the calling thread's own connection (see ``_own_connection``).
         """
         self.ensure_schema()
         return self._run(fn, *args, read_only=read_only, single=single, **kwargs)
 
     def _run(self, fn, *args, read_only=False, single=False, **kwargs):
         attempts = self.options.retry_attempts
+        own = single and self.dialect.autocommit_single
         for attempt in range(1, attempts + 1):
             try:
-                conn_ctx = self.engine.connect()
-                with conn_ctx as conn:
+                with self._own_connection() if own else self.engine.connect() as conn:
                     if read_only:
                         conn = conn.execution_options(**READ_ONLY)
-                    elif single and self.dialect.autocommit_single:
-                        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                     with conn.begin():
                         return fn(conn, *args, **kwargs)
             except Exception as exc:
+                if own:
+                    self._drop_own_connection()
                 if attempt == attempts or not is_retryable(exc):
                     raise
                 delay = min(1.0, 0.01 * 2 ** attempt) * (0.5 + random.random())
@@ -108,6 +112,32 @@ class Store:
                           getattr(fn, "__name__", fn), exc.__class__.__name__, attempt, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _own_connection(self):
+        """This thread's long-lived autocommit connection, for one-statement transactions.
+
+        Why: a pool checkout pings the server (``pool_pre_ping``), which on a
+        busy worker's claim loop is a second round trip per statement.  A
+        connection kept by the thread is pinged once, when it is opened; if
+        the database goes away, the statement fails, the connection is dropped
+        (``_drop_own_connection``), and the next one is opened (and pinged) afresh.
+        """
+        # Keyed by pid: a forked child opens its own and never touches (or
+        # lets the garbage collector close) the one it inherited.
+        owned = getattr(self._local, "by_pid", None)
+        if owned is None:
+            owned = self._local.by_pid = {}
+        conn = owned.get(os.getpid())
+        if conn is None or conn.closed or conn.invalidated:
+            conn = owned[os.getpid()] = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
+
+    def _drop_own_connection(self) -> None:
+        conn = getattr(self._local, "by_pid", {}).pop(os.getpid(), None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def q(self, statement: str, /, **kwargs: Any) -> Any:
         """Run the named statement from ``queries`` with this store's tables (and dialect if it takes one)."""
