@@ -11,12 +11,12 @@ import warnings
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from celery_sqlbackend import pruner
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.processes import LocalProcess
-from celery_sqlbackend.store import Store, utcnow
+from celery_sqlbackend.store import Store, queries, utcnow
 
 from .util import job_states, wait_until
 
@@ -233,6 +233,50 @@ def test_a_loop_of_acks_is_fenced_and_a_job_started_and_finished_together_ends_f
     acked = {row.job_id: row.acked_at is not None
              for row in store.run(lambda conn: conn.execute(select(claimed)).all())}
     assert acked == {b: True, d: False}
+
+
+def test_a_claim_loop_writes_its_acks_and_takes_the_next_batch_in_one_fenced_write(store):
+    """``acks_and_claim``: the acks since the last loop and the next batch together.
+
+    On PostgreSQL it is one statement on an autocommit connection (one round trip);
+    elsewhere the same effects in one transaction.  Acks stay fenced either way."""
+    mine, other = register(store, "w1"), register(store, "w2")
+    a, b, c, d, e, f = enqueue(store, 6)
+    assert claim(store, mine, 3) == [a, b, c]
+    assert claim(store, other, 1) == [d]
+    t, dialect = store.t, store.dialect
+    marks, finishes = [(b, mine), (c, mine)], [(a, mine), (c, mine), (d, mine)]   # d is not ours
+    seen = []
+
+    def loop(conn):
+        seen.append(conn.connection.dbapi_connection)
+        return queries.acks_and_claim(conn, t, dialect, marks=marks, finishes=finishes, keep=True, queues=["q"],
+                                      limit=2, process_id=mine, now=utcnow())
+
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        done, claimed = store.run(loop, single=queries.one_statement(dialect, marks, finishes))
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert sorted(done) == [a, c]
+    assert [job.job_id for job in claimed] == [e, f]
+    states = job_states(store)
+    assert {job: states[job] for job in (a, b, c, d, e, f)} == {
+        a: "finished", b: "claimed", c: "finished", d: "claimed", e: "claimed", f: "claimed"}
+    cl = store.t.claimed
+    rows = {row.job_id: (row.process_id, row.acked_at is not None)
+            for row in store.run(lambda conn: conn.execute(select(cl)).all())}
+    assert rows == {b: (mine, True), d: (other, False), e: (mine, False), f: (mine, False)}
+    if dialect.name == "postgresql":
+        assert len(statements) == 1 and seen[0].autocommit   # no BEGIN, no COMMIT: one round trip
+        assert not queries.one_statement(dialect, marks, [*finishes, (f, other)])   # two process ids: a transaction
+    else:
+        assert not queries.one_statement(dialect, marks, finishes)
 
 
 # --------------------------------------------------------------------------- registry

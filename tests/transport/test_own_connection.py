@@ -1,0 +1,72 @@
+"""The connection a thread keeps for one-statement writes (``Store.run(single=True)``), on PostgreSQL.
+
+A worker's claim loop writes once per loop; on PostgreSQL that write goes on a
+connection the thread keeps, in autocommit, so that no pool checkout (and its
+ping) is added to each loop.  These tests pin down what that must not cost:
+a connection the server dropped is replaced, and a forked child never closes
+the one its parent keeps.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+from sqlalchemy import event, exc as sa_exc, text
+
+from celery_sqlbackend.options import Options
+from celery_sqlbackend.store import Store
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def store(pg_db_url):
+    s = Store(pg_db_url, Options(create_tables=True))
+    s.create_all()
+    yield s
+    s._drop_own_connection()
+    s.engine.dispose()
+
+
+def backend_pid(store) -> int:
+    return store.run(lambda conn: conn.execute(text("SELECT pg_backend_pid()")).scalar(), single=True)
+
+
+def test_one_statement_writes_reuse_the_threads_connection_and_replace_it_when_the_server_drops_it(store):
+    checkouts = []
+    event.listen(store.engine.pool, "checkout", lambda *args: checkouts.append(1))
+    first = backend_pid(store)
+    assert backend_pid(store) == first and backend_pid(store) == first
+    assert len(checkouts) == 1                               # kept, not checked out (and pinged) per statement
+    with store.engine.connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first})
+        admin.commit()
+    with pytest.raises(sa_exc.DBAPIError):                   # the statement in flight fails, says so...
+        backend_pid(store)
+    second = backend_pid(store)                              # ...and the next one has a new connection
+    assert second != first and backend_pid(store) == second
+
+
+def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_open(store):
+    parent = backend_pid(store)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:   # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            mine = backend_pid(store)
+            store._drop_own_connection()
+            gc.collect()     # nothing the child drops may close the parent's connection
+            os.write(w, str(mine).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        in_child = int(f.read() or 0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert in_child and in_child != parent
+    assert backend_pid(store) == parent                      # still open, still the same
