@@ -176,7 +176,7 @@ class LocalProcess:
             return False
         try:
             # One statement: on PostgreSQL one round trip, on this thread's own connection.
-            alive = self.store.run(queries.heartbeat, self.store.t, process_id=process_id, now=utcnow(), single=True)
+            alive = self.store.q("heartbeat", process_id=process_id, now=utcnow(), single=True)
         except Exception as exc:  # never let a DB hiccup kill the thread
             self.last_beat_error = exc
             log.warning("heartbeat of %s failed (%s); retrying in %gs", self.name, exc,

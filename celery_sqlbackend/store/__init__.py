@@ -139,12 +139,15 @@ class Store:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def q(self, statement: str, /, **kwargs: Any) -> Any:
-        """Run the named statement from ``queries`` with this store's tables (and dialect if it takes one)."""
+    def q(self, statement: str, /, *, single: bool = False, **kwargs: Any) -> Any:
+        """Run the named statement from ``queries`` with this store's tables (and dialect if it takes one).
+
+        ``single``: the statement function runs exactly one statement (see ``run``).
+        """
         fn = getattr(queries, statement)
         if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-            return self.run(fn, self.t, self.dialect, **kwargs)
-        return self.run(fn, self.t, **kwargs)
+            return self.run(fn, self.t, self.dialect, single=single, **kwargs)
+        return self.run(fn, self.t, single=single, **kwargs)
 
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.run(fn, *args, read_only=True, **kwargs)
