@@ -149,10 +149,19 @@ class LocalProcess:
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat_loop, name="sqlq-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._closing_own_connection, args=(self._heartbeat_loop,),
+                                        name="sqlq-heartbeat", daemon=True)
         self._thread.start()
-        self._writer = threading.Thread(target=self._writer_loop, name="sqlq-writer", daemon=True)
+        self._writer = threading.Thread(target=self._closing_own_connection, args=(self._writer_loop,),
+                                        name="sqlq-writer", daemon=True)
         self._writer.start()
+
+    def _closing_own_connection(self, loop) -> None:
+        """Run a thread's loop, then close the connection it kept for its writes (``Store.run(single=True)``)."""
+        try:
+            loop()
+        finally:
+            self.store.close_own_connection()
 
     def _heartbeat_loop(self) -> None:
         # Beats are scheduled on a fixed monotonic grid, so that time spent in

@@ -6,6 +6,10 @@ that loses a lock race (SQLite busy, PostgreSQL deadlock or serialization
 failure, MySQL 1213) is rolled back and run again with jittered backoff, a
 fixed number of times.  Nothing half-done survives a failed attempt, because
 each attempt is its own transaction.
+
+The worker's hot writes (a claim loop, a heartbeat) are one statement each;
+on PostgreSQL they go in autocommit on a connection their thread keeps, so
+each is one round trip (``run(single=True)``).
 """
 from __future__ import annotations
 
@@ -104,7 +108,7 @@ class Store:
                         return fn(conn, *args, **kwargs)
             except Exception as exc:
                 if own:
-                    self._drop_own_connection()
+                    self.close_own_connection()
                 if attempt == attempts or not is_retryable(exc):
                     raise
                 delay = min(1.0, 0.01 * 2 ** attempt) * (0.5 + random.random())
@@ -121,7 +125,7 @@ class Store:
         busy worker's claim loop is a second round trip per statement.  A
         connection kept by the thread is pinged once, when it is opened; if
         the database goes away, the statement fails, the connection is dropped
-        (``_drop_own_connection``), and the next one is opened (and pinged) afresh.
+        (``close_own_connection``), and the next one is opened (and pinged) afresh.
         """
         # Keyed by pid: a forked child opens its own and never touches (or
         # lets the garbage collector close) the one it inherited.
@@ -133,7 +137,8 @@ class Store:
             conn = owned[os.getpid()] = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         yield conn
 
-    def _drop_own_connection(self) -> None:
+    def close_own_connection(self) -> None:
+        """Close the calling thread's own connection, if it has one (long-lived threads call it as they end)."""
         conn = getattr(self._local, "by_pid", {}).pop(os.getpid(), None)
         if conn is not None:
             with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ def store(pg_db_url):
     s = Store(pg_db_url, Options(create_tables=True))
     s.create_all()
     yield s
-    s._drop_own_connection()
+    s.close_own_connection()
     s.engine.dispose()
 
 
@@ -57,7 +57,7 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_open(sto
         try:
             os.close(r)
             mine = backend_pid(store)
-            store._drop_own_connection()
+            store.close_own_connection()
             gc.collect()     # nothing the child drops may close the parent's connection
             os.write(w, str(mine).encode())
             code = 0
