@@ -5,9 +5,11 @@
                        the dead, start the heartbeat thread.
     2. heartbeat       every ``heartbeat_interval`` on that thread, with its
                        own short transactions, whatever the pool is doing.
-    3. drain           warm shutdown: Celery stops claiming, releases unacked
-                       deliveries in place when the channel closes, and waits
-                       for running tasks.  Heartbeats go on all the while.
+    3. drain           warm shutdown: Celery stops claiming (on PostgreSQL the
+                       claim thread stops once ``worker_stopping``), releases
+                       unacked and undelivered jobs in place when the channel
+                       closes, and waits for running tasks.  Heartbeats go on
+                       all the while.
                        (A channel closed by a lost connection is not a drain:
                        its claims stay with the live process; see transport.)
     4. stop heartbeat  ``worker_shutdown``, which Celery sends only after the

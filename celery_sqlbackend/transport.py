@@ -23,6 +23,13 @@ Transport options
 =================
 See :mod:`celery_sqlbackend.options` (one table, every default).
 
+Loops
+=====
+On PostgreSQL the transport registers with Celery's event loop, and a claim
+thread claims (:mod:`celery_sqlbackend.eventloop`); elsewhere Celery runs its
+blocking loop, which calls :meth:`Transport.drain_events`.  Both claim through
+:meth:`Channel._claim`.
+
 Delivery semantics
 ==================
 A claimed job stays claimed by this process (``claimed_executions``) until it
@@ -51,6 +58,7 @@ from sqlalchemy import exc as sa_exc
 
 from . import fanout
 from .errors import UndecodableMessageError
+from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options
 from .processes import local_process
@@ -216,9 +224,11 @@ class Channel(virtual.Channel):
             for payload, queue in messages:
                 self.connection._deliver(payload, queue)
 
-    def _claim_limit(self) -> int:
+    def _claim_limit(self, undelivered: int = 0) -> int:
         """How many jobs to claim now: the free prefetch, or 0 to wait for more acks.
 
+        ``undelivered``: jobs claimed but not handed to kombu yet (``eventloop``),
+        which kombu's prefetch count cannot know about.
         While the pool still has deliveries it has not started, a claim waits
         until half the prefetch is free: a claim costs about the same for one
         job as for eight, so this halves the transactions of a busy worker
@@ -227,9 +237,12 @@ class Channel(virtual.Channel):
         """
         free = self.qos.can_consume_max_estimate()
         if free is None:            # no prefetch limit (multiplier 0)
-            return UNLIMITED_BATCH
+            return max(0, UNLIMITED_BATCH - undelivered)
+        free -= undelivered
         if free >= max(1, self.qos.prefetch_count // 2):
             return free
+        if free <= 0 or undelivered:
+            return 0
         qos = self.qos
         unacked = set(qos._delivered) - set(qos._dirty)
         if running_tags is not None:
@@ -401,6 +414,9 @@ class Channel(virtual.Channel):
 
     def close(self):
         if not self.closed:
+            feed = getattr(getattr(self, "_transport_ref", None), "_feed", None)
+            if feed is not None:
+                feed.release_pending(self)
             self.finish_completed()
         super().close()
         proc = local_process(self.store)
@@ -425,7 +441,7 @@ class Transport(virtual.Transport):
     default_port = 0
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=False,   # per connection: see __init__ and eventloop
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
@@ -439,6 +455,12 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.options = Options.from_mapping(client.transport_options)
         self._wake = threading.Event()
+        self._feed: ClaimFeed | None = None
+        event_loop = self.options.event_loop
+        if event_loop is None:
+            event_loop = store_for(client.hostname, self.options).dialect.event_loop
+        # Celery picks its event loop (and AsynPool) from this, per connection.
+        self.implements = self.implements.extend(asynchronous=event_loop)
 
     def driver_version(self):
         import sqlalchemy
@@ -455,6 +477,22 @@ class Transport(virtual.Transport):
         store.ping()
         store.ensure_schema()
         return super().establish_connection()
+
+    def register_with_event_loop(self, connection, loop):
+        """Celery's event loop starts (asynloop): claims go to a thread, deliveries come from the hub."""
+        if not self.implements.asynchronous:
+            return
+        if self._feed is not None and not (self._feed.alive and self._feed.loop is loop):
+            self._feed.stop()
+            self._feed = None
+        if self._feed is None:
+            self._feed = ClaimFeed(self, loop)
+
+    def close_connection(self, connection):
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.stop()
+        super().close_connection(connection)
 
     def drain_events(self, connection, timeout=None):
         """Claim and deliver; between empty polls, wait for whichever can change that.

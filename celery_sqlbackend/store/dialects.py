@@ -30,12 +30,15 @@ class Dialect:
     #: A one-statement transaction is sent without BEGIN/COMMIT (PostgreSQL,
     #: where each is a round trip to the server; a statement is atomic alone).
     autocommit_single: bool = False
+    #: Deliver through Celery's event loop, claiming on a thread (see ``eventloop``):
+    #: where a claim is a wait on a server, not CPU in this process.
+    event_loop: bool = False
 
 
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
-        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True)
+        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True, event_loop=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
         return Dialect(name, False, True, True, True, False)
