@@ -24,6 +24,19 @@ def count(db_url, table):
     return rows(db_url, f"select count(*) from sqlq_{table}")[0][0]
 
 
+def consume_through_hub(conn, prefetch: int):
+    """Register ``conn`` with a kombu Hub, as Celery's asynloop does, and consume queue q.
+
+    Returns the hub and the list that deliveries are appended to.
+    """
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    delivered = []
+    Consumer(conn.channel(), [Queue("q")], callbacks=[lambda body, msg: delivered.append(msg)],
+             prefetch_count=prefetch).consume()
+    return hub, delivered
+
+
 def run_hub_until(hub, predicate, timeout=10.0):
     deadline = monotonic() + timeout
     while not predicate():
@@ -41,12 +54,7 @@ def test_the_default_loop_is_the_event_loop_on_postgresql_and_the_blocking_one_o
 def test_through_the_event_loop_a_consumer_holds_no_more_than_its_prefetch(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=EVENT_LOOP) as conn:
         _publish(conn, n=10)
-        hub = Hub()
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        got = []
-        consumer = Consumer(conn.channel(), [Queue("q")], callbacks=[lambda body, msg: got.append(msg)],
-                            prefetch_count=3)
-        consumer.consume()
+        hub, got = consume_through_hub(conn, prefetch=3)
         run_hub_until(hub, lambda: len(got) >= 3)
         end = monotonic() + 0.5     # bounded look: a claim thread that over-claimed would deliver more
         while monotonic() < end:
@@ -64,11 +72,7 @@ def test_through_the_event_loop_a_consumer_holds_no_more_than_its_prefetch(db_ur
 def test_a_batch_claimed_but_never_delivered_goes_back_to_ready_when_the_connection_closes(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=EVENT_LOOP) as conn:
         _publish(conn, n=5)
-        hub = Hub()
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        got = []
-        Consumer(conn.channel(), [Queue("q")], callbacks=[lambda body, msg: got.append(msg)],
-                 prefetch_count=5).consume()
+        _, got = consume_through_hub(conn, prefetch=5)
         deadline = monotonic() + 10
         while count(db_url, "claimed_executions") < 5:   # claimed by the thread; the hub never runs
             assert monotonic() < deadline, "the claim thread claimed nothing"
