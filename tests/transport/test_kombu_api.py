@@ -202,6 +202,8 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
         assert len(got) == 4                 # one claim of the whole prefetch
         got[0].ack()                         # one slot free, three deliveries waiting
         assert consumer.channel._claim_limit() == 0
+        assert consumer.channel._claim_limit(share=4) == 1     # the event loop's claim thread: a quarter
+        assert consumer.channel._claim_limit(1, share=4) == 0  # ...counting what it has not delivered yet
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.3)
         assert len(got) == 4
