@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import threading
-from time import monotonic
 
 from . import fanout
 from .notify import waiter_for
@@ -111,18 +110,12 @@ class ClaimFeed:
                 channels = [ch for ch in list(transport.channels) if ch._consumers and not ch.closed]
                 if channels:   # (every channel of a connection shares one process)
                     channels[0].finish_completed()
-                claimed, slots_free = self._claim_round(channels, interval)
+                claimed, slots_free = self._claim_round(channels)
                 if claimed or self._stop.is_set():
                     continue
                 if waiter is None and channels:
                     waiter = waiter_for(channels[0].store)
-                process = channels[0].process if channels else None
-                # Acks no claim carries meanwhile are written by the writer thread.
-                with process.loop_away() if process is not None else contextlib.nullcontext():
-                    if waiter is not None and slots_free:
-                        waiter.wait(interval)        # queues empty: NOTIFY or the poll
-                    else:
-                        transport._wake.wait(interval)   # prefetch full: an ack
+                transport._wait_for_work(waiter, slots_free, channels[0].process if channels else None, interval)
         except BaseException as exc:   # a database that went away: the hub raises it
             log.warning("claiming stopped (%s: %s); the worker reconnects", exc.__class__.__name__, exc)
             self._error = exc
@@ -135,7 +128,7 @@ class ClaimFeed:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def _claim_round(self, channels, interval) -> tuple[bool, bool]:
+    def _claim_round(self, channels) -> tuple[bool, bool]:
         """One claim per channel that has room; returns (anything claimed, any slot free)."""
         from . import transport as transport_module
         claimed = slots_free = False
@@ -147,11 +140,8 @@ class ClaimFeed:
             if not queues:
                 continue
             if channel._broadcast_only(queues):
-                # Remote control: polled once per polling interval.
-                now = monotonic()
-                if now - channel._last_broadcast_poll < interval:
+                if not channel._broadcast_poll_due():
                     continue
-                channel._last_broadcast_poll = now
                 limit = channel._claim_limit()
             else:
                 limit = channel._claim_limit(self.undelivered(channel), share=CLAIM_SHARE)

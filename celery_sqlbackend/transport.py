@@ -206,13 +206,8 @@ class Channel(virtual.Channel):
     def _get_many(self, queues, timeout=None):
         """Claim up to the free prefetch in one transaction and deliver them all."""
         fanout.touch(self, queues)
-        if self._broadcast_only(queues):
-            # Remote control (pidbox) and other broadcast queues: polled once per
-            # polling interval, not on every loop of a busy worker.
-            now = monotonic()
-            if now - self._last_broadcast_poll < self.options.polling_interval:
-                raise Empty()
-            self._last_broadcast_poll = now
+        if self._broadcast_only(queues) and not self._broadcast_poll_due():
+            raise Empty()
         limit = self._claim_limit()
         if limit <= 0:
             raise Empty()
@@ -255,6 +250,15 @@ class Channel(virtual.Channel):
 
     def _broadcast_only(self, queues) -> bool:
         return bool(queues) and all(q in self._no_ack_queues for q in queues)
+
+    def _broadcast_poll_due(self) -> bool:
+        """Remote control (pidbox) and other broadcast queues are polled once per
+        polling interval, not on every loop of a busy worker."""
+        now = monotonic()
+        if now - self._last_broadcast_poll < self.options.polling_interval:
+            return False
+        self._last_broadcast_poll = now
+        return True
 
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
@@ -527,9 +531,15 @@ class Transport(virtual.Transport):
                 waiter = waiter_for(self.channels[0].store)
             # (Broadcast-only channels, such as remote control, never hold a slot.)
             claimable = [ch for ch in self.channels if ch._consumers and not ch._broadcast_only(ch._active_queues)]
-            # Acks that no claim carries meanwhile are written by the writer thread.
-            with claimable[0].process.loop_away() if claimable else contextlib.nullcontext():
-                if waiter is not None and any(ch._claim_limit() > 0 for ch in claimable):
-                    waiter.wait(wait)
-                else:
-                    self._wake.wait(wait)
+            self._wait_for_work(waiter, any(ch._claim_limit() > 0 for ch in claimable),
+                                claimable[0].process if claimable else None, wait)
+
+    def _wait_for_work(self, waiter, slots_free: bool, process, wait: float) -> None:
+        """Between empty polls (both loops): with prefetch slots free, wait for
+        NOTIFY or the poll; with none, for an ack (``_wake``).  Acks that no
+        claim carries meanwhile are written by the writer thread (``loop_away``)."""
+        with process.loop_away() if process is not None else contextlib.nullcontext():
+            if waiter is not None and slots_free:
+                waiter.wait(wait)
+            else:
+                self._wake.wait(wait)
