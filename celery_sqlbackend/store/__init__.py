@@ -135,6 +135,10 @@ class Store:
         conn = owned.get(os.getpid())
         if conn is None or conn.closed or conn.invalidated:
             conn = owned[os.getpid()] = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if self.dialect.own_connection_settings:
+                for setting in self.dialect.own_connection_settings:
+                    conn.exec_driver_sql(setting)
+                conn.commit()   # (ends SQLAlchemy's autobegun transaction; the server has none)
         yield conn
 
     def close_own_connection(self) -> None:

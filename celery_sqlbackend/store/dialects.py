@@ -30,6 +30,19 @@ class Dialect:
     #: A one-statement transaction is sent without BEGIN/COMMIT (PostgreSQL,
     #: where each is a round trip to the server; a statement is atomic alone).
     autocommit_single: bool = False
+    #: A list of ids is bound as one array (``col = ANY(:ids)``, PostgreSQL), not
+    #: expanded to ``IN (:ids_1, …)``: every claim loop then sends the same SQL
+    #: text, which the driver prepares once and the server plans once, instead
+    #: of one text per list length, each parsed and planned afresh.
+    array_params: bool = False
+    #: Settings for the connections a worker's threads keep for the claim loop and
+    #: the heartbeat (``Store._own_connection``).  PostgreSQL: ``enable_sort = off``,
+    #: so the claim walks the poll index in order whatever the statistics say.
+    #: Without it, a ready table that has not been analysed yet (a new
+    #: database, or one analysed while nearly empty) is planned as "fetch every
+    #: ready row of the queue, sort, take n": measured 0.8 ms a claim with
+    #: 2,400 waiting, against 0.05 ms for the index walk, and growing with the queue.
+    own_connection_settings: tuple[str, ...] = ()
     #: Deliver through Celery's event loop, claiming on a thread (see ``eventloop``):
     #: where a claim is a wait on a server, not CPU in this process.
     event_loop: bool = False
@@ -38,7 +51,8 @@ class Dialect:
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
-        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True, event_loop=True)
+        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True,
+                       array_params=True, own_connection_settings=("SET enable_sort = off",), event_loop=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
         return Dialect(name, False, True, True, True, False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import (Connection, Executable, bindparam, delete, exists, func, insert, literal, null, select, text,
+from sqlalchemy import (ARRAY, Connection, Executable, Integer, any_, bindparam, delete, exists, func, insert, literal, null, select, text,
                         union_all, update)
 
 from .dialects import Dialect
@@ -53,8 +53,11 @@ def _prebuilt(t: Tables, d: Dialect, name: str, build: Callable[[], Executable])
     return stmt
 
 
-def _ids(name: str = "ids"):
-    return bindparam(name, expanding=True)
+def _in_ids(col, d: Dialect, name: str = "ids"):
+    """``col IN (the list bound as name)``: one array parameter where the dialect takes it (``array_params``)."""
+    if d.array_params:
+        return col == any_(bindparam(name, type_=ARRAY(col.type)))
+    return col.in_(bindparam(name, expanding=True))
 
 
 # --------------------------------------------------------------------------- enqueue
@@ -121,10 +124,10 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     ])
     job_ids = [job_id for job_id, _ in taken]
     if d.update_returning:
-        rows = conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t).returning(*_claimed_columns(t))),
+        rows = conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d).returning(*_claimed_columns(t))),
                             {"ids": job_ids}).all()
     else:
-        conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t)), {"ids": job_ids})
+        conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
         rows = conn.execute(select(*_claimed_columns(t)).where(t.jobs.c.id.in_(job_ids))).all()
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
@@ -147,7 +150,10 @@ def _claim_candidates(t: Tables, d: Dialect):
         .where(r.c.queue_name.in_(bindparam("queues", expanding=True)))
         .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
         .order_by(r.c.priority.desc(), r.c.job_id)
-        .limit(bindparam("limit"))
+        # A literal: a server-side prepared statement then plans for this
+        # limit, not for an unknown one (which PostgreSQL takes as a tenth of the
+        # table, and answers with hash joins over whole tables).
+        .limit(bindparam("limit", type_=Integer(), literal_execute=True))
     )
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
 
@@ -182,9 +188,9 @@ def _claim_in_one(t: Tables, d: Dialect):
             .returning(*_claimed_columns(t)).add_cte(recorded))
 
 
-def _claim_bump(t: Tables):
+def _claim_bump(t: Tables, d: Dialect):
     j = t.jobs
-    return update(j).where(j.c.id.in_(_ids())).values(deliveries=j.c.deliveries + 1)
+    return update(j).where(_in_ids(j.c.id, d)).values(deliveries=j.c.deliveries + 1)
 
 
 def _claimed_columns(t: Tables):
@@ -231,10 +237,10 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
     done: list[int] = []
     for process_id, job_ids in _by_process(claims).items():
         if d.delete_returning:
-            stmt = _prebuilt(t, d, "finish_many", lambda: delete(c).where(_held(c)).returning(c.c.job_id))
+            stmt = _prebuilt(t, d, "finish_many", lambda: delete(c).where(_held(c, d)).returning(c.c.job_id))
             done += conn.execute(stmt, {"pid": process_id, "ids": job_ids}).scalars().all()
         else:
-            held = list(conn.execute(select(c.c.job_id).where(_held(c)).with_for_update(),
+            held = list(conn.execute(select(c.c.job_id).where(_held(c, d)).with_for_update(),
                                      {"pid": process_id, "ids": job_ids}).scalars())
             if held:
                 conn.execute(delete(c).where(c.c.job_id.in_(held)))
@@ -242,11 +248,11 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
     if done:
         j = t.jobs
         if keep:
-            stmt = _prebuilt(t, d, "finish_keep", lambda: update(j).where(j.c.id.in_(_ids()))
+            stmt = _prebuilt(t, d, "finish_keep", lambda: update(j).where(_in_ids(j.c.id, d))
                              .values(finished_at=bindparam("now")))
             conn.execute(stmt, {"ids": done, "now": now})
         else:
-            conn.execute(_prebuilt(t, d, "finish_drop", lambda: delete(j).where(j.c.id.in_(_ids()))), {"ids": done})
+            conn.execute(_prebuilt(t, d, "finish_drop", lambda: delete(j).where(_in_ids(j.c.id, d))), {"ids": done})
     return done
 
 
@@ -264,7 +270,7 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
             mark_acked_many(conn, t, d, claims=marks, now=now)
         return finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
     marks_by, finishes_by = _by_process(marks), _by_process(finishes)
-    stmt = _prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, keep))
+    stmt = _prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, d, keep))
     done: list[int] = []
     for process_id in set(marks_by) | set(finishes_by):
         done += conn.execute(stmt, {"ack_pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
@@ -306,7 +312,7 @@ def _without_finishing(marks: Sequence[tuple[int, int]], finishes: Sequence[tupl
     return [m for m in marks if m[0] not in finishing]
 
 
-def _acks_ctes(t: Tables, keep: bool):
+def _acks_ctes(t: Tables, d: Dialect, keep: bool):
     """Started marks and finishes of process ``ack_pid``, as data-modifying CTEs (PostgreSQL).
 
         marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
@@ -315,8 +321,8 @@ def _acks_ctes(t: Tables, keep: bool):
                     (or DELETE FROM jobs USING done … when finished jobs are not kept)
     """
     c, j = t.claimed, t.jobs
-    marked = update(c).where(_held(c, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
-    done = delete(c).where(_held(c, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
+    marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
+    done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
         record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
     else:
@@ -324,9 +330,9 @@ def _acks_ctes(t: Tables, keep: bool):
     return marked, record.returning(j.c.id)
 
 
-def _acks_in_one(t: Tables, keep: bool):
+def _acks_in_one(t: Tables, d: Dialect, keep: bool):
     """``record_acks`` for one process as one statement (PostgreSQL): ``_acks_ctes``, returning the finished ids."""
-    marked, finished = _acks_ctes(t, keep)
+    marked, finished = _acks_ctes(t, d, keep)
     return finished.add_cte(marked)
 
 
@@ -341,7 +347,7 @@ def _loop_in_one(t: Tables, d: Dialect, keep: bool):
     The acks touch only jobs this process holds and the claim only jobs that
     were ready, so no row is modified twice in the one statement.
     """
-    marked, finished = _acks_ctes(t, keep)
+    marked, finished = _acks_ctes(t, d, keep)
     finished = finished.cte("finished")
     bumped = _claim_in_one(t, d).cte("bumped")
     nothing = null()
@@ -358,9 +364,9 @@ def _by_process(claims: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     return by_process
 
 
-def _held(c, ids: str = "ids", pid: str = "pid"):
+def _held(c, d: Dialect, ids: str = "ids", pid: str = "pid"):
     """Claims named by the list ``ids`` that process ``pid`` still holds (the fence)."""
-    return (c.c.process_id == bindparam(pid)) & c.c.job_id.in_(_ids(ids))
+    return (c.c.process_id == bindparam(pid)) & _in_ids(c.c.job_id, d, ids)
 
 
 def finish_unclaimed(conn: Connection, t: Tables, *, job_ids: Sequence[int], now: datetime, keep: bool) -> None:
@@ -383,7 +389,7 @@ def mark_acked_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence
                     now: datetime) -> int:
     """``mark_acked`` for a batch of ``(job_id, process_id)``; returns how many claims still stood."""
     c = t.claimed
-    stmt = _prebuilt(t, d, "mark_acked_many", lambda: update(c).where(_held(c)).values(acked_at=bindparam("now")))
+    stmt = _prebuilt(t, d, "mark_acked_many", lambda: update(c).where(_held(c, d)).values(acked_at=bindparam("now")))
     return sum(conn.execute(stmt, {"pid": process_id, "ids": job_ids, "now": now}).rowcount
                for process_id, job_ids in _by_process(claims).items())
 

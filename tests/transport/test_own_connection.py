@@ -70,3 +70,39 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_open(sto
     assert os.waitstatus_to_exitcode(status) == 0
     assert in_child and in_child != parent
     assert backend_pid(store) == parent                      # still open, still the same
+
+
+def test_the_claim_loop_walks_the_poll_index_in_order_on_a_table_never_analysed(store):
+    """With a backlog in a ready table that has no statistics yet (a new database), PostgreSQL
+    plans the claim as "every ready row of the queue, sorted, first n" unless told otherwise:
+    a cost that grows with the backlog.  The claim loop's connection must walk the index instead."""
+    from celery_sqlbackend.store import queries, utcnow
+
+    with store.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO sqlq_jobs (queue_name, priority, payload, created_at, deliveries, releases) "
+            "SELECT 'celery', g % 3, '{}', now(), 0, 0 FROM generate_series(1, 3000) g"))
+        conn.execute(text("INSERT INTO sqlq_ready_executions (job_id, queue_name, priority, created_at) "
+                          "SELECT id, queue_name, priority, created_at FROM sqlq_jobs"))
+    assert store.run(lambda conn: conn.execute(text(
+        "SELECT reltuples FROM pg_class WHERE relname = 'sqlq_ready_executions'")).scalar()) < 0   # never analysed
+    process_id = store.q("register_process", kind="worker", name="w", hostname="h", pid=1, pool=None,
+                         concurrency=None, queues=None, now=utcnow())
+
+    seen = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, parameters, context, many: seen.append((statement, parameters)))
+    d = store.dialect
+    _, claimed = store.run(lambda conn: queries.acks_and_claim(
+        conn, store.t, d, marks=[], finishes=[], keep=False, queues=["celery"], limit=4,
+        process_id=process_id, now=utcnow()), single=True)
+    assert [job.priority for job in claimed] == [2, 2, 2, 2]
+    statement, parameters = seen[-1]
+
+    def explain(conn):
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute("EXPLAIN (FORMAT JSON) " + statement, parameters)
+        return cursor.fetchone()[0]
+    plan = str(store.run(explain, single=True))   # the same connection, so its settings apply
+    assert "ix_sqlq_ready_poll" in plan and "'Index Scan'" in plan
+    assert "'Sort'" not in plan and "Bitmap" not in plan, plan
