@@ -23,9 +23,9 @@ option                      default   meaning
 ``busy_timeout``            30 s      SQLite busy timeout / lock wait
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop, claiming on a
-                                      thread (default: on PostgreSQL; False: Celery's
-                                      blocking loop everywhere)
+``event_loop``              auto      deliver through Celery's event loop (default: on
+                                      PostgreSQL and SQLite; False: Celery's blocking
+                                      loop everywhere)
 ==========================  ========  ==================================================
 """
 from __future__ import annotations

@@ -25,10 +25,11 @@ See :mod:`celery_sqlbackend.options` (one table, every default).
 
 Loops
 =====
-On PostgreSQL the transport registers with Celery's event loop, and a claim
-thread claims (:mod:`celery_sqlbackend.eventloop`); elsewhere Celery runs its
-blocking loop, which calls :meth:`Transport.drain_events`.  Both claim through
-:meth:`Channel._claim`.
+On PostgreSQL and SQLite the transport registers with Celery's event loop
+(:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
+SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
+Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+Every loop claims through :meth:`Channel._claim`.
 
 Delivery semantics
 ==================
@@ -228,8 +229,9 @@ class Channel(virtual.Channel):
         worker without letting its pool run dry.  (Unacked deliveries that are
         already running, with ``acks_late``, are not work in waiting.)  The
         blocking loop waits for half: there every claim is pool idle time.
-        The event loop's claim thread waits for a quarter (``eventloop``):
-        its claim runs beside the pool, and claiming sooner keeps the pool fed.
+        The event loop sets its own share (``eventloop``): a quarter for a
+        claim thread, whose claim runs beside the pool; all of it for claims
+        on the hub, where the claim is the CPU cost to cut.
 
         ``undelivered``: jobs claimed but not handed to kombu yet (``eventloop``),
         which kombu's prefetch count cannot know about.
@@ -355,6 +357,9 @@ class Channel(virtual.Channel):
         transport = getattr(self, "_transport_ref", None)
         if transport is not None:
             transport._wake.set()
+            feed = transport._feed
+            if feed is not None:
+                feed.kick()
 
     def finish_completed(self) -> None:
         """Queue finishes for early-acked jobs whose task is no longer running."""
@@ -494,7 +499,8 @@ class Transport(virtual.Transport):
             self._feed.stop()
             self._feed = None
         if self._feed is None:
-            self._feed = ClaimFeed(self, loop)
+            dialect = store_for(self.client.hostname, self.options).dialect
+            self._feed = ClaimFeed(self, loop, on_hub=not dialect.claim_thread)
 
     def close_connection(self, connection):
         feed, self._feed = self._feed, None

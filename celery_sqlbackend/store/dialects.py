@@ -43,19 +43,24 @@ class Dialect:
     #: ready row of the queue, sort, take n": measured 0.8 ms a claim with
     #: 2,400 waiting, against 0.05 ms for the index walk, and growing with the queue.
     own_connection_settings: tuple[str, ...] = ()
-    #: Deliver through Celery's event loop, claiming on a thread (see ``eventloop``):
-    #: where a claim is a wait on a server, not CPU in this process.
+    #: Deliver through Celery's event loop (see ``eventloop``), which runs the
+    #: prefork pool as ``AsynPool``: no pool threads in the worker's main process.
     event_loop: bool = False
+    #: In the event loop, claim on a thread of its own: where a claim is mostly a
+    #: wait on a server (PostgreSQL).  Otherwise the hub's thread claims (SQLite,
+    #: where a claim is CPU in this process, and a thread would only compete for the GIL).
+    claim_thread: bool = False
 
 
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
         return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True,
-                       array_params=True, own_connection_settings=("SET enable_sort = off",), event_loop=True)
+                       array_params=True, own_connection_settings=("SET enable_sort = off",), event_loop=True,
+                       claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
-        return Dialect(name, False, True, True, True, False)
+        return Dialect(name, False, True, True, True, False, event_loop=True)
     if name in ("mysql", "mariadb"):
         mariadb = getattr(engine.dialect, "is_mariadb", False)
         return Dialect("mariadb" if mariadb else "mysql", True, bool(mariadb), False, False, False)

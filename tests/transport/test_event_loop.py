@@ -1,9 +1,10 @@
 """The transport driven by kombu's event loop (what Celery's asynloop does), on SQLite and PostgreSQL.
 
-A claim thread claims and the hub delivers (``celery_sqlbackend.eventloop``).
-These pin down what that hand-over must keep: the prefetch count holds for
-claimed-but-undelivered jobs too, and whatever the hub never delivered goes
-back to ready when the connection closes, in place.
+On PostgreSQL a claim thread claims and the hub delivers; on SQLite the hub
+claims too (``celery_sqlbackend.eventloop``).  These pin down what that must
+keep: the prefetch count holds for claimed-but-undelivered jobs too, and
+whatever the hub never delivered goes back to ready when the connection
+closes, in place.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from time import monotonic, sleep
 
 from kombu import Connection, Consumer, Queue
 from kombu.asynchronous import Hub
+
+import pytest
 
 import celery_sqlbackend  # noqa: F401  (registers sqlq)
 from tests.harness import rows
@@ -44,9 +47,13 @@ def run_hub_until(hub, predicate, timeout=10.0):
         hub.run_once()
 
 
-def test_the_default_loop_is_the_event_loop_on_postgresql_and_the_blocking_one_on_sqlite(db_url):
+def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_postgresql_and_on_the_hub_on_sqlite(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=OPTS) as conn:
-        assert conn.transport.implements.asynchronous == db_url.startswith("postgresql")
+        assert conn.transport.implements.asynchronous
+        hub = Hub()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        feed = conn.transport._feed
+        assert feed.on_hub == db_url.startswith("sqlite") and (feed._thread is None) == feed.on_hub
     with Connection(f"sqlq+{db_url}", transport_options={**OPTS, "event_loop": False}) as conn:
         assert not conn.transport.implements.asynchronous
 
@@ -69,7 +76,10 @@ def test_through_the_event_loop_a_consumer_holds_no_more_than_its_prefetch(db_ur
     assert count(db_url, "ready_executions") == 9 and count(db_url, "jobs where finished_at is not null") == 1
 
 
-def test_a_batch_claimed_but_never_delivered_goes_back_to_ready_when_the_connection_closes(db_url):
+@pytest.mark.postgres
+def test_a_batch_claimed_but_never_delivered_goes_back_to_ready_when_the_connection_closes(pg_db_url):
+    # (A claim thread's batch waits for the hub; a claim on the hub is delivered in the same call.)
+    db_url = pg_db_url
     with Connection(f"sqlq+{db_url}", transport_options=EVENT_LOOP) as conn:
         _publish(conn, n=5)
         _, got = consume_through_hub(conn, prefetch=5)
