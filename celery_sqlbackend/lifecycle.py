@@ -5,8 +5,8 @@
                        the dead, start the heartbeat thread.
     2. heartbeat       every ``heartbeat_interval`` on that thread, with its
                        own short transactions, whatever the pool is doing.
-    3. drain           warm shutdown: Celery stops claiming (on PostgreSQL the
-                       claim thread stops once ``worker_stopping``), releases
+    3. drain           warm shutdown: Celery stops claiming (the event loop's
+                       claims stop once ``worker_stopping``), releases
                        unacked and undelivered jobs in place when the channel
                        closes, and waits for running tasks.  Heartbeats go on
                        all the while.

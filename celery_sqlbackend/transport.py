@@ -492,7 +492,7 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def register_with_event_loop(self, connection, loop):
-        """Celery's event loop starts (asynloop): claims go to a thread, deliveries come from the hub."""
+        """Celery's event loop starts (asynloop): claims go to a thread or the hub, deliveries come from the hub."""
         if not self.implements.asynchronous:
             return
         if self._feed is not None and not (self._feed.alive and self._feed.loop is loop):

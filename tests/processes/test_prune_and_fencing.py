@@ -253,6 +253,7 @@ def test_a_claim_loop_writes_its_acks_and_takes_the_next_batch_in_one_fenced_wri
         return queries.acks_and_claim(conn, t, dialect, marks=marks, finishes=finishes, keep=True, queues=["q"],
                                       limit=2, process_id=mine, now=utcnow())
 
+    store.run(lambda conn: None, single=True)   # (opens the thread's own connection and sets it up)
     statements = []
 
     def count(conn, cursor, statement, *args):

@@ -79,7 +79,7 @@ def test_kill_fails_the_started_job_and_reruns_the_acks_late_one_elsewhere(clust
     cluster.send("late", 30, late=True)
     cluster.send("untouched", 0.1, queue="nobody")
     wait_until(lambda: cluster.started("early") and cluster.started("late"), 30, message="both jobs started")
-    wait_for_claims(cluster, 2, "a")
+    wait_for_claims(cluster, 2, "a", started=1)     # the early-ack job's start is on record
     cluster.worker("b")                         # the survivor, and the pruner
     early, late, untouched = (cluster.job_id(k) for k in ("early", "late", "untouched"))
     killed_at = a.kill_group()
@@ -118,7 +118,7 @@ def test_a_frozen_worker_is_pruned_and_on_waking_does_not_finish_what_it_lost(cl
     cluster.send("early", long)
     cluster.send("late", long, late=True)
     wait_until(lambda: cluster.started("early") and cluster.started("late"), 30, message="both jobs started")
-    wait_for_claims(cluster, 2, "a")
+    wait_for_claims(cluster, 2, "a", started=1)     # the early-ack job's start is on record
     [old_row] = cluster.processes_named("a")
     early, late = cluster.job_id("early"), cluster.job_id("late")
 

@@ -171,14 +171,17 @@ def utc_ts(dt) -> float:
     return dt.replace(tzinfo=timezone.utc).timestamp()
 
 
-def wait_for_claims(cluster: Cluster, n: int, process_name: str, timeout: float = 30.0) -> None:
+def wait_for_claims(cluster: Cluster, n: int, process_name: str, timeout: float = 30.0, started: int = 0) -> None:
+    """Wait for ``n`` claims by ``process_name``, ``started`` of them recorded as started (early acks:
+    the worker writes those marks in batches, a few milliseconds after the task starts)."""
     from .util import wait_until
 
     def claimed():
         snap = cluster.snapshot()
         mine = {p.id for p in cluster.processes_named(process_name, snap)}
-        return sum(1 for c in snap["claimed"].values() if c.process_id in mine) >= n
-    wait_until(claimed, timeout, 0.1, f"{n} claim(s) by {process_name}")
+        claims = [c for c in snap["claimed"].values() if c.process_id in mine]
+        return len(claims) >= n and sum(1 for c in claims if c.acked_at is not None) >= started
+    wait_until(claimed, timeout, 0.1, f"{n} claim(s) by {process_name}, {started} recorded as started")
 
 
 def now() -> float:
