@@ -30,11 +30,18 @@ class Dialect:
     #: A one-statement transaction is sent without BEGIN/COMMIT (PostgreSQL,
     #: where each is a round trip to the server; a statement is atomic alone).
     autocommit_single: bool = False
-    #: A list of ids is bound as one array (``col = ANY(:ids)``, PostgreSQL), not
-    #: expanded to ``IN (:ids_1, …)``: every claim loop then sends the same SQL
-    #: text, which the driver prepares once and the server plans once, instead
-    #: of one text per list length, each parsed and planned afresh.
-    array_params: bool = False
+    #: How a list of ids is bound in the claim loop's statements: ``"array"``
+    #: (``col = ANY(:ids)``, PostgreSQL), ``"json"`` (``col IN (SELECT value FROM
+    #: json_each(:ids))``, SQLite) or ``"expanding"`` (``IN (:ids_1, …)``).  One
+    #: parameter means one SQL text for every list length: PostgreSQL's driver
+    #: prepares it once and the server plans it once, and SQLAlchemy skips the
+    #: per-execution rewrite of an expanding list (measured 40 µs a statement,
+    #: a quarter of a SQLite claim loop).
+    id_list: str = "expanding"
+    #: The driver prepares statements on the server, which then plans them
+    #: once for all parameter values (psycopg 3): a LIMIT goes in as a literal,
+    #: so that the plan is made for the real limit.
+    server_prepared: bool = False
     #: Settings for the connections a worker's threads keep for the claim loop and
     #: the heartbeat (``Store._own_connection``).  PostgreSQL: ``enable_sort = off``,
     #: so the claim walks the poll index in order whatever the statistics say.
@@ -56,15 +63,27 @@ def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
         return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True,
-                       array_params=True, own_connection_settings=("SET enable_sort = off",), event_loop=True,
+                       id_list="array", server_prepared=True,
+                       own_connection_settings=("SET enable_sort = off",), event_loop=True,
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
-        return Dialect(name, False, True, True, True, False, event_loop=True)
+        return Dialect(name, False, True, True, True, False, event_loop=True,
+                       id_list="json" if _sqlite_has_json(engine) else "expanding")
     if name in ("mysql", "mariadb"):
         mariadb = getattr(engine.dialect, "is_mariadb", False)
         return Dialect("mariadb" if mariadb else "mysql", True, bool(mariadb), False, False, False)
     return Dialect(name, False, False, False, True, False)
+
+
+def _sqlite_has_json(engine: Engine) -> bool:
+    """True when this SQLite has ``json_each`` (built in since 3.38; an extension before)."""
+    import sqlite3
+    try:
+        sqlite3.connect(":memory:").execute("SELECT value FROM json_each('[1]')").close()
+        return True
+    except sqlite3.Error:
+        return False
 
 
 # Driver error codes that mean "the transaction lost a race; run it again".

@@ -11,11 +11,12 @@ delete the same ``claimed_executions`` row, so exactly one of them wins.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import (ARRAY, Connection, Executable, Integer, any_, bindparam, delete, exists, func, insert, literal, null, select, text,
+from sqlalchemy import (ARRAY, Connection, Executable, Integer, String, TypeDecorator, any_, bindparam, delete, exists, func, insert, literal, null, select, text,
                         union_all, update)
 
 from .dialects import Dialect
@@ -54,10 +55,21 @@ def _prebuilt(t: Tables, d: Dialect, name: str, build: Callable[[], Executable])
 
 
 def _in_ids(col, d: Dialect, name: str = "ids"):
-    """``col IN (the list bound as name)``: one array parameter where the dialect takes it (``array_params``)."""
-    if d.array_params:
+    """``col IN (the list bound as name)``, bound as ``Dialect.id_list`` says."""
+    if d.id_list == "array":
         return col == any_(bindparam(name, type_=ARRAY(col.type)))
+    if d.id_list == "json":
+        return col.in_(select(func.json_each(bindparam(name, type_=_JsonList())).table_valued("value").c.value))
     return col.in_(bindparam(name, expanding=True))
+
+
+class _JsonList(TypeDecorator):
+    """A list of ids bound as one JSON text (for ``json_each``)."""
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(list(value))
 
 
 # --------------------------------------------------------------------------- enqueue
@@ -103,12 +115,13 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
                             {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
         rows.sort(key=lambda row: (-row.priority, row.id))
         return [Claimed(*row) for row in rows]
-    if conn.execute(_prebuilt(t, d, "claim_owner", lambda: _claim_owner(t, d)), {"pid": process_id}).first() is None:
-        return []
     if d.delete_returning and d.delete_in_limited_subquery:
+        # (Fenced inside: takes nothing unless process_id is registered.)
         taken = conn.execute(_prebuilt(t, d, "claim_take", lambda: _claim_take(t, d)),
-                             {"queues": list(queues), "limit": limit}).all()
+                             {"queues": list(queues), "limit": limit, "pid": process_id}).all()
     else:
+        if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
+            return []
         r = t.ready
         ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
         rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
@@ -118,11 +131,9 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     if not taken:
         return []
 
-    conn.execute(_prebuilt(t, d, "claim_insert", lambda: insert(t.claimed)), [
-        {"job_id": job_id, "process_id": process_id, "queue_name": queue, "claimed_at": now}
-        for job_id, queue in taken
-    ])
     job_ids = [job_id for job_id, _ in taken]
+    conn.execute(_prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+                 {"ids": job_ids, "pid": process_id, "now": now})
     if d.update_returning:
         rows = conn.execute(_prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d).returning(*_claimed_columns(t))),
                             {"ids": job_ids}).all()
@@ -153,15 +164,26 @@ def _claim_candidates(t: Tables, d: Dialect):
         # A literal: a server-side prepared statement then plans for this
         # limit, not for an unknown one (which PostgreSQL takes as a tenth of the
         # table, and answers with hash joins over whole tables).
-        .limit(bindparam("limit", type_=Integer(), literal_execute=True))
+        .limit(bindparam("limit", type_=Integer(), literal_execute=d.server_prepared))
     )
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
 
 
 def _claim_take(t: Tables, d: Dialect):
+    """Delete and return the next ready jobs, if process ``pid`` is registered (SQLite: the
+    write lock, taken by BEGIN IMMEDIATE, keeps the registry row from going meanwhile)."""
     r = t.ready
-    return (delete(r).where(r.c.id.in_(_claim_candidates(t, d).scalar_subquery()))
-            .returning(r.c.job_id, r.c.queue_name))
+    candidates = _claim_candidates(t, d).where(exists(_claim_owner(t, d)))
+    return delete(r).where(r.c.id.in_(candidates.scalar_subquery())).returning(r.c.job_id, r.c.queue_name)
+
+
+def _claim_insert(t: Tables, d: Dialect):
+    """Claims of process ``pid`` on the jobs ``ids``: one INSERT … SELECT, whatever the batch size."""
+    c, j = t.claimed, t.jobs
+    return insert(c).from_select(
+        ["job_id", "process_id", "queue_name", "claimed_at"],
+        select(j.c.id, bindparam("pid", type_=c.c.process_id.type), j.c.queue_name,
+               bindparam("now", type_=c.c.claimed_at.type)).where(_in_ids(j.c.id, d)))
 
 
 def _claim_in_one(t: Tables, d: Dialect):
