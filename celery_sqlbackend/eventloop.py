@@ -77,24 +77,33 @@ class ClaimFeed:
             self._thread.start()
 
     def kick(self) -> None:
-        """Claim on the hub soon (``on_hub``): a slot came free, or the poll interval passed."""
+        """Claim on the hub soon (``on_hub``): a slot came free, or the poll interval passed.
+
+        Any number of kicks before the hub gets to it make one claim round.
+        (``call_soon`` is safe from other threads, and wakes the hub then.)
+        """
         if self.on_hub and not self._kicked and not self._stop.is_set():
             self._kicked = True
-            with contextlib.suppress(OSError):
-                os.write(self._w, b"k")
+            self.loop.call_soon(self._kicked_round)
+
+    def _kicked_round(self) -> None:
+        self._kicked = False
+        if not self._stop.is_set():
+            self._claim_on_hub()
+            self._deliver_pending()
 
     # ------------------------------------------------------------------ hub side
 
     def on_readable(self, *_):
-        """Claim if kicked (``on_hub``), then deliver what was claimed (on the hub's thread)."""
+        """The claim thread wrote: deliver its batch, or raise its error (on the hub's thread)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._r, 4096)
         if self._error is not None:
             error, self._error = self._error, None
             raise error          # a connection error: Celery reconnects, as with any broker
-        if self.on_hub and self._kicked:
-            self._kicked = False
-            self._claim_on_hub()
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
         while True:
             with self._lock:
                 if not self._pending:
