@@ -70,27 +70,41 @@ class ClaimFeed:
         loop.add_reader(self._r, self.on_readable)
         if on_hub:
             self._thread = None
+            self._hub_thread: int | None = None
             self._flush_due = None
+            loop.on_tick.add(self._on_tick)
             self._poll = loop.call_repeatedly(transport.options.polling_interval, self.kick)
         else:
             self._thread = threading.Thread(target=self._run, name="sqlq-claim", daemon=True)
             self._thread.start()
 
     def kick(self) -> None:
-        """Claim on the hub soon (``on_hub``): a slot came free, or the poll interval passed.
+        """Claim on the hub at its next turn (``on_hub``): a slot came free, or the poll interval passed.
 
-        Any number of kicks before the hub gets to it make one claim round.
-        (``call_soon`` is safe from other threads, and wakes the hub then.)
+        The hub runs ``_on_tick`` once per turn of its loop, before it waits for
+        events, so any number of kicks make one claim round, and a kick from
+        the hub's own thread (acks, the poll timer) costs no system call.  A
+        kick from another thread (a thread pool's ack) wakes the hub through the pipe.
         """
-        if self.on_hub and not self._kicked and not self._stop.is_set():
-            self._kicked = True
-            self.loop.call_soon(self._kicked_round)
+        if not self.on_hub or self._kicked or self._stop.is_set():
+            return
+        self._kicked = True
+        if threading.get_ident() != self._hub_thread:
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"k")
 
-    def _kicked_round(self) -> None:
-        self._kicked = False
-        if not self._stop.is_set():
+    def _on_tick(self) -> None:
+        self._hub_thread = threading.get_ident()
+        if self._kicked and not self._stop.is_set():
+            self._kicked = False
             self._claim_on_hub()
-            self._deliver_pending()
+            if self._pending:
+                self._deliver_pending()
+                # AsynPool hands jobs to its processes from a tick callback of its
+                # own, which may have run already this turn: wake the hub, so that
+                # its wait for events does not hold the batch for a poll interval.
+                with contextlib.suppress(OSError):
+                    os.write(self._w, b"d")
 
     # ------------------------------------------------------------------ hub side
 
@@ -136,6 +150,7 @@ class ClaimFeed:
         self._stop.set()
         self.transport._wake.set()
         if self.on_hub:
+            self.loop.on_tick.discard(self._on_tick)
             for timer in (self._poll, self._flush_due):
                 if timer is not None:
                     with contextlib.suppress(Exception):
