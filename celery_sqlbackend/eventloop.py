@@ -129,12 +129,13 @@ class ClaimFeed:
                 channel.connection._deliver(payload, queue)
 
     def _claim_on_hub(self) -> None:
-        """One claim round on the hub's thread (``on_hub``); again at once if it filled up."""
+        """One claim round on the hub's thread (``on_hub``); after a claim, another round next turn
+        (which claims only if the prefetch is free again)."""
         channels = [ch for ch in list(self.transport.channels) if ch._consumers and not ch.closed]
         if channels:
             channels[0].finish_completed()
         if self._claim_round(channels)[0]:
-            self.kick()     # (the next round claims only if slots are still free)
+            self.kick()
         elif self._flush_due is None and channels and channels[0].process.has_pending_writes:
             # Acks that no claim carries: written by the hub a moment later, still in a batch.
             self._flush_due = self.loop.call_later(WRITE_DELAY, self._flush_on_hub, channels[0].process)
