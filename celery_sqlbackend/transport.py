@@ -389,16 +389,22 @@ class Channel(virtual.Channel):
                            "(unregistered task, or Reject(requeue=False))", now=utcnow())
 
     def _restore(self, message):
-        """An unacked delivery of a closing channel.
+        """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
 
-        In a worker that is not stopping, the channel closes because the
-        connection was lost, and Celery may still run (and ack) what it had
-        prefetched.  The claim is then kept, owned by the live process, and
-        handed to ``process.adopted``: a later ack finishes it, and
-        ``reconcile`` releases it if nothing claims it within the grace period.
-        Releasing it at once would let another worker run it a second time.
+        * The worker is not stopping: the channel closes because the connection
+          was lost, and Celery may still run (and ack) what it had prefetched.
+        * The worker is stopping: Celery closes the channel before its pool has
+          drained, so a job a pool process has already started, whose
+          "accepted" the worker has not read yet, still looks unacked here.
+
+        Releasing it now would let another worker run it a second time.  The
+        claim is handed to ``process.adopted`` instead: a later ack records it
+        (Celery reads the pool's last messages as the pool drains), and what
+        never started is released by deregistration (``lifecycle`` step 5), or
+        by ``reconcile`` after its grace period if the process lives on.
+        Outside a worker (a plain kombu consumer) the delivery is released at once.
         """
-        if self.process.managed and worker_stopping is not None and not worker_stopping():
+        if self.process.managed:
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
                 self.process.adopted[message.delivery_tag] = (*claim, monotonic())
