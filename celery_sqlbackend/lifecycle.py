@@ -6,16 +6,17 @@
     2. heartbeat       every ``heartbeat_interval`` on that thread, with its
                        own short transactions, whatever the pool is doing.
     3. drain           warm shutdown: Celery stops claiming (the event loop's
-                       claims stop once ``worker_stopping``), releases
-                       unacked and undelivered jobs in place when the channel
-                       closes, and waits for running tasks.  Heartbeats go on
-                       all the while.
-                       (A channel closed by a lost connection is not a drain:
-                       its claims stay with the live process; see transport.)
+                       claims stop once ``worker_stopping``), closes the
+                       channel (claimed but undelivered jobs go back to ready
+                       in place; unacked deliveries keep their claims, since
+                       the pool may have started them: see
+                       ``Channel._restore``), and waits for running tasks.
+                       Heartbeats go on all the while.
     4. stop heartbeat  ``worker_shutdown``, which Celery sends only after the
                        pool has joined: finish what completed, then stop beating.
-    5. deregister      same signal: release or fail any claim still held
-                       (a cold shutdown killed its task), delete the row.
+    5. deregister      same signal: release what never started, fail any
+                       started claim still held (a cold shutdown killed its
+                       task), delete the row.
                        Celery sends no ``worker_shutdown`` after a cold
                        shutdown, so steps 4-5 also run at interpreter exit.
 
