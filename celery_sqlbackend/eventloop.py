@@ -131,10 +131,8 @@ class ClaimFeed:
     def _claim_on_hub(self) -> None:
         """One claim round on the hub's thread (``on_hub``); after a claim, another round next turn
         (which claims only if the prefetch is free again)."""
-        channels = [ch for ch in list(self.transport.channels) if ch._consumers and not ch.closed]
-        if channels:
-            channels[0].finish_completed()
-        if self._claim_round(channels)[0]:
+        channels, claimed, _ = self._claim_round()
+        if claimed:
             self.kick()
         elif self._flush_due is None and channels and channels[0].process.has_pending_writes:
             # Acks that no claim carries: written by the hub a moment later, still in a batch.
@@ -187,10 +185,7 @@ class ClaimFeed:
         try:
             while not self._stop.is_set():
                 transport._wake.clear()
-                channels = [ch for ch in list(transport.channels) if ch._consumers and not ch.closed]
-                if channels:   # (every channel of a connection shares one process)
-                    channels[0].finish_completed()
-                claimed, slots_free = self._claim_round(channels)
+                channels, claimed, slots_free = self._claim_round()
                 if claimed or self._stop.is_set():
                     continue
                 if waiter is None and channels:
@@ -222,13 +217,19 @@ class ClaimFeed:
             return HUB_SHARE
         return THREAD_SHARE
 
-    def _claim_round(self, channels) -> tuple[bool, bool]:
-        """One claim per channel that has room; returns (anything claimed, any slot free)."""
+    def _claim_round(self) -> tuple[list, bool, bool]:
+        """Record finished jobs, then one claim per consuming channel that has room.
+
+        Returns (the consuming channels, anything claimed, any slot free).
+        """
+        channels = [ch for ch in list(self.transport.channels) if ch._consumers and not ch.closed]
+        if channels:   # (every channel of a connection shares one process)
+            channels[0].finish_completed()
         from . import transport as transport_module
         claimed = slots_free = False
         stopping = transport_module.worker_stopping
         if stopping is not None and stopping():
-            return False, False     # a worker shutting down takes no new jobs
+            return channels, False, False     # a worker shutting down takes no new jobs
         for channel in channels:
             queues = list(channel._active_queues)
             if not queues:
@@ -250,4 +251,4 @@ class ClaimFeed:
                 if not self.on_hub:
                     os.write(self._w, b".")
                 claimed = True
-        return claimed, slots_free
+        return channels, claimed, slots_free

@@ -6,6 +6,7 @@ dialect name themselves.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -69,21 +70,25 @@ def dialect_of(engine: Engine) -> Dialect:
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
         return Dialect(name, False, True, True, True, False, event_loop=True,
-                       id_list="json" if _sqlite_has_json(engine) else "expanding")
+                       id_list="json" if _sqlite_has_json() else "expanding")
     if name in ("mysql", "mariadb"):
         mariadb = getattr(engine.dialect, "is_mariadb", False)
         return Dialect("mariadb" if mariadb else "mysql", True, bool(mariadb), False, False, False)
     return Dialect(name, False, False, False, True, False)
 
 
-def _sqlite_has_json(engine: Engine) -> bool:
+@functools.lru_cache(maxsize=None)
+def _sqlite_has_json() -> bool:
     """True when this SQLite has ``json_each`` (built in since 3.38; an extension before)."""
     import sqlite3
+    conn = sqlite3.connect(":memory:")
     try:
-        sqlite3.connect(":memory:").execute("SELECT value FROM json_each('[1]')").close()
+        conn.execute("SELECT value FROM json_each('[1]')").fetchall()
         return True
     except sqlite3.Error:
         return False
+    finally:
+        conn.close()
 
 
 # Driver error codes that mean "the transaction lost a race; run it again".
