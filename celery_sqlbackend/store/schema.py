@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData,
+    BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
 )
 
@@ -208,6 +208,27 @@ class Tables:
             Column("fired", Boolean, nullable=False, default=False),
             _ts("created_at", nullable=False),
             Index(f"ix_{p}chords_created_at", "created_at"),
+        )
+
+        # checkpoint (resumable iterative tasks): one row per iterative job, its
+        # durable cursor and the progress a dashboard shows.  Defined here so the
+        # migrations and checkpoint.store share it; see checkpoint/store.py.
+        self.checkpoints = Table(
+            f"{p}checkpoints", md,
+            Column("task_id", String(255), primary_key=True),
+            Column("task_name", String(255)),
+            # running | interrupted | done | failed | revoked
+            Column("state", String(16), nullable=False, default="running", server_default="running"),
+            Column("cursor", Text),  # JSON
+            Column("counters", Text, nullable=False),  # JSON: times_interrupted, total_time, ...
+            Column("iterations", BigInteger, nullable=False, default=0, server_default="0"),
+            Column("total", BigInteger),
+            Column("fraction", Float),
+            Column("error", Text),
+            _ts("started_at"),
+            _ts("updated_at", nullable=False),
+            _ts("finished_at"),
+            Index(f"ix_{p}checkpoints_updated_at", "updated_at"),
         )
 
 
