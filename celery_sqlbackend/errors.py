@@ -1,4 +1,10 @@
-"""Exception types, named after their cause."""
+"""Exception types, named after their cause.
+
+The classes below ``SQLQError`` that describe why a job failed are also what
+a failed execution row records: ``error_class`` is the class's ``__name__``
+(``celery sqlq failed list --error-class ProcessPrunedError``).  They are
+rarely raised; they name the cause in one place.
+"""
 from __future__ import annotations
 
 
@@ -14,12 +20,26 @@ class SchemaMissingError(SQLQError):
     """The tables do not exist and this engine does not create them on its own."""
 
 
+# --------------------------------------------------------------------------- recorded on failed jobs
+
 class ProcessPrunedError(SQLQError):
     """The worker holding a started job stopped heartbeating and was pruned."""
 
 
-class ClaimLostError(SQLQError):
-    """This process tried to change a job it no longer holds (it was pruned)."""
+class ProcessMissingError(SQLQError):
+    """A job was claimed by a process that is no longer in the registry (found by the sweep)."""
+
+
+class WorkerShutdownError(SQLQError):
+    """The worker shut down (cold) while the job was running."""
+
+
+class MaxReleasesExceeded(SQLQError):
+    """The job went back to the queue ``max_releases`` times after its worker died; it is failed instead."""
+
+
+class RejectedError(SQLQError):
+    """The consumer rejected the message without requeue."""
 
 
 class UndecodableMessageError(SQLQError):

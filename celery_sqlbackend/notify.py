@@ -14,7 +14,7 @@ import threading
 import time
 
 from .store import Store
-from .store.queries import NOTIFY_CHANNEL
+from .store.executions import ready_channel
 
 log = logging.getLogger("celery_sqlbackend.notify")
 
@@ -22,8 +22,9 @@ log = logging.getLogger("celery_sqlbackend.notify")
 class NotifyWaiter:
     """A dedicated autocommit psycopg connection LISTENing for ready jobs."""
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, channel: str):
         self.dsn = dsn
+        self.channel = channel
         self._conn = None
         self._retry_at = 0.0
         self._lock = threading.Lock()
@@ -31,7 +32,7 @@ class NotifyWaiter:
     def _connect(self):
         import psycopg
         conn = psycopg.connect(self.dsn, autocommit=True)
-        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {self.channel}")
         return conn
 
     def wait(self, timeout: float) -> bool:
@@ -82,5 +83,5 @@ def waiter_for(store: Store) -> NotifyWaiter | None:
     waiter = _waiters.get(key)
     if waiter is None:
         url = store.engine.url.set(drivername="postgresql")
-        waiter = _waiters[key] = NotifyWaiter(url.render_as_string(hide_password=False))
+        waiter = _waiters[key] = NotifyWaiter(url.render_as_string(hide_password=False), ready_channel(store.t))
     return waiter

@@ -1,11 +1,24 @@
 """The store: one object per database URL, shared by transport, backend and tools.
 
 ``Store`` owns the engine, the tables and the dialect, and runs every
-statement of ``queries`` inside a bounded, retried transaction: a transaction
+statement inside a bounded, retried transaction: a transaction
 that loses a lock race (SQLite busy, PostgreSQL deadlock or serialization
 failure, MySQL 1213) is rolled back and run again with jittered backoff, a
 fixed number of times.  Nothing half-done survives a failed attempt, because
 each attempt is its own transaction.
+
+Statements live in one module per table family, as plain functions taking
+an open connection (for composing several in one ``store.run``), and are
+called through the store's typed gateways, one per module::
+
+    store.jobs.enqueue(queue=…, payload=…, …) -> int          (jobs)
+    store.executions.dispatch_due(now=…, limit=…) -> int      (executions: ready, scheduled)
+    store.claims.claim(queues=…, limit=…, process_id=…, now=…) -> list[Claimed]   (claims)
+    store.failed.retry(job_ids=…, now=…) -> int                (failed)
+    store.processes.heartbeat(process_id=…, now=…) -> bool     (processes)
+    store.queues.pause(queue, now=…)                            (queues)
+    store.bindings.bind(exchange=…, queue=…, …)                (bindings)
+    store.results.store_result(task_id=…, …) -> bool           (results)
 
 The worker's hot writes (a claim loop, a heartbeat) are one statement each;
 on PostgreSQL they go in autocommit on a connection their thread keeps, so
@@ -28,9 +41,16 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ..errors import ConfigurationError, SchemaMissingError
 from ..options import Options
-from . import queries
+from .bindings import Bindings
+from .claims import Claimed, Claims
 from .dialects import dialect_of, is_retryable
 from .engine import READ_ONLY, get_engine
+from .executions import Executions
+from .failed import Failed
+from .jobs import Jobs
+from .processes import Orphan, Processes
+from .queues import Queues
+from .results import Results
 from .schema import tables
 
 log = logging.getLogger("celery_sqlbackend.store")
@@ -68,7 +88,7 @@ def validate_url(url: str) -> str:
 
 
 class Store:
-    """Jobs, executions and processes in one database (see ``queries`` for the SQL)."""
+    """Jobs, executions and processes in one database; statements through its gateways (module doc)."""
 
     def __init__(self, url: str, options: Options | None = None):
         self.url = validate_url(url)
@@ -79,6 +99,14 @@ class Store:
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._local = threading.local()   # see _own_connection
+        self.jobs = Jobs(self)
+        self.executions = Executions(self)
+        self.claims = Claims(self)
+        self.failed = Failed(self)
+        self.processes = Processes(self)
+        self.queues = Queues(self)
+        self.bindings = Bindings(self)
+        self.results = Results(self)
 
     def __repr__(self) -> str:
         return f"<Store {self.engine.url.render_as_string(hide_password=True)}>"
@@ -153,12 +181,14 @@ class Store:
 
         ``single``: the statement function runs exactly one statement (see ``run``).
         """
+        from . import queries   # (temporary: until every caller uses the gateways)
         fn = getattr(queries, statement)
         if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
             return self.run(fn, self.t, self.dialect, single=single, **kwargs)
         return self.run(fn, self.t, single=single, **kwargs)
 
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``run`` for a transaction that only reads (on SQLite it never takes the write lock)."""
         return self.run(fn, *args, read_only=True, **kwargs)
 
     def ping(self) -> None:
@@ -172,7 +202,7 @@ class Store:
     def creates_tables(self) -> bool:
         if self.options.create_tables is not None:
             return self.options.create_tables
-        return self.dialect.name == "sqlite"
+        return self.dialect.embedded
 
     def ensure_schema(self) -> None:
         """Create missing tables (SQLite by default) or say how to, once per process."""

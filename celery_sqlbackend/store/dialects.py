@@ -8,24 +8,34 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Dialect:
+    """What one database engine can do; built by keyword only (``dialect_of``)."""
+    #: The SQLAlchemy dialect name: for messages and cache keys, never for a decision.
     name: str
     #: ``FOR UPDATE SKIP LOCKED`` exists (PostgreSQL, MySQL 8, MariaDB 10.6+).
-    skip_locked: bool
+    skip_locked: bool = False
     #: ``DELETE … RETURNING`` exists (PostgreSQL, SQLite >= 3.35, MariaDB).
-    delete_returning: bool
+    delete_returning: bool = False
     #: ``UPDATE … RETURNING`` exists (PostgreSQL, SQLite; not MySQL/MariaDB).
-    update_returning: bool
+    update_returning: bool = False
     #: ``DELETE … WHERE id IN (SELECT … LIMIT n)`` is allowed (MySQL refuses it).
-    delete_in_limited_subquery: bool
+    delete_in_limited_subquery: bool = True
     #: LISTEN/NOTIFY wake-ups (PostgreSQL only).
-    notify: bool
+    notify: bool = False
+    #: The database is a file this process opens (SQLite): the store creates its
+    #: own tables by default, and there is no server to ask for its settings.
+    embedded: bool = False
+    #: ``INSERT … ON CONFLICT DO UPDATE`` builder (``postgresql.insert`` /
+    #: ``sqlite.insert``), or None: upserts update first, then insert (MySQL).
+    insert_on_conflict: Callable[[Any], Any] | None = None
     #: DELETE/INSERT/UPDATE inside ``WITH`` (PostgreSQL): a claim loop is one statement.
     dml_cte: bool = False
     #: A one-statement transaction is sent without BEGIN/COMMIT (PostgreSQL,
@@ -63,18 +73,21 @@ class Dialect:
 def dialect_of(engine: Engine) -> Dialect:
     name = engine.dialect.name
     if name == "postgresql":
-        return Dialect(name, True, True, True, True, True, dml_cte=True, autocommit_single=True,
-                       id_list="array", server_prepared=True,
+        return Dialect(name=name, skip_locked=True, delete_returning=True, update_returning=True,
+                       notify=True, insert_on_conflict=postgresql.insert, dml_cte=True,
+                       autocommit_single=True, id_list="array", server_prepared=True,
                        own_connection_settings=("SET enable_sort = off",), event_loop=True,
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
-        return Dialect(name, False, True, True, True, False, event_loop=True,
+        return Dialect(name=name, delete_returning=True, update_returning=True, embedded=True,
+                       insert_on_conflict=sqlite.insert, event_loop=True,
                        id_list="json" if _sqlite_has_json() else "expanding")
     if name in ("mysql", "mariadb"):
-        mariadb = getattr(engine.dialect, "is_mariadb", False)
-        return Dialect("mariadb" if mariadb else "mysql", True, bool(mariadb), False, False, False)
-    return Dialect(name, False, False, False, True, False)
+        mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
+        return Dialect(name="mariadb" if mariadb else "mysql", skip_locked=True, delete_returning=mariadb,
+                       delete_in_limited_subquery=False)
+    return Dialect(name=name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,10 @@
 """Every statement the result backend runs, one named function each.
 
-Same conventions as ``queries``: each function takes an open connection
-(inside a transaction the caller owns), the store's ``Tables`` and
-``Dialect``, and plain values; ``Store.run`` commits and retries lost lock
-races.  Payloads arrive already encoded: nothing here knows about Celery or
+Same conventions as the other statement modules: each function takes an
+open connection (inside a transaction the caller owns), the store's
+``Tables`` (and ``Dialect`` where it matters) and plain values; the
+``Results`` gateway (``store.results``) runs each in the store's retried
+transaction.  Payloads arrive already encoded: nothing here knows about Celery or
 serializers.
 
 Results are written with an upsert that never replaces a SUCCESS (a lost or
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, delete, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Row, delete, insert, select, text, update
 
 from .dialects import Dialect
-from .queries import delete_batch
+from .gateway import Gateway
 from .schema import Tables
+from .sql import chunks as _chunks, delete_batch
 
 #: Result states after which a task will not change on its own (Celery's READY_STATES).
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -50,8 +51,8 @@ class ChordCount:
 def _upsert(conn: Connection, d: Dialect, table, key: str, values: dict[str, Any],
             update_values: dict[str, Any], where=None) -> bool:
     """Insert ``values`` or update the row with the same ``key``; False if ``where`` refused the update."""
-    if d.name in ("postgresql", "sqlite"):
-        ins = (postgresql.insert if d.name == "postgresql" else sqlite.insert)(table).values(**values)
+    if d.insert_on_conflict is not None:
+        ins = d.insert_on_conflict(table).values(**values)
         stmt = ins.on_conflict_do_update(index_elements=[key], set_=update_values, where=where)
         return conn.execute(stmt.returning(table.c[key])).first() is not None
     # MySQL/MariaDB and others: update first (locking an existing row only: a
@@ -73,11 +74,6 @@ def _notify(conn: Connection, t: Tables, d: Dialect, task_ids: Iterable[str]) ->
         for task_id in task_ids:
             conn.execute(text("SELECT pg_notify(:channel, :task_id)"),
                          {"channel": notify_channel(t), "task_id": task_id})
-
-
-def _chunks(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 # --------------------------------------------------------------------------- task results
@@ -243,3 +239,68 @@ def expire_groups(conn: Connection, t: Tables, *, before: datetime, limit: int) 
 
 def expire_chords(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
     return delete_batch(conn, t.chords.c.group_id, t.chords.c.created_at < before, limit=limit)
+
+
+class Results(Gateway):
+    """``store.results``: task results, groups and chords, each statement in its own transaction."""
+
+    __slots__ = ()
+
+    def store_result(self, *, task_id: str, status: str, content_type: str, content_encoding: str,
+                     payload: bytes, now: datetime, date_done: datetime | None = None, name: str | None = None,
+                     worker: str | None = None, retries: int | None = None, queue: str | None = None,
+                     group_id: str | None = None, notify: bool = True) -> bool:
+        return self.store.run(store_result, self.t, self.d, task_id=task_id, status=status,
+                              content_type=content_type, content_encoding=content_encoding, payload=payload,
+                              now=now, date_done=date_done, name=name, worker=worker, retries=retries,
+                              queue=queue, group_id=group_id, notify=notify)
+
+    def get(self, task_id: str) -> Row | None:
+        return self.store.read(get_result, self.t, task_id=task_id)
+
+    def get_many(self, task_ids: Sequence[str], *, states: Sequence[str] | None = READY_STATES) -> list[Row]:
+        return self.store.read(get_results, self.t, task_ids=task_ids, states=states)
+
+    def exists(self, task_id: str) -> bool:
+        return self.store.read(result_exists, self.t, task_id=task_id)
+
+    def forget(self, task_ids: Sequence[str]) -> int:
+        return self.store.run(forget, self.t, task_ids=task_ids)
+
+    def for_job(self, job_id: int) -> Row | None:
+        return self.store.read(result_for_job, self.t, job_id=job_id)
+
+    def save_group(self, *, group_id: str, content_type: str, content_encoding: str, payload: bytes,
+                   now: datetime) -> None:
+        self.store.run(save_group, self.t, self.d, group_id=group_id, content_type=content_type,
+                       content_encoding=content_encoding, payload=payload, now=now)
+
+    def get_group(self, group_id: str) -> Row | None:
+        return self.store.read(get_group, self.t, group_id=group_id)
+
+    def delete_group(self, group_id: str) -> bool:
+        return self.store.run(delete_group, self.t, group_id=group_id)
+
+    def chord_start(self, *, group_id: str, now: datetime) -> None:
+        self.store.run(chord_start, self.t, self.d, group_id=group_id, now=now)
+
+    def chord_set_size(self, *, group_id: str, size: int, now: datetime) -> None:
+        self.store.run(chord_set_size, self.t, self.d, group_id=group_id, size=size, now=now)
+
+    def chord_part_done(self, group_id: str) -> ChordCount | None:
+        return self.store.run(chord_part_done, self.t, self.d, group_id=group_id)
+
+    def get_chord(self, group_id: str) -> Row | None:
+        return self.store.read(get_chord, self.t, group_id=group_id)
+
+    def chord_delete(self, group_id: str) -> None:
+        self.store.run(chord_delete, self.t, group_id=group_id)
+
+    def expire_results(self, *, before: datetime, limit: int) -> int:
+        return self.store.run(expire_results, self.t, before=before, limit=limit)
+
+    def expire_groups(self, *, before: datetime, limit: int) -> int:
+        return self.store.run(expire_groups, self.t, before=before, limit=limit)
+
+    def expire_chords(self, *, before: datetime, limit: int) -> int:
+        return self.store.run(expire_chords, self.t, before=before, limit=limit)

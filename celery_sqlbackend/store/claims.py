@@ -1,0 +1,401 @@
+"""Claims: taking ready jobs for a process, and every fenced change to a claimed job.
+
+A claim moves a ready execution to ``claimed_executions``, naming the process
+that holds it.  Every later change (started mark, finish, release, fail) is
+*fenced*: it names the process that must still hold the claim, and reports
+whether it did.  Finishing and pruning both delete the same claim row, so
+exactly one of them wins.
+
+The claim loop's statements are prebuilt (``sql.prebuilt``), bind their id
+lists as one parameter (``sql.in_ids``) and, on PostgreSQL, run a whole loop
+(acks, then the next claim) as one statement (``one_statement``) that the
+store sends without BEGIN/COMMIT on the thread's own connection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Sequence
+
+from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
+from sqlalchemy import Connection
+
+from .dialects import Dialect
+from .executions import make_ready
+from .failed import insert_failed
+from .gateway import Gateway
+from .schema import Tables
+from .sql import by_process, in_ids, prebuilt
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this process now holds, as the transport turns it into a kombu message."""
+    job_id: int
+    queue_name: str
+    priority: int
+    payload: str
+    deliveries: int
+
+
+Pairs = Sequence[tuple[int, int]]
+"""``(job_id, process_id)`` pairs: the acks a loop records."""
+
+
+def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int,
+          process_id: int, now: datetime) -> list[Claimed]:
+    """Move up to ``limit`` ready jobs of ``queues`` to claimed by ``process_id``.
+
+    Higher priority first, FIFO within a priority: the ORDER BY is exactly the
+    ``ix_*ready_poll`` index.  Paused queues are skipped.
+    """
+    if d.dml_cte:
+        rows = conn.execute(prebuilt(t, d, "claim_in_one", lambda: _claim_in_one(t, d)),
+                            {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
+        rows.sort(key=lambda row: (-row.priority, row.id))
+        return [Claimed(*row) for row in rows]
+    if d.delete_returning and d.delete_in_limited_subquery:
+        # (Fenced inside: takes nothing unless process_id is registered.)
+        taken = conn.execute(prebuilt(t, d, "claim_take", lambda: _claim_take(t, d)),
+                             {"queues": list(queues), "limit": limit, "pid": process_id}).all()
+    else:
+        if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
+            return []
+        r = t.ready
+        ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
+        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
+        if rows:
+            conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
+        taken = [(row.job_id, row.queue_name) for row in rows]
+    if not taken:
+        return []
+
+    job_ids = [job_id for job_id, _ in taken]
+    conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+                 {"ids": job_ids, "pid": process_id, "now": now})
+    if d.update_returning:
+        rows = conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d).returning(*_claimed_columns(t))),
+                            {"ids": job_ids}).all()
+    else:
+        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
+        rows = conn.execute(select(*_claimed_columns(t)).where(t.jobs.c.id.in_(job_ids))).all()
+    rows.sort(key=lambda row: (-row.priority, row.id))
+    return [Claimed(*row) for row in rows]
+
+
+def _claim_owner(t: Tables, d: Dialect):
+    # Fenced on the way in too: claims are made only for a registered process,
+    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
+    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
+    # without blocking the process's own heartbeat UPDATE.
+    p = t.processes
+    owner = select(p.c.id).where(p.c.id == bindparam("pid"))
+    return owner.with_for_update(read=True, key_share=True) if d.skip_locked else owner
+
+
+def _claim_candidates(t: Tables, d: Dialect):
+    r = t.ready
+    candidates = (
+        select(r.c.id)
+        .where(r.c.queue_name.in_(bindparam("queues", expanding=True)))
+        .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        # A literal: a server-side prepared statement then plans for this
+        # limit, not for an unknown one (which PostgreSQL takes as a tenth of the
+        # table, and answers with hash joins over whole tables).
+        .limit(bindparam("limit", type_=Integer(), literal_execute=d.server_prepared))
+    )
+    return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
+
+
+def _claim_take(t: Tables, d: Dialect):
+    """Delete and return the next ready jobs, if process ``pid`` is registered (SQLite: the
+    write lock, taken by BEGIN IMMEDIATE, keeps the registry row from going meanwhile)."""
+    r = t.ready
+    candidates = _claim_candidates(t, d).where(exists(_claim_owner(t, d)))
+    return delete(r).where(r.c.id.in_(candidates.scalar_subquery())).returning(r.c.job_id, r.c.queue_name)
+
+
+def _claim_insert(t: Tables, d: Dialect):
+    """Claims of process ``pid`` on the jobs ``ids``: one INSERT … SELECT, whatever the batch size."""
+    c, j = t.claimed, t.jobs
+    return insert(c).from_select(
+        ["job_id", "process_id", "queue_name", "claimed_at"],
+        select(j.c.id, bindparam("pid", type_=c.c.process_id.type), j.c.queue_name,
+               bindparam("now", type_=c.c.claimed_at.type)).where(in_ids(j.c.id, d)))
+
+
+def _claim_in_one(t: Tables, d: Dialect):
+    """The whole claim as one statement (PostgreSQL): fence, take, record, count, return.
+
+        WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
+             taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)
+                       RETURNING job_id, queue_name),
+             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken)
+        UPDATE jobs SET deliveries = deliveries + 1 FROM taken WHERE jobs.id = taken.job_id
+        RETURNING <the claimed columns>
+    """
+    r, j, c = t.ready, t.jobs, t.claimed
+    owner = _claim_owner(t, d).cte("owner")
+    candidates = _claim_candidates(t, d).where(exists(select(owner.c.id)))
+    taken = (delete(r).where(r.c.id.in_(candidates.scalar_subquery()))
+             .returning(r.c.job_id, r.c.queue_name).cte("taken"))
+    recorded = insert(c).from_select(
+        ["job_id", "process_id", "queue_name", "claimed_at"],
+        select(taken.c.job_id, bindparam("pid", type_=c.c.process_id.type), taken.c.queue_name,
+               bindparam("now", type_=c.c.claimed_at.type)),
+    ).cte("recorded")
+    return (update(j).where(j.c.id == taken.c.job_id).values(deliveries=j.c.deliveries + 1)
+            .returning(*_claimed_columns(t)).add_cte(recorded))
+
+
+def _claim_bump(t: Tables, d: Dialect):
+    j = t.jobs
+    return update(j).where(in_ids(j.c.id, d)).values(deliveries=j.c.deliveries + 1)
+
+
+def _claimed_columns(t: Tables):
+    j = t.jobs
+    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+
+
+def has_ready(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str]) -> bool:
+    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
+    def build():
+        r = t.ready
+        return select(r.c.id).where(r.c.queue_name.in_(bindparam("queues", expanding=True))).limit(1)
+    return conn.execute(prebuilt(t, d, "has_ready", build), {"queues": list(queues)}).first() is not None
+
+
+def _release_claim(conn: Connection, t: Tables, job_id: int, process_id: int) -> bool:
+    c = t.claimed
+    return conn.execute(
+        delete(c).where(c.c.job_id == job_id, c.c.process_id == process_id)
+    ).rowcount == 1
+
+
+def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: datetime,
+           keep: bool) -> bool:
+    """Drop the claim and mark the job finished (or delete it), iff we still hold it."""
+    if not _release_claim(conn, t, job_id, process_id):
+        return False
+    if keep:
+        conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now))
+    else:
+        conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
+    return True
+
+
+def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tuple[int, int]], now: datetime,
+                keep: bool) -> list[int]:
+    """``finish`` for a batch of ``(job_id, process_id)``: one transaction for many acks.
+
+    Returns the job ids whose claim still stood (and are now finished).
+    """
+    c = t.claimed
+    done: list[int] = []
+    for process_id, job_ids in by_process(claims).items():
+        if d.delete_returning:
+            stmt = prebuilt(t, d, "finish_many", lambda: delete(c).where(_held(c, d)).returning(c.c.job_id))
+            done += conn.execute(stmt, {"pid": process_id, "ids": job_ids}).scalars().all()
+        else:
+            held = list(conn.execute(select(c.c.job_id).where(_held(c, d)).with_for_update(),
+                                     {"pid": process_id, "ids": job_ids}).scalars())
+            if held:
+                conn.execute(delete(c).where(c.c.job_id.in_(held)))
+            done += held
+    if done:
+        j = t.jobs
+        if keep:
+            stmt = prebuilt(t, d, "finish_keep", lambda: update(j).where(in_ids(j.c.id, d))
+                             .values(finished_at=bindparam("now")))
+            conn.execute(stmt, {"ids": done, "now": now})
+        else:
+            conn.execute(prebuilt(t, d, "finish_drop", lambda: delete(j).where(in_ids(j.c.id, d))), {"ids": done})
+    return done
+
+
+def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
+                finishes: Sequence[tuple[int, int]], now: datetime, keep: bool) -> list[int]:
+    """A loop's worth of acks: started marks and finishes of ``(job_id, process_id)``.
+
+    Returns the job ids whose claim still stood and are now finished.  A job
+    that started and finished since the last loop only needs its finish (and
+    must not be both updated and deleted in one PostgreSQL statement).
+    """
+    marks = _without_finishing(marks, finishes)
+    if not d.dml_cte:
+        if marks:
+            mark_acked_many(conn, t, d, claims=marks, now=now)
+        return finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
+    marks_by, finishes_by = by_process(marks), by_process(finishes)
+    stmt = prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, d, keep))
+    done: list[int] = []
+    for process_id in set(marks_by) | set(finishes_by):
+        done += conn.execute(stmt, {"ack_pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
+                                    "ids": finishes_by.get(process_id, [])}).scalars().all()
+    return done
+
+
+def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
+                   finishes: Sequence[tuple[int, int]], keep: bool, queues: Sequence[str], limit: int,
+                   process_id: int, now: datetime) -> tuple[list[int], list[Claimed]]:
+    """The claim loop's write: the acks since the last loop, then the next batch.
+
+    Returns (job ids finished, jobs claimed).  On PostgreSQL, when every ack
+    names one process id, this is a single statement (``_loop_in_one``), so
+    the caller can run it without BEGIN and COMMIT: one round trip per loop.
+    """
+    if not one_statement(d, marks, finishes):
+        return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
+            claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+    if not marks and not finishes:
+        return [], claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+    marks = _without_finishing(marks, finishes)
+    ack_pid = (finishes or marks)[0][1]
+    rows = conn.execute(prebuilt(t, d, f"loop_in_one_{keep}", lambda: _loop_in_one(t, d, keep)), {
+        "pid": process_id, "queues": list(queues), "limit": limit, "now": now, "ack_pid": ack_pid,
+        "marks": [job_id for job_id, _ in marks], "ids": [job_id for job_id, _ in finishes]}).all()
+    done = [row.id for row in rows if row.queue_name is None]
+    claimed = sorted((row for row in rows if row.queue_name is not None), key=lambda row: (-row.priority, row.id))
+    return done, [Claimed(*row) for row in claimed]
+
+
+def one_statement(d: Dialect, marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]]) -> bool:
+    """True when ``acks_and_claim`` / ``record_acks`` run as a single statement here."""
+    return d.dml_cte and len({process_id for _, process_id in (*marks, *finishes)}) <= 1
+
+
+def _without_finishing(marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]]) -> list:
+    finishing = {job_id for job_id, _ in finishes}
+    return [m for m in marks if m[0] not in finishing]
+
+
+def _acks_ctes(t: Tables, d: Dialect, keep: bool):
+    """Started marks and finishes of process ``ack_pid``, as data-modifying CTEs (PostgreSQL).
+
+        marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
+        done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
+        finished AS (UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id)
+                    (or DELETE FROM jobs USING done … when finished jobs are not kept)
+    """
+    c, j = t.claimed, t.jobs
+    marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
+    done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
+    if keep:
+        record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+    else:
+        record = delete(j).where(j.c.id == done.c.job_id)
+    return marked, record.returning(j.c.id)
+
+
+def _acks_in_one(t: Tables, d: Dialect, keep: bool):
+    """``record_acks`` for one process as one statement (PostgreSQL): ``_acks_ctes``, returning the finished ids."""
+    marked, finished = _acks_ctes(t, d, keep)
+    return finished.add_cte(marked)
+
+
+def _loop_in_one(t: Tables, d: Dialect, keep: bool):
+    """``acks_and_claim`` as one statement (PostgreSQL): ``_acks_ctes``, then ``_claim_in_one``.
+
+        WITH <marked, done, finished>, <owner, taken, recorded>,
+             bumped AS (UPDATE jobs SET deliveries = deliveries + 1 FROM taken … RETURNING <claimed columns>)
+        SELECT <claimed columns> FROM bumped
+        UNION ALL SELECT id, NULL, NULL, NULL, NULL FROM finished
+
+    The acks touch only jobs this process holds and the claim only jobs that
+    were ready, so no row is modified twice in the one statement.
+    """
+    marked, finished = _acks_ctes(t, d, keep)
+    finished = finished.cte("finished")
+    bumped = _claim_in_one(t, d).cte("bumped")
+    nothing = null()
+    return union_all(
+        select(*bumped.c),
+        select(finished.c.id, nothing, nothing, nothing, nothing),
+    ).add_cte(marked)
+
+
+def _held(c, d: Dialect, ids: str = "ids", pid: str = "pid"):
+    """Claims named by the list ``ids`` that process ``pid`` still holds (the fence)."""
+    return (c.c.process_id == bindparam(pid)) & in_ids(c.c.job_id, d, ids)
+
+
+def mark_acked(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: datetime) -> bool:
+    """Record an early ack: the job has started and must not silently run twice."""
+    c = t.claimed
+    return conn.execute(
+        update(c).where(c.c.job_id == job_id, c.c.process_id == process_id).values(acked_at=now)
+    ).rowcount == 1
+
+
+def mark_acked_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tuple[int, int]],
+                    now: datetime) -> int:
+    """``mark_acked`` for a batch of ``(job_id, process_id)``; returns how many claims still stood."""
+    c = t.claimed
+    stmt = prebuilt(t, d, "mark_acked_many", lambda: update(c).where(_held(c, d)).values(acked_at=bindparam("now")))
+    return sum(conn.execute(stmt, {"pid": process_id, "ids": job_ids, "now": now}).rowcount
+               for process_id, job_ids in by_process(claims).items())
+
+
+def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id: int, now: datetime) -> bool:
+    """Claimed → ready, in place (same job row, id and priority), iff we hold it."""
+    if not _release_claim(conn, t, job_id, process_id):
+        return False
+    make_ready(conn, t, d, [job_id], now)
+    return True
+
+
+def fail(conn: Connection, t: Tables, *, job_id: int, process_id: int | None, error_class: str,
+         error: str, now: datetime) -> bool:
+    """Claimed → failed, iff ``process_id`` still holds it (None: the job is ours to fail anyway)."""
+    if process_id is not None and not _release_claim(conn, t, job_id, process_id):
+        return False
+    insert_failed(conn, t, [job_id], error_class, error, now)
+    return True
+
+
+def held_since(conn: Connection, t: Tables, *, process_id: int, before: datetime) -> list[int]:
+    """Job ids ``process_id`` has held since before ``before`` (for reconciliation)."""
+    c = t.claimed
+    return list(conn.execute(select(c.c.job_id).where(c.c.process_id == process_id,
+                                                      c.c.claimed_at < before)).scalars())
+
+
+class Claims(Gateway):
+    """``store.claims``: claim, acks, release, fenced finish and fail."""
+
+    __slots__ = ()
+
+    def claim(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime) -> list[Claimed]:
+        return self.store.run(claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now)
+
+    def acks_and_claim(self, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str], limit: int,
+                       process_id: int, now: datetime) -> tuple[list[int], list[Claimed]]:
+        """The claim loop's write (see ``acks_and_claim``); one round trip on PostgreSQL."""
+        return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
+                              queues=queues, limit=limit, process_id=process_id, now=now,
+                              single=one_statement(self.d, marks, finishes))
+
+    def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
+        return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,
+                              single=one_statement(self.d, marks, finishes))
+
+    def finish(self, *, job_id: int, process_id: int, now: datetime, keep: bool) -> bool:
+        return self.store.run(finish, self.t, job_id=job_id, process_id=process_id, now=now, keep=keep)
+
+    def finish_many(self, *, claims: Pairs, now: datetime, keep: bool) -> list[int]:
+        return self.store.run(finish_many, self.t, self.d, claims=claims, now=now, keep=keep)
+
+    def mark_acked(self, *, job_id: int, process_id: int, now: datetime) -> bool:
+        return self.store.run(mark_acked, self.t, job_id=job_id, process_id=process_id, now=now)
+
+    def release(self, *, job_id: int, process_id: int, now: datetime) -> bool:
+        return self.store.run(release, self.t, self.d, job_id=job_id, process_id=process_id, now=now)
+
+    def fail(self, *, job_id: int, process_id: int | None, error_class: str, error: str, now: datetime) -> bool:
+        return self.store.run(fail, self.t, job_id=job_id, process_id=process_id, error_class=error_class,
+                              error=error, now=now)
+
+    def held_since(self, *, process_id: int, before: datetime) -> list[int]:
+        return self.store.read(held_since, self.t, process_id=process_id, before=before)

@@ -1,0 +1,83 @@
+"""Ready and scheduled executions: the jobs waiting to be claimed.
+
+A ready row is what a worker claims (``claims``); a scheduled row waits for
+its ETA and is promoted to ready by ``dispatch_due``.  Making a job ready
+announces it on PostgreSQL (``pg_notify``), from the same transaction, so
+idle workers wake on commit and never for a rolled-back write.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Sequence
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, text
+
+from .dialects import Dialect
+from .gateway import Gateway
+from .schema import Tables
+from .sql import prebuilt
+
+
+def ready_channel(t: Tables) -> str:
+    """The LISTEN/NOTIFY channel on which ready jobs are announced (per ``table_prefix``)."""
+    return f"{t.prefix}ready"
+
+
+def notify_ready(conn: Connection, t: Tables, d: Dialect, queue: str) -> None:
+    """Wake idle workers on commit (PostgreSQL); a rolled-back enqueue sends nothing."""
+    if d.notify:
+        conn.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": ready_channel(t), "queue": queue})
+
+
+def make_ready(conn: Connection, t: Tables, d: Dialect, job_ids: Sequence[int], now: datetime) -> None:
+    """Insert ready executions for ``job_ids`` (same job row, queue and priority) and announce them."""
+    j = t.jobs
+    conn.execute(insert(t.ready).from_select(
+        ["job_id", "queue_name", "priority", "created_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, literal(now, t.ready.c.created_at.type))
+        .where(j.c.id.in_(job_ids)),
+    ))
+    for queue in conn.execute(select(j.c.queue_name).where(j.c.id.in_(job_ids)).distinct()).scalars():
+        notify_ready(conn, t, d, queue)
+
+
+def has_ready(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str]) -> bool:
+    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
+    def build():
+        r = t.ready
+        return select(r.c.id).where(r.c.queue_name.in_(bindparam("queues", expanding=True))).limit(1)
+    return conn.execute(prebuilt(t, d, "has_ready", build), {"queues": list(queues)}).first() is not None
+
+
+def ready_count(conn: Connection, t: Tables, *, queue: str) -> int:
+    r = t.ready
+    return conn.execute(select(func.count()).select_from(r).where(r.c.queue_name == queue)).scalar_one()
+
+
+def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limit: int) -> int:
+    """Promote up to ``limit`` scheduled executions whose time has come to ready; returns how many."""
+    s = t.scheduled
+    due = select(s.c.id, s.c.job_id).where(s.c.scheduled_at <= now).order_by(s.c.scheduled_at, s.c.job_id).limit(limit)
+    if d.skip_locked:
+        due = due.with_for_update(skip_locked=True)
+    rows = conn.execute(due).all()
+    if not rows:
+        return 0
+    conn.execute(delete(s).where(s.c.id.in_([row.id for row in rows])))
+    make_ready(conn, t, d, [row.job_id for row in rows], now)
+    return len(rows)
+
+
+class Executions(Gateway):
+    """``store.executions``: ready and scheduled executions."""
+
+    __slots__ = ()
+
+    def has_ready(self, queues: Sequence[str]) -> bool:
+        return self.store.read(has_ready, self.t, self.d, queues=queues)
+
+    def ready_count(self, queue: str) -> int:
+        return self.store.read(ready_count, self.t, queue=queue)
+
+    def dispatch_due(self, *, now: datetime, limit: int) -> int:
+        return self.store.run(dispatch_due, self.t, self.d, now=now, limit=limit)
