@@ -1,110 +1,126 @@
-"""Shared fixtures: database URLs (SQLite always, PostgreSQL when one can be had) and worker cleanup.
+"""Shared fixtures: the engine parameter, a fresh database per test on every engine, and worker cleanup.
 
-PostgreSQL comes from ``$SQLQ_TEST_PG_URL`` (a SQLAlchemy URL whose user may CREATE DATABASE), or else
-from a private server started with initdb/pg_ctl for the session. When neither works the PostgreSQL
-tests are skipped loudly, except under ``$CI``, where they fail.
+Engine-level tests take ``db_url`` and run once per selected engine (``$SQLQ_TEST_ENGINES``, default
+``sqlite,postgres``; add ``mysql`` for MariaDB). A server engine uses ``$SQLQ_TEST_PG_URL`` /
+``$SQLQ_TEST_MYSQL_URL`` or else a private server started once for the run (see tests/support/engines.py).
+When neither works its tests are skipped loudly, except under ``$CI``, where they fail. The last lines of
+the run count the tests of each engine.
 
 Fixtures:
-    sqlite_url   sqlite:///<tmp_path>/jobs.sqlite3
-    pg_url       session-wide server URL (database "postgres"); prefer pg_db_url in tests
-    pg_db_url    a fresh, uniquely named database for this test, dropped afterwards
-    db_url       parametrised: sqlite_url, then pg_db_url (marked ``postgres``)
-    private_pg   a dedicated PrivatePostgres for this test (stop()/start()/restart() the database)
-    spawn_worker factory: spawn_worker(directory, **CeleryWorker kwargs) -> ready worker; all killed at teardown
+    db_url        parametrised over the selected engines: a SQLite file, a fresh PostgreSQL or MariaDB database
+    sqlite_url    sqlite:///<tmp_path>/jobs.sqlite3
+    pg_url        the run's PostgreSQL server (database "postgres"); prefer pg_db_url in tests
+    pg_db_url     a fresh, uniquely named PostgreSQL database for this test, dropped afterwards
+    mysql_url     the run's MariaDB server; prefer mysql_db_url
+    mysql_db_url  a fresh MariaDB database for this test, dropped afterwards
+    private_pg    a dedicated PrivatePostgres for this test (stop()/start()/restart() the database)
+    spawn_worker  factory: spawn_worker(directory, **CeleryWorker kwargs) -> ready worker; all killed at teardown
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import threading
-import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.harness import CeleryWorker, PostgresUnavailable, PrivatePostgres
+from tests.harness import CeleryWorker
+from tests.support import engines
+from tests.support.postgres import PrivatePostgres
+from tests.support.servers import ServerUnavailable
+from tests.support.summary import UNAVAILABLE, tag_engine, write_engine_summary
 
-PG_FIXTURES = {"pg_url", "pg_db_url", "private_pg"}
-_pg_problem: list[str] = []  # why PostgreSQL tests could not run (for the terminal summary)
+try:
+    SELECTED = engines.selected_engines()
+    _ENGINE_ERROR = ""
+except ValueError as exc:   # reported by pytest_configure as a usage error
+    SELECTED, _ENGINE_ERROR = engines.DEFAULT_ENGINES, str(exc)
+
+#: The fixtures that tie a test to one engine (beside the ``db_url``/``backend_db`` parameter).
+ENGINE_FIXTURES = {
+    "postgres": {"pg_url", "pg_db_url", "private_pg"},
+    "mysql": {"mysql_url", "mysql_db_url"},
+    "sqlite": {"sqlite_url"},
+}
+#: Parametrised fixtures whose parameter is the engine name.
+ENGINE_PARAMETERS = ("db_url", "backend_db")
+#: Module-scoped fixtures: a module's tests on one engine share them, so they go to one xdist worker.
+MODULE_SCOPED = ("backend_db",)
+
+ENGINE_PARAMS = engines.engine_params()
 
 
-def _no_postgres(reason: str):
-    if reason not in _pg_problem:
-        _pg_problem.append(reason)
+def _no_engine(engine: str, reason: str):
     if os.environ.get("CI"):
-        pytest.fail(f"PostgreSQL is required under CI but unavailable: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL unavailable (set SQLQ_TEST_PG_URL or install PostgreSQL): {reason}")
+        pytest.fail(f"{engine} is required under CI but {UNAVAILABLE}: {reason}", pytrace=False)
+    pytest.skip(f"{engine} {UNAVAILABLE} (set {engines.URL_ENV[engine]} or install its server): {reason}")
 
 
-def _connect(url: str, **kwargs):
-    """A psycopg connection for a SQLAlchemy URL."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    params = {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
-              "dbname": u.database or "postgres", **dict(u.query)}
-    return psycopg.connect(**{k: v for k, v in params.items() if v is not None}, connect_timeout=10, **kwargs)
-
-
-def _start_private_server() -> PrivatePostgres:
-    server = None
+def _session_server(engine: str) -> str:
     try:
-        server = PrivatePostgres()
-        return server.start()
-    except (PostgresUnavailable, OSError) as exc:
-        if server is not None:
-            server.destroy()
-        _no_postgres(str(exc))
+        return engines.session_server_url(engine)
+    except engines.ConfiguredServerBroken as exc:   # an explicit setting that does not work is always an error
+        pytest.fail(str(exc), pytrace=False)
+    except ServerUnavailable as exc:
+        _no_engine(engine, str(exc))
 
 
 @pytest.fixture(scope="session")
-def pg_url():
-    """URL of a PostgreSQL server for the whole session: $SQLQ_TEST_PG_URL or a private initdb server."""
-    configured = os.environ.get("SQLQ_TEST_PG_URL")
-    if configured:
-        url = configured.removeprefix("sqlq+")
-        try:
-            _connect(url).close()
-        except Exception as exc:  # an explicit setting that does not work is always an error
-            pytest.fail(f"SQLQ_TEST_PG_URL={configured!r} is not reachable: {exc}", pytrace=False)
-        yield url
-        return
-    server = _start_private_server()
-    yield server.url()
-    server.destroy()
+def pg_url() -> str:
+    """URL of the run's PostgreSQL server: $SQLQ_TEST_PG_URL or a private initdb server."""
+    return _session_server("postgres")
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """URL of the run's MariaDB server: $SQLQ_TEST_MYSQL_URL or a private mariadbd."""
+    return _session_server("mysql")
 
 
 @pytest.fixture
 def pg_db_url(pg_url):
     """A fresh PostgreSQL database for this test only (CREATE DATABASE, then DROP ... WITH (FORCE))."""
-    from sqlalchemy.engine import make_url
+    with engines.fresh_database("postgres", pg_url) as url:
+        yield url
 
-    name = f"sqlq_t_{uuid.uuid4().hex[:16]}"
-    with _connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    with _connect(pg_url, autocommit=True) as conn:
-        # FORCE: workers killed by the test may still hold connections.
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+@pytest.fixture
+def mysql_db_url(mysql_url):
+    """A fresh MariaDB database for this test only (its leftover connections are killed before the DROP)."""
+    with engines.fresh_database("mysql", mysql_url) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/jobs.sqlite3"
+
+
+DB_FIXTURE = {"sqlite": "sqlite_url", "postgres": "pg_db_url", "mysql": "mysql_db_url"}
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def db_url(request) -> str:
+    """Each test using it runs once per selected engine, each time on a database of its own."""
+    return request.getfixturevalue(DB_FIXTURE[request.param])
 
 
 @pytest.fixture
 def private_pg():
     """A dedicated, started PrivatePostgres (``.url()``, ``.stop(mode)``, ``.start()``, ``.restart()``)."""
-    server = _start_private_server()
+    server = None
+    try:
+        server = PrivatePostgres()
+        server.start()
+    except (ServerUnavailable, OSError) as exc:
+        if server is not None:
+            server.destroy()
+        _no_engine("postgres", str(exc))
     yield server
     server.destroy()
-
-
-@pytest.fixture
-def sqlite_url(tmp_path):
-    return f"sqlite:///{tmp_path}/jobs.sqlite3"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request):
-    """Each test using it runs twice: on a SQLite file, and on a fresh PostgreSQL database."""
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_db_url")
 
 
 @pytest.fixture
@@ -126,32 +142,84 @@ def spawn_worker():
         worker.close()
 
 
+# --- hooks ---------------------------------------------------------------------------------------
+
+def _is_controller(config) -> bool:
+    return not hasattr(config, "workerinput")   # pytest-xdist workers have it
+
+
 def pytest_configure(config):
+    if _ENGINE_ERROR:
+        raise pytest.UsageError(_ENGINE_ERROR)
+    for engine in engines.ENGINES:
+        config.addinivalue_line("markers", f"{engine}: runs on the {engine} engine")
     # Python's default SIGTERM action skips all cleanup; as KeyboardInterrupt, teardown still runs
     # (workers are killed, private servers stopped) when e.g. `timeout` ends the run.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
+    if _is_controller(config) and engines.SHARED_DIR_ENV not in os.environ:
+        # Where xdist workers meet to share one private server per engine (tests/support/engines.py).
+        config._sqlq_shared = Path(tempfile.mkdtemp(prefix="sqlq-run-"))
+        os.environ[engines.SHARED_DIR_ENV] = str(config._sqlq_shared)
+        os.environ[engines.ROOT_PID_ENV] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+    shared = getattr(config, "_sqlq_shared", None)
+    if shared is not None:
+        engines.stop_shared_servers(shared)
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop(engines.SHARED_DIR_ENV, None)
+        os.environ.pop(engines.ROOT_PID_ENV, None)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _engine_of(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        for name in ENGINE_PARAMETERS:
+            if name in callspec.params:
+                return callspec.params[name]
+    fixtures = set(getattr(item, "fixturenames", ()))
+    for engine in ("postgres", "mysql", "sqlite"):   # a server fixture decides over a side SQLite file
+        if ENGINE_FIXTURES[engine] & fixtures:
+            return engine
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's loadgroup renames grouped tests
 def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
     for item in items:
-        if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.postgres)
+        engine = _engine_of(item)
+        if engine is None:
+            keep.append(item)
+            continue
+        if engine not in SELECTED:   # a test tied to an engine that this run does not cover
+            drop.append(item)
+            continue
+        item.add_marker(getattr(pytest.mark, engine))
+        tag_engine(item, engine)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(name in callspec.params for name in MODULE_SCOPED):
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-{engine}"))
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_report_header(config):
-    if os.environ.get("SQLQ_TEST_PG_URL"):
-        return "postgres: SQLQ_TEST_PG_URL"
-    return "postgres: private initdb/pg_ctl server (started on first use)"
+    lines = [f"engines: {', '.join(SELECTED)} (SQLQ_TEST_ENGINES; all: {', '.join(engines.ENGINES)})"]
+    for engine, var in engines.URL_ENV.items():
+        if engine in SELECTED:
+            source = var if os.environ.get(var) else "a private server, started on first use"
+            lines.append(f"{engine}: {source}")
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    for reason in _pg_problem:
-        terminalreporter.write_sep("!", "PostgreSQL tests did NOT run", red=True, bold=True)
-        terminalreporter.write_line(reason, red=True)
-        terminalreporter.write_line("Set SQLQ_TEST_PG_URL=postgresql+psycopg://user@host:port/db or install "
-                                    "PostgreSQL (initdb/pg_ctl); .ci/run does both.", red=True)
+    write_engine_summary(terminalreporter, SELECTED, engines.ENGINES)

@@ -1,5 +1,5 @@
-"""Shared test helpers: polling with deadlines, row inspection, real ``celery worker``
-subprocesses, and private PostgreSQL servers.
+"""Shared test helpers: polling with deadlines, row inspection, and real ``celery worker`` subprocesses
+(the one worker harness of the suite: every test app, generated or kept in a module, runs through it).
 
 Tests synchronise by polling observable state with a deadline (``wait_until``),
 never by sleeping a fixed time and hoping.
@@ -14,37 +14,33 @@ never by sleeping a fixed time and hoping.
     with CeleryWorker(tmp_path, concurrency=2) as worker:
         worker.wait_ready()
         ...
+
+Throwaway database servers, the engine parameter and the lifecycle cluster are in ``tests.support``.
 """
 from __future__ import annotations
 
-import atexit
 import glob
 import os
-import pwd
 import re
-import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = [
-    "REPO", "wait_until", "rows", "write_app", "CeleryWorker",
-    "PostgresUnavailable", "PrivatePostgres", "find_pg_bindir", "free_port",
-]
+from tests.support.postgres import PrivatePostgres  # noqa: F401  (bench/ starts its server from here)
+from tests.support.servers import free_port  # noqa: F401
+
+__all__ = ["REPO", "wait_until", "rows", "write_app", "CeleryWorker", "PrivatePostgres", "free_port"]
 
 REPO = Path(__file__).resolve().parents[1]
 READY_LINE = re.compile(r"@\S+ ready\.")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
                message: Optional[str] = None, ignore: tuple = ()) -> Any:
     """Call ``predicate`` until it returns something truthy, and return that value.
 
@@ -111,14 +107,17 @@ def write_app(directory: Path, broker_url: str, result_backend: Optional[str] = 
 class CeleryWorker:
     """A real ``celery worker`` subprocess in its own session (so its whole group can be signalled).
 
-    Output (stdout and stderr) goes to ``<directory>/worker-<name>.log``. Use it as a context
-    manager, or call ``close()``: anything still running in its process group is SIGKILLed.
+    ``app`` is a module found in ``directory`` (``write_app``) or in ``app_dir`` (a test app kept in the
+    tree, e.g. tests/backend/beapp.py). ``env`` is laid over this process's environment; a value of
+    ``None`` removes the variable. Output (stdout and stderr) goes to ``<directory>/worker-<name>-*.log``.
+    Use it as a context manager, or call ``close()``: anything still running in its process group is
+    SIGKILLed.
     """
 
     def __init__(self, directory: Path, app: str = "testapp", pool: str = "prefork", concurrency: int = 1,
                  queues: Optional[Iterable[str] | str] = None, hostname: Optional[str] = None,
-                 loglevel: str = "INFO", extra_args: Sequence[str] = (), env: Optional[dict] = None,
-                 start: bool = True) -> None:
+                 loglevel: str = "INFO", extra_args: Sequence[str] = (), env: Optional[Mapping[str, Optional[str]]] = None,
+                 app_dir: Optional[Path] = None, start: bool = True) -> None:
         self.directory = Path(directory)
         self.app = app
         self.name = hostname or f"w{uuid.uuid4().hex[:8]}@%h"
@@ -129,9 +128,10 @@ class CeleryWorker:
         if queues:
             self.argv += ["-Q", queues if isinstance(queues, str) else ",".join(queues)]
         self.argv += list(extra_args)
-        path = [str(self.directory), str(REPO), os.environ.get("PYTHONPATH", "")]
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        path = [str(self.directory), str(app_dir or ""), str(REPO), os.environ.get("PYTHONPATH", "")]
+        merged = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "PYTHONUNBUFFERED": "1",
+                  **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
         if start:
@@ -157,8 +157,12 @@ class CeleryWorker:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def output(self, chars: int = 6000) -> str:
+        """The end of the log, for assertion messages."""
+        return self.log_text()[-chars:]
+
     def _tail(self, chars: int = 6000) -> str:
-        return f"--- {self.log_path} (tail) ---\n{self.log_text()[-chars:]}"
+        return f"--- {self.log_path} (tail) ---\n{self.output(chars)}"
 
     def wait_ready(self, timeout: float = 30.0) -> "CeleryWorker":
         """Wait for the worker's "<name>@<host> ready." log line; fail at once if it exits."""
@@ -248,180 +252,3 @@ class CeleryWorker:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-# --- PostgreSQL -------------------------------------------------------------------------------
-
-class PostgresUnavailable(RuntimeError):
-    """No PostgreSQL server can be started here (no binaries, no usable user, ...)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_pg_bindir() -> str:
-    """A directory holding initdb, pg_ctl and postgres: $SQLQ_TEST_PG_BINDIR, PATH, pg_config, Debian layout."""
-    candidates = [os.environ.get("SQLQ_TEST_PG_BINDIR", "")]
-    which = shutil.which("pg_ctl")
-    if which:
-        candidates.append(os.path.dirname(os.path.realpath(which)))
-    if shutil.which("pg_config"):
-        try:
-            out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=10)
-            candidates.append(out.stdout.strip())
-        except (OSError, subprocess.SubprocessError):
-            pass
-
-    def version(path: str) -> tuple:
-        return tuple(int(n) for n in re.findall(r"\d+", path)[:2])
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
-    candidates += ["/usr/local/pgsql/bin"]
-    for d in candidates:
-        if d and all(os.access(os.path.join(d, exe), os.X_OK) for exe in ("initdb", "pg_ctl", "postgres")):
-            return d
-    raise PostgresUnavailable("no initdb/pg_ctl/postgres found (PATH, pg_config --bindir, /usr/lib/postgresql/*/bin); "
-                              "install PostgreSQL or set SQLQ_TEST_PG_URL")
-
-
-def _ensure_user(name: str) -> None:
-    try:
-        pwd.getpwnam(name)
-        return
-    except KeyError:
-        pass
-    if not shutil.which("useradd"):
-        raise PostgresUnavailable(f"running as root, user {name!r} is missing and useradd is not available")
-    out = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                         capture_output=True, text=True, timeout=30)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise PostgresUnavailable(f"could not create user {name!r}: {out.stderr.strip()}") from None
-
-
-class PrivatePostgres:
-    """A throwaway PostgreSQL cluster in a temporary directory, listening on 127.0.0.1 with trust auth.
-
-    As root, the server runs as ``os_user`` (created if missing), since PostgreSQL refuses to run as root.
-    The port is kept across ``stop()``/``start()``, so ``url`` stays valid; ``stop(mode="immediate")``
-    simulates a crash.
-    """
-
-    SETTINGS = {
-        "listen_addresses": "'127.0.0.1'",
-        "max_connections": "300",
-        "fsync": "off",
-        "full_page_writes": "off",
-        "synchronous_commit": "off",
-        "log_min_messages": "warning",
-    }
-
-    def __init__(self, os_user: str = "sqlqtest", bindir: Optional[str] = None, settings: Optional[dict] = None) -> None:
-        self.bindir = bindir or find_pg_bindir()
-        self.as_root = os.geteuid() == 0
-        if self.as_root:
-            if not shutil.which("runuser"):
-                raise PostgresUnavailable("running as root and runuser is not available")
-            _ensure_user(os_user)
-            self.user = os_user
-        else:
-            self.user = pwd.getpwuid(os.geteuid()).pw_name
-        self.settings = {**self.SETTINGS, **(settings or {})}
-        self.base = Path(tempfile.mkdtemp(prefix="sqlq-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        self.data = self.base / "data"
-        self.logfile = self.base / "postgres.log"
-        self.port = 0
-        self.running = False
-        self._watchdog: Optional[subprocess.Popen] = None
-        if self.as_root:
-            shutil.chown(self.base, user=self.user)
-        atexit.register(self.destroy)
-        self._initdb()
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
-
-    def _argv(self, *args: str) -> list[str]:
-        argv = [os.path.join(self.bindir, args[0]), *args[1:]]
-        return ["runuser", "-u", self.user, "--", *argv] if self.as_root else argv
-
-    @staticmethod
-    def _env() -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(LC_ALL="C", LANG="C")
-        return env
-
-    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = self._argv(*args)
-        out = subprocess.run(argv, cwd=self.base, env=self._env(), capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise PostgresUnavailable(f"{' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}"
-                                      f"{self.log_tail()}")
-        return out
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return f"\n--- {self.logfile} ---\n{self.logfile.read_text(errors='replace')[-chars:]}"
-        except OSError:
-            return ""
-
-    def _initdb(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-locale", "-E", "UTF8",
-                  "--no-sync")
-        extra = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
-        with open(self.data / "postgresql.conf", "a") as conf:  # appending keeps the server user's ownership
-            conf.write(f"\n# tests.harness.PrivatePostgres\nunix_socket_directories = '{self.base}'\n{extra}")
-
-    def start(self, attempts: int = 5) -> "PrivatePostgres":
-        """Start the server (choosing a free port the first time) and wait until it accepts connections."""
-        for attempt in range(attempts):
-            port = self.port or free_port()
-            try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-o", f"-p {port}",
-                          "-w", "-t", "60", "start")
-            except PostgresUnavailable:
-                # Another process may have taken the port between free_port() and bind(): retry on a new one.
-                if self.port or attempt == attempts - 1:
-                    raise
-                continue
-            self.port = port
-            self.running = True
-            self._start_watchdog()
-            return self
-        raise AssertionError("unreachable")
-
-    def _start_watchdog(self) -> None:
-        """Stop and delete the cluster if this (test) process dies without cleaning up, e.g. on SIGKILL."""
-        if self._watchdog is not None:
-            return
-        stop = " ".join(shlex.quote(a) for a in self._argv("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"))
-        script = (f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
-                  f"{stop} >/dev/null 2>&1; rm -rf {shlex.quote(str(self.base))}")
-        self._watchdog = subprocess.Popen(["sh", "-c", script], cwd="/", env=self._env(), stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True)
-
-    def stop(self, mode: str = "fast") -> None:
-        """Stop the server: ``fast`` disconnects clients cleanly, ``immediate`` is a crash."""
-        if self.running:
-            self.running = False
-            self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
-
-    def restart(self, mode: str = "fast") -> None:
-        self.stop(mode)
-        self.start()
-
-    def destroy(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.kill()
-            self._watchdog.wait()
-            self._watchdog = None
-        try:
-            self.stop("immediate")
-        except (PostgresUnavailable, OSError, subprocess.SubprocessError):
-            pass
-        shutil.rmtree(self.base, ignore_errors=True)
-        atexit.unregister(self.destroy)

@@ -1,44 +1,26 @@
 """Fixtures for the result backend tests.
 
-``backend_db`` is one fresh database per test module (workers are slow to
-start, so a module shares one), on SQLite and on PostgreSQL.  The server is
-the shared ``pg_url`` fixture of ``tests/conftest.py`` (``$SQLQ_TEST_PG_URL``
-or a private initdb server).
+``backend_db`` is one fresh database per test module and engine (workers are slow to start, so a
+module shares one), parametrised over the selected engines like ``db_url``. The servers are the run's
+(``pg_url`` / ``mysql_url`` of tests/conftest.py), which fail (never skip) under CI when unavailable.
+A module's tests on one engine run in one pytest-xdist worker (tests/conftest.py groups them).
 """
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy.engine import make_url
 
-def _pg_server(request) -> str:
-    # The shared fixture: $SQLQ_TEST_PG_URL or a private server; it fails
-    # (never skips) under CI when PostgreSQL cannot be had.
-    return request.getfixturevalue("pg_url")
+from tests.support import engines
+
+SERVER_FIXTURE = {"postgres": "pg_url", "mysql": "mysql_url"}
 
 
-def _fresh_pg_database(server: str) -> tuple[str, callable]:
-    import psycopg
-    base = make_url(server)
-    name = f"be_{uuid.uuid4().hex[:12]}"
-    admin_dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop():
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    return base.set(database=name).render_as_string(hide_password=False), drop
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=engines.engine_params())
 def backend_db(request, tmp_path_factory):
-    """(kind, SQLAlchemy URL) of a fresh database for this module."""
-    if request.param == "sqlite":
+    """(engine, SQLAlchemy URL) of a fresh database for this module: "sqlite", "postgres" or "mysql"."""
+    engine = request.param
+    if engine == "sqlite":
         path = tmp_path_factory.mktemp("be") / "store.sqlite3"
-        yield "sqlite", f"sqlite:///{path}"
+        yield engine, f"sqlite:///{path}"
         return
-    url, drop = _fresh_pg_database(_pg_server(request))
-    yield "postgres", url
-    drop()   # WITH (FORCE): pooled and LISTEN connections of this process included
+    with engines.fresh_database(engine, request.getfixturevalue(SERVER_FIXTURE[engine]), prefix="be") as url:
+        yield engine, url

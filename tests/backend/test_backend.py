@@ -18,7 +18,7 @@ import celery_sqlbackend  # noqa: F401
 from celery_sqlbackend.backend import SQLBackend, is_disconnect
 from celery_sqlbackend.errors import ConfigurationError
 
-from .harness import wait_until
+from tests.harness import wait_until
 
 OPTS = {"create_tables": True}
 

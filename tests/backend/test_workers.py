@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from celery import chain, chord, group, states
@@ -19,19 +20,23 @@ from sqlalchemy import create_engine, text
 from celery_sqlbackend.store import utcnow
 
 from .beapp import make_app
-from .harness import Worker, wait_until
+from tests.harness import CeleryWorker, wait_until
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def stack(backend_db, tmp_path_factory):
     kind, url = backend_db
     app = make_app(url)
-    worker = Worker(tmp_path_factory.mktemp("beworker"), url, concurrency=2)
+    worker = CeleryWorker(tmp_path_factory.mktemp("beworker"), app="beapp", app_dir=HERE, concurrency=2,
+                          hostname=f"be{time.monotonic_ns()}@%h", extra_args=["--without-heartbeat"],
+                          env={"BE_DB": url})
     try:
-        worker.wait_ready(app)
+        worker.wait_ready(60)
         yield kind, url, app, worker
     finally:
-        worker.stop()
+        worker.close()
 
 
 def sig(app, name, *args, **options):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .workers import REPO
+from tests.harness import REPO
 
 
 @pytest.mark.parametrize("script, env_var, expected", [

@@ -14,7 +14,7 @@ from celery import Celery
 
 import celery_sqlbackend  # noqa: F401
 
-from .workers import wait_until
+from tests.harness import wait_until
 
 POOLS = ["prefork", "threads", "solo"]
 N = 10_000
@@ -38,7 +38,7 @@ def test_flag_reaches_the_task_within_a_second_of_term(workers, send, pool):
     worker = workers.start(pool=pool)
     send("ck.watch_flag", 30.0)
     wait_until(lambda: worker.items.mark("watch_started"), 20, message="task started")
-    sent_at = worker.signal(signal.SIGTERM)
+    sent_at = worker.send(signal.SIGTERM)
     seen_at, seen_pid = wait_until(lambda: worker.items.mark("flag_seen"), 5, 0.01, "flag seen by the task")
     print(f"{pool}: flag seen by pid {seen_pid} {1000 * (seen_at - sent_at):.1f} ms after TERM")
     assert seen_at - sent_at < 1.0, f"flag seen {seen_at - sent_at:.3f}s after TERM"
@@ -64,7 +64,7 @@ def _flag_latency(worker, trigger):
 
 def test_flag_reaches_spawned_prefork_children(workers):
     worker = workers.start(env={"CK_POOL_START_METHOD": "spawn"})
-    latency, pid = _flag_latency(worker, lambda app: worker.signal(signal.SIGTERM))
+    latency, pid = _flag_latency(worker, lambda app: worker.send(signal.SIGTERM))
     assert latency < 1.0 and pid != worker.pid
     assert worker.wait_exit() == 0
 
@@ -73,7 +73,7 @@ def test_flag_is_set_before_the_soft_shutdown_wait(workers):
     # SIGQUIT with soft shutdown: Celery sends worker_shutting_down only after
     # the soft wait, when the task has been killed; the wrapper sets the flag first.
     worker = workers.start(env={"CK_SOFT_SHUTDOWN": "10"})
-    latency, pid = _flag_latency(worker, lambda app: worker.signal(signal.SIGQUIT))
+    latency, pid = _flag_latency(worker, lambda app: worker.send(signal.SIGQUIT))
     assert latency < 1.0 and pid != worker.pid
     worker.wait_exit()
 
@@ -109,7 +109,7 @@ def test_term_several_times_mid_run_processes_every_item_exactly_once(workers, s
     thresholds = [1500, 4000, 6500]
     for threshold in thresholds:
         wait_until(lambda: items.count() >= threshold, 30, message=f"{threshold} items")
-        worker.signal(signal.SIGTERM)
+        worker.send(signal.SIGTERM)
         assert worker.wait_exit() == 0, worker.output()
         assert items.count() < N, "the job finished before the TERM; slow it down (CK_ITEM_DELAY)"
         worker = workers.start(pool=pool)
@@ -181,7 +181,7 @@ def test_async_result_waits_across_interruptions_for_the_final_run(workers):
         env = {"CK_RESULTS": "1"}
         worker = workers.start(env=env)
         wait_until(lambda: worker.items.count() >= 1000, 30, message="1000 items")
-        worker.signal(signal.SIGTERM)
+        worker.send(signal.SIGTERM)
         assert worker.wait_exit() == 0
         assert worker.items.count() < 3000
         assert not result.ready() and result.state == "PENDING", "an interrupted run stores no state"

@@ -10,7 +10,7 @@ from celery_sqlbackend import failed
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.store import Store, utcnow
 
-from .util import job_states
+from tests.support.cluster import job_states
 
 
 @pytest.fixture

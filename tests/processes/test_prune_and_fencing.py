@@ -18,7 +18,8 @@ from celery_sqlbackend.options import Options
 from celery_sqlbackend.processes import LocalProcess
 from celery_sqlbackend.store import Store, queries, utcnow
 
-from .util import job_states, wait_until
+from tests.harness import wait_until
+from tests.support.cluster import job_states
 
 
 @pytest.fixture

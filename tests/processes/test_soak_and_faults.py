@@ -17,8 +17,8 @@ from collections import defaultdict
 
 import pytest
 
-from .util import invariant_violations, states_of, wait_until
-from .workers import HEARTBEAT, THRESHOLD, Cluster, utc_ts
+from tests.harness import wait_until
+from tests.support.cluster import HEARTBEAT, THRESHOLD, Cluster, invariant_violations, states_of, utc_ts
 
 SOAK_SECONDS = float(os.environ.get("SQLQ_SOAK_SECONDS", 30))
 FAULT_SECONDS = float(os.environ.get("SQLQ_FAULT_SECONDS", 40))

@@ -11,8 +11,9 @@ from datetime import datetime
 
 import pytest
 
-from .util import invariant_violations, states_of, wait_until
-from .workers import HEARTBEAT, THRESHOLD, Cluster, now, utc_ts, wait_for_claims
+from tests.harness import wait_until
+from tests.support.cluster import (HEARTBEAT, THRESHOLD, Cluster, invariant_violations, now, states_of, utc_ts,
+                                   wait_for_claims)
 
 #: Scheduling slack for a loaded 2-core machine, on top of what the design promises.
 SLACK = 3.0
