@@ -151,8 +151,6 @@ def _is_controller(config) -> bool:
 def pytest_configure(config):
     if _ENGINE_ERROR:
         raise pytest.UsageError(_ENGINE_ERROR)
-    for engine in engines.ENGINES:
-        config.addinivalue_line("markers", f"{engine}: runs on the {engine} engine")
     # Python's default SIGTERM action skips all cleanup; as KeyboardInterrupt, teardown still runs
     # (workers are killed, private servers stopped) when e.g. `timeout` ends the run.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
