@@ -1,0 +1,41 @@
+"""The navigation: one area (a page and its actions) per feature, shown when the feature exists.
+
+Why a registry: recurring tasks, concurrency limits and unique jobs land
+later, each in its own page module.  Such a module defines ``AREA`` (with an
+``available`` check, e.g. "the recurring tasks table exists") and ``routes``,
+and is listed in ``PAGE_MODULES`` of :mod:`.app`; the nav shows it only
+where ``available`` says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .context import Dashboard
+
+
+def always(_: "Dashboard") -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Area:
+    key: str                  # stable id, also the CSS hook of the nav link
+    title: str
+    path: str                 # below the app's root
+    available: Callable[["Dashboard"], bool] = always
+
+
+_AREAS: list[Area] = []
+
+
+def register(area: Area) -> Area:
+    if all(a.key != area.key for a in _AREAS):
+        _AREAS.append(area)
+    return area
+
+
+def nav(dashboard: "Dashboard") -> list[Area]:
+    """The areas to link to on this dashboard, in registration order."""
+    return [a for a in _AREAS if a.available is always or dashboard.available(a.key, a.available)]
