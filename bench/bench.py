@@ -253,7 +253,7 @@ store = Store({db_url!r}, Options(create_tables=True))
 store.create_all()
 t = store.t
 out = {{}}
-pid = store.q("register_process", kind="bench", name="bench", hostname="h", pid=1, pool=None,
+pid = store.processes.register(kind="bench", name="bench", hostname="h", pid=1, pool=None,
               concurrency=None, queues="[]", now=utcnow())
 have = 0
 for size in {sizes!r}:
@@ -277,10 +277,10 @@ for size in {sizes!r}:
     timings = []
     for _ in range(200):
         s = time.perf_counter()
-        got = store.q("claim", queues=["bench"], limit=10, process_id=pid, now=utcnow())
+        got = store.claims.claim(queues=["bench"], limit=10, process_id=pid, now=utcnow())
         timings.append(time.perf_counter() - s)
         for job in got:
-            store.q("release", job_id=job.job_id, process_id=pid, now=utcnow())
+            store.claims.release(job_id=job.job_id, process_id=pid, now=utcnow())
     out[size] = statistics.median(timings) * 1000
 print(json.dumps(out))
 """

@@ -34,8 +34,9 @@ from . import failed as _failed
 from . import fanout, pruner
 from .failed import FailedJob, store_for_app
 from .options import Options
-from .store import Store, queries, utcnow
+from .store import Store, utcnow
 from .store.schema import DEFAULT_PREFIX
+from .urls import database_url, mask
 
 __all__ = [
     "QueueStatus", "ProcessStatus", "Status", "CheckResult", "store_for_app",
@@ -103,7 +104,7 @@ class Status:
 def queues(store: Store) -> list[QueueStatus]:
     """Every queue with work in it (or paused), by name."""
     now = utcnow()
-    stats = store.read(queries.queue_stats, store.t)
+    stats = store.queues.stats()
     out = []
     for name in sorted(stats):
         s = stats[name]
@@ -120,7 +121,7 @@ def processes(store: Store, held_limit: int = 20) -> list[ProcessStatus]:
     now = utcnow()
     threshold = store.options.alive_threshold
     out = []
-    for p in store.read(queries.process_list, store.t, held_limit=held_limit):
+    for p in store.processes.listing(held_limit=held_limit):
         try:
             proc_queues = json.loads(p["queues"] or "[]")
         except ValueError:
@@ -158,20 +159,20 @@ def to_dict(obj: Any) -> Any:
 
 def pause(store: Store, queue: str) -> None:
     """Stop every worker claiming from ``queue`` (kept in the database: survives restarts)."""
-    store.q("pause", queue=queue, now=utcnow())
+    store.queues.pause(queue, now=utcnow())
 
 
 def resume(store: Store, queue: str) -> None:
-    store.q("resume", queue=queue)
+    store.queues.resume(queue)
 
 
 def paused(store: Store) -> list[str]:
-    return store.read(queries.paused_queues, store.t)
+    return store.queues.paused()
 
 
 def clear_queue(store: Store, queue: str) -> int:
     """Delete every waiting (ready or scheduled) job of ``queue``; claimed ones finish. Returns the count."""
-    return store.q("purge", queue=queue)
+    return store.queues.purge(queue)
 
 
 # --------------------------------------------------------------------------- maintenance
@@ -206,7 +207,7 @@ def _age_cutoff(older_than: timedelta | float | int | datetime) -> datetime:
 
 
 def count_finished(store: Store, older_than: timedelta | float | int | datetime) -> int:
-    return store.read(queries.count_finished, store.t, before=_age_cutoff(older_than))
+    return store.jobs.count_finished(before=_age_cutoff(older_than))
 
 
 def clear_finished(store: Store, older_than: timedelta | float | int | datetime,
@@ -217,7 +218,7 @@ def clear_finished(store: Store, older_than: timedelta | float | int | datetime,
     batch = batch_size or store.options.clear_batch_size
     total = 0
     while True:
-        n = store.q("clear_finished", before=before, limit=batch)
+        n = store.jobs.clear_finished(before=before, limit=batch)
         total += n
         if on_progress and n:
             on_progress(n)
@@ -237,12 +238,12 @@ def list_failed(store: Store, queue: str | None = None, task_name: str | None = 
 
 def count_failed(store: Store, filters: Mapping[str, Any] | None = None) -> int:
     where = _failed._query_filters(**_failed._check_filters(filters))
-    return store.read(queries.count_failed, store.t, **where)
+    return store.failed.count(**where)
 
 
 def show_job(store: Store, job_id: int) -> dict | None:
     """One job with its state, failure (if any) and decoded message headers and body."""
-    job = store.read(queries.job_detail, store.t, job_id=job_id)
+    job = store.jobs.detail(job_id)
     if job is None:
         return None
     payload = job.pop("payload")
@@ -363,7 +364,7 @@ def _unversioned_tables_exist(conn, store: Store) -> bool:
 
 def migrate(url: str, prefix: str = DEFAULT_PREFIX, revision: str = "head") -> str:
     """Apply the migrations to the database at SQLAlchemy ``url`` (or an ``sqlq+`` broker URL)."""
-    url = url[len("sqlq+"):] if url.startswith("sqlq+") else url
+    url = database_url(url)
     return migrate_store(Store(url, Options(table_prefix=prefix, create_tables=False)), revision)
 
 
@@ -373,7 +374,7 @@ def migration_sql(url: str, prefix: str = DEFAULT_PREFIX, revision: str = "head"
     import io
 
     from alembic import command
-    url = url[len("sqlq+"):] if url.startswith("sqlq+") else url
+    url = database_url(url)
     buf = io.StringIO()
     cfg = _alembic_config(prefix, url=url)
     cfg.output_buffer = buf
@@ -430,13 +431,13 @@ def check(store: Store, app=None) -> list[CheckResult]:
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             version = conn.dialect.server_version_info
-        add("database", True, f"reachable: {store.engine.url.render_as_string(hide_password=True)} "
+        add("database", True, f"reachable: {mask(store.engine.url)} "
             f"({store.dialect.name} {'.'.join(map(str, version or ()))})")
     except Exception as exc:
-        add("database", False, f"not reachable: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+        add("database", False, f"not reachable: {exc.__class__.__name__}: {mask(exc).splitlines()[0]}")
         return results
 
-    if store.dialect.name == "sqlite":
+    if store.dialect.embedded:
         import sqlite3
         add("sqlite_version", sqlite3.sqlite_version_info >= (3, 35),
             f"SQLite {sqlite3.sqlite_version} (3.35+ needed for DELETE … RETURNING)")
@@ -451,7 +452,7 @@ def check(store: Store, app=None) -> list[CheckResult]:
     if current == head:
         add("migrations", True, f"at head ({head})")
     elif current is None and inspect(store.engine).has_table(store.t.jobs.name):
-        add("migrations", not (store.dialect.name != "sqlite" and not store.creates_tables),
+        add("migrations", store.dialect.embedded or store.creates_tables,
             "tables exist but were created without migrations (create_tables); run "
             "`celery sqlq migrate` to adopt them", "warning")
     else:

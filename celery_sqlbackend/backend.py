@@ -36,14 +36,11 @@ What it does
 from __future__ import annotations
 
 import logging
-import os
 import random
-import threading
 import time
-from collections import deque
 from datetime import timedelta
 from time import monotonic
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, TypeVar
 
 from celery import states
 from celery.backends.base import BaseBackend, _create_chord_error_with_cause, compress_payload, \
@@ -53,14 +50,16 @@ from celery.result import GroupResult, allow_join_result, result_from_tuple
 from kombu.exceptions import EncodeError
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
-from .errors import ConfigurationError
+from .notify import result_notifier_for
 from .options import Options, from_celery_conf
-from .store import Store, store_for, utcnow
-from .store import results as sql
+from .store import store_for, utcnow
+from .store.dialects import is_disconnect
+from .urls import PREFIX, backend_database_url, broker_database_url, mask
 
 log = logging.getLogger("celery_sqlbackend.backend")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Keys of ``result_backend_transport_options`` that are the backend's own
 #: (everything else must be a store option).
@@ -70,167 +69,6 @@ _BACKEND_OPTIONS = {"reconnect_timeout", "first_poll_interval"}
 def _maybe_signature(sig, app):
     from celery.canvas import maybe_signature
     return maybe_signature(sig, app=app)
-
-
-def is_disconnect(exc: BaseException) -> bool:
-    """True when the database connection is gone (worth reconnecting), not for SQL errors."""
-    if isinstance(exc, DisconnectionError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, InterfaceError):
-        return True
-    if isinstance(exc, OperationalError):
-        orig = exc.orig
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if sqlstate:
-            # 08: connection exception; 57P0x: server shutting down / crash.
-            return sqlstate.startswith("08") or sqlstate.startswith("57P0")
-        text = str(orig).lower()
-        if "sqlite" in type(orig).__module__:
-            return "unable to open database" in text or "disk i/o error" in text
-        # psycopg connect failures and socket errors carry no SQLSTATE.
-        return True
-    return False
-
-
-class _ResultNotifier:
-    """One LISTEN connection per process, shared by every waiting thread.
-
-    Whichever waiting thread finds nobody reading becomes the reader for one
-    wait; the task ids it receives are numbered and kept in a bounded window,
-    so that every waiter learns which results landed since its last look.
-    A waiter holds a *token* (connection epoch, sequence number) taken
-    *before* it queried; anything committed after that shows up as newer.
-    """
-
-    WINDOW = 100_000
-
-    def __init__(self, dsn: str, channel: str):
-        self.dsn = dsn
-        self.channel = channel
-        self._cond = threading.Condition()
-        self._conn = None
-        self._reading = False
-        self._epoch = 0
-        self._seq = 0
-        self._recent: deque[tuple[int, str]] = deque(maxlen=self.WINDOW)
-        self._retry_at = 0.0
-
-    def token(self):
-        with self._cond:
-            if self._conn is None and monotonic() >= self._retry_at and not self._reading:
-                try:
-                    import psycopg
-                    conn = psycopg.connect(self.dsn, autocommit=True)
-                    conn.execute(f'LISTEN "{self.channel}"')
-                    self._conn = conn
-                    self._epoch += 1
-                except Exception as exc:
-                    log.warning("result LISTEN connection failed (%s); polling for the next 10s", exc)
-                    self._retry_at = monotonic() + 10
-            return (self._epoch, self._seq) if self._conn is not None else None
-
-    def wait(self, token, timeout: float):
-        """Wait up to ``timeout``; returns ``(token, ids)``.
-
-        ``ids`` is the set of task ids announced since ``token``, or None when
-        that is unknown (timed out, no listener, reconnected, window overrun):
-        the caller then re-reads everything it waits for.
-        """
-        deadline = monotonic() + timeout
-        with self._cond:
-            while True:
-                if token is None or self._conn is None or token[0] != self._epoch:
-                    remaining = deadline - monotonic()
-                    if remaining > 0 and (token is None or self._conn is None):
-                        self._cond.wait(remaining)
-                    return self._token_locked(), None
-                if self._seq != token[1]:
-                    return self._since_locked(token[1])
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    return token, None
-                if self._reading:
-                    self._cond.wait(remaining)
-                    continue
-                self._read_locked(remaining)
-
-    def _token_locked(self):
-        return (self._epoch, self._seq) if self._conn is not None else None
-
-    def _since_locked(self, seq: int):
-        token = (self._epoch, self._seq)
-        if not self._recent or self._recent[0][0] > seq + 1:
-            return token, None      # the window no longer reaches back to ``seq``
-        ids = set()
-        for s, task_id in reversed(self._recent):
-            if s <= seq:
-                break
-            ids.add(task_id)
-        return token, ids
-
-    def _read_locked(self, timeout: float) -> None:
-        self._reading = True
-        conn = self._conn
-        got: list[str] = []
-        error = None
-        self._cond.release()
-        try:
-            try:
-                for n in conn.notifies(timeout=timeout, stop_after=1):
-                    got.append(n.payload)
-                if got:
-                    for n in conn.notifies(timeout=0):
-                        got.append(n.payload)
-            except Exception as exc:  # connection lost: reconnect on the next token()
-                error = exc
-        finally:
-            self._cond.acquire()
-            self._reading = False
-        if error is not None:
-            log.warning("result LISTEN connection lost (%s); reconnecting", error)
-            self._conn = None
-            self._epoch += 1
-            try:
-                conn.close()
-            except Exception:
-                pass
-        for task_id in got:
-            self._seq += 1
-            self._recent.append((self._seq, task_id))
-        self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            conn, self._conn = self._conn, None
-            self._epoch += 1
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
-
-
-#: Keyed by pid as well: a forked child makes its own.  The parent's entries
-#: stay referenced in the child on purpose: dropping them would let psycopg
-#: finish the inherited connection and end the parent's LISTEN session.
-_notifiers: dict[tuple, _ResultNotifier] = {}
-_notifiers_lock = threading.Lock()
-
-
-def _notifier_for(store: Store) -> _ResultNotifier | None:
-    if not (store.dialect.notify and store.options.use_notify):
-        return None
-    key = (store.url, sql.notify_channel(store.t), os.getpid())
-    notifier = _notifiers.get(key)
-    if notifier is None:
-        with _notifiers_lock:
-            notifier = _notifiers.get(key)
-            if notifier is None:
-                dsn = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                notifier = _notifiers[key] = _ResultNotifier(dsn, sql.notify_channel(store.t))
-    return notifier
 
 
 class SQLBackend(BaseBackend):
@@ -267,23 +105,12 @@ class SQLBackend(BaseBackend):
     # ------------------------------------------------------------------ configuration
 
     def _database_url(self, url: str | None) -> str:
-        if url and not url.startswith("sqlq:"):
-            return url
-        broker = self.app.conf.broker_url or ""
-        if isinstance(broker, (list, tuple)):
-            broker = broker[0] if broker else ""
-        if not (isinstance(broker, str) and broker.startswith("sqlq+")):
-            raise ConfigurationError(
-                f"result_backend={url or 'sqlq'!r} means 'the database of the sqlq broker', but "
-                f"broker_url is {broker!r}; write result_backend='sqlq+<SQLAlchemy URL>', e.g. "
-                "'sqlq+sqlite:///jobs.sqlite3' or 'sqlq+postgresql+psycopg://user@db/app'")
-        return broker[len("sqlq+"):]
+        return backend_database_url(url, self.app.conf)
 
     def _options(self) -> tuple[Options, dict]:
         conf = self.app.conf
         given: dict[str, Any] = {}
-        broker = conf.broker_url if isinstance(conf.broker_url, str) else None
-        if broker and broker.startswith("sqlq+") and broker[len("sqlq+"):] == self.db_url:
+        if broker_database_url(conf) == self.db_url:
             given.update(from_celery_conf(conf))
         given.update(conf.result_backend_transport_options or {})
         own = {k: given.pop(k) for k in list(given) if k in _BACKEND_OPTIONS}
@@ -294,27 +121,23 @@ class SQLBackend(BaseBackend):
         return super().__reduce__(args, kwargs)
 
     def as_uri(self, include_password=False):
-        from kombu.utils.url import maybe_sanitize_url
-        uri = f"sqlq+{self.db_url}"
-        return uri if include_password else maybe_sanitize_url(uri)
+        uri = PREFIX + self.db_url
+        return uri if include_password else mask(uri)
 
     # ------------------------------------------------------------------ database access
 
-    def _db(self, fn: Callable, *, read_only: bool = False, **kwargs):
-        """Run a ``store.results`` statement; a dropped connection is retried with backoff."""
-        store = self.store
+    def _db(self, statement: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a ``store.results`` gateway method; a dropped connection is retried with backoff."""
         deadline = monotonic() + self.reconnect_timeout
         delay = 0.05
         while True:
             try:
-                if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-                    return store.run(fn, store.t, store.dialect, read_only=read_only, **kwargs)
-                return store.run(fn, store.t, read_only=read_only, **kwargs)
+                return statement(*args, **kwargs)
             except Exception as exc:
                 if not is_disconnect(exc) or monotonic() + delay > deadline:
                     raise
                 log.warning("result backend lost its database connection (%s: %s); retrying in %.2fs",
-                            exc.__class__.__name__, exc, delay)
+                            exc.__class__.__name__, mask(exc), delay)
                 self.on_backend_retryable_error(exc)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
@@ -367,7 +190,7 @@ class SQLBackend(BaseBackend):
             payload = self._encode_meta(meta)
         now = utcnow()
         self._db(
-            sql.store_result, task_id=task_id, status=state, content_type=self.content_type,
+            self.store.results.store_result, task_id=task_id, status=state, content_type=self.content_type,
             content_encoding=self.content_encoding, payload=payload, now=now,
             date_done=now if state in self.READY_STATES else None,
             name=_short(meta.get("name")), worker=_short(meta.get("worker")),
@@ -377,26 +200,26 @@ class SQLBackend(BaseBackend):
         return result
 
     def _get_task_meta_for(self, task_id):
-        row = self._db(sql.get_result, task_id=task_id, read_only=True)
+        row = self._db(self.store.results.get, task_id)
         if row is None:
             return {"status": states.PENDING, "result": None}
         return self._decode_row(row)
 
     def task_result_exists(self, task_id):
-        return self._db(sql.result_exists, task_id=task_id, read_only=True)
+        return self._db(self.store.results.exists, task_id)
 
     def _forget(self, task_id):
-        self._db(sql.forget, task_ids=[task_id])
+        self._db(self.store.results.forget, [task_id])
 
     def result_for_job(self, job_id: int) -> dict | None:
         """The result meta of the task a stored job carried (None: no such job, or no result yet)."""
-        row = self._db(sql.result_for_job, job_id=job_id, read_only=True)
+        row = self._db(self.store.results.for_job, job_id)
         return None if row is None else self._decode_row(row)
 
     # ------------------------------------------------------------------ waiting
 
     def _waiter(self):
-        return _notifier_for(self.store)
+        return result_notifier_for(self.store)
 
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """Wait for one result: woken by NOTIFY on PostgreSQL, a backing-off poll elsewhere."""
@@ -430,8 +253,7 @@ class SQLBackend(BaseBackend):
         while ids:
             if check is None or check:
                 wanted = ids if check is None else check
-                rows = self._db(sql.get_results, task_ids=list(wanted), states=list(READY_STATES),
-                                read_only=True)
+                rows = self._db(self.store.results.get_many, list(wanted), states=list(READY_STATES))
                 found = {}
                 for row in rows:
                     found[row.task_id] = self._decode_row(row)
@@ -472,12 +294,12 @@ class SQLBackend(BaseBackend):
 
     def _save_group(self, group_id, result):
         payload = self._encode_meta({"result": result.as_tuple()})
-        self._db(sql.save_group, group_id=group_id, content_type=self.content_type,
+        self._db(self.store.results.save_group, group_id=group_id, content_type=self.content_type,
                  content_encoding=self.content_encoding, payload=payload, now=utcnow())
         return result
 
     def _restore_group(self, group_id):
-        row = self._db(sql.get_group, group_id=group_id, read_only=True)
+        row = self._db(self.store.results.get_group, group_id)
         if row is None:
             return None
         meta = loads(decompress_payload(bytes(row.payload)), content_type=row.content_type,
@@ -486,19 +308,19 @@ class SQLBackend(BaseBackend):
         return meta
 
     def _delete_group(self, group_id):
-        self._db(sql.delete_group, group_id=group_id)
+        self._db(self.store.results.delete_group, group_id)
 
     # ------------------------------------------------------------------ chords
 
     def set_chord_size(self, group_id, chord_size):
-        self._db(sql.chord_set_size, group_id=group_id, size=chord_size, now=utcnow())
+        self._db(self.store.results.chord_set_size, group_id=group_id, size=chord_size, now=utcnow())
 
     def apply_chord(self, header_result_args, body, **kwargs):
         """Start a native chord: save the header GroupResult and a fresh counter row."""
         self.ensure_chords_allowed()
         header_result = self.app.GroupResult(*header_result_args)
         header_result.save(backend=self)
-        self._db(sql.chord_start, group_id=header_result.id, now=utcnow())
+        self._db(self.store.results.chord_start, group_id=header_result.id, now=utcnow())
         return header_result
 
     def on_chord_part_return(self, request, state, result, **kwargs):
@@ -508,7 +330,7 @@ class SQLBackend(BaseBackend):
         if not gid or not getattr(request, "chord", None):
             return
         try:
-            count = self._db(sql.chord_part_done, group_id=gid)
+            count = self._db(self.store.results.chord_part_done, gid)
         except Exception as exc:
             callback = _maybe_signature(request.chord, app)
             log.exception("Chord %r: counting part %s failed: %r", gid, request.id, exc)
@@ -556,7 +378,7 @@ class SQLBackend(BaseBackend):
         """The id of the first header result (in header order) that failed, in one query."""
         ids = [r.id for r in deps.results if getattr(r, "id", None)]
         try:
-            rows = self._db(sql.get_results, task_ids=ids, states=list(states.PROPAGATE_STATES), read_only=True)
+            rows = self._db(self.store.results.get_many, ids, states=list(states.PROPAGATE_STATES))
         except Exception:
             return None
         failed = {row.task_id for row in rows}
@@ -577,11 +399,12 @@ class SQLBackend(BaseBackend):
         chord_expires = self.app.conf.get("result_chord_expires") or self.expires
         chord_before = (now or utcnow()) - timedelta(seconds=max(chord_expires, self.expires))
         limit = self.cleanup_batch_size
-        for table, fn, cutoff in (("results", sql.expire_results, before),
-                                  ("groups", sql.expire_groups, before),
-                                  ("chords", sql.expire_chords, chord_before)):
+        results = self.store.results
+        for table, expire, cutoff in (("results", results.expire_results, before),
+                                      ("groups", results.expire_groups, before),
+                                      ("chords", results.expire_chords, chord_before)):
             while True:
-                n = self._db(fn, before=cutoff, limit=limit)
+                n = self._db(expire, before=cutoff, limit=limit)
                 counts[table] += n
                 if n < limit:
                     break

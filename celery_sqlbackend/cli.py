@@ -29,6 +29,7 @@ import click
 
 from . import admin
 from .errors import SQLQError
+from .urls import database_url, mask
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -65,7 +66,7 @@ def _store(ctx):
     try:
         return admin.store_for_app(_app(ctx))
     except (ValueError, SQLQError) as exc:
-        raise click.UsageError(f"{exc}. Run it as `celery -A yourapp sqlq …` with a broker_url "
+        raise click.UsageError(f"{mask(exc)}. Run it as `celery -A yourapp sqlq …` with a broker_url "
                                "starting with sqlq+.") from None
 
 
@@ -84,9 +85,9 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except SQLQError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(mask(exc)) from None
     except SQLAlchemyError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = mask(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise click.ClickException(f"database error: {first}") from None
 
 
@@ -412,7 +413,7 @@ def migrate(ctx, url, prefix, revision, sql_only, json_out):
     try:
         from .options import Options
         from .store import Store
-        before = admin.current_revision(Store(url.removeprefix("sqlq+"), Options(table_prefix=prefix)))
+        before = admin.current_revision(Store(database_url(url), Options(table_prefix=prefix)))
     except Exception:
         pass
     after = _run(lambda: admin.migrate(url, prefix, revision))
@@ -447,3 +448,7 @@ def check(ctx, json_out):
         _console().print(t)
     if failed_:
         ctx.exit(1)
+
+
+from .web.command import web as _web  # noqa: E402  (the dashboard: its extra is imported only when it runs)
+sqlq.add_command(_web)

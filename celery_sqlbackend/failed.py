@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Iterator, Mapping
 
-from .store import Store, queries, utcnow
+from .store import Store, utcnow
+from .urls import broker_url, mask
 
 __all__ = ["FailedJob", "list_failed", "iter_failed", "retry", "discard", "retry_all", "discard_all",
            "store_for_app"]
@@ -50,7 +51,7 @@ def store_for_app(app) -> Store:
     from .lifecycle import broker_store
     store = broker_store(app)
     if store is None:
-        raise ValueError(f"the broker of app {app.main!r} is not an sqlq+ URL: {app.conf.broker_url!r}")
+        raise ValueError(f"the broker of app {app.main!r} is not an sqlq+ URL: {mask(broker_url(app.conf))!r}")
     return store
 
 
@@ -83,7 +84,7 @@ def _check_filters(filters: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _page(store: Store, where: dict[str, Any], after: int | None, limit: int | None) -> list[FailedJob]:
-    rows = store.read(queries.failed_jobs, store.t, after_job_id=after, limit=limit, **where)
+    rows = store.failed.list(after_job_id=after, limit=limit, **where)
     return [FailedJob(*row) for row in rows]
 
 
@@ -125,7 +126,7 @@ def retry(store: Store, job_ids: Iterable[int]) -> int:
     total = 0
     ids = _ids(job_ids)
     for i in range(0, len(ids), 500):
-        total += store.q("retry_failed", job_ids=ids[i:i + 500], now=utcnow())
+        total += store.failed.retry(job_ids=ids[i:i + 500], now=utcnow())
     return total
 
 
@@ -134,7 +135,7 @@ def discard(store: Store, job_ids: Iterable[int]) -> int:
     total = 0
     ids = _ids(job_ids)
     for i in range(0, len(ids), 500):
-        total += store.q("discard_failed", job_ids=ids[i:i + 500])
+        total += store.failed.discard(job_ids=ids[i:i + 500])
     return total
 
 

@@ -48,7 +48,7 @@ from datetime import datetime, timedelta
 from time import monotonic
 from typing import Any, Callable, Iterable
 
-from .store import Store, queries, utcnow
+from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.fanout")
 
@@ -75,10 +75,7 @@ class ChannelBindings:
 
 
 def _state(channel) -> ChannelBindings:
-    state = getattr(channel, "_sqlq_bindings", None)
-    if state is None:
-        state = channel._sqlq_bindings = ChannelBindings()
-    return state
+    return channel.bindings   # (``transport.Channel.bindings``)
 
 
 # --------------------------------------------------------------------------- channel hooks
@@ -102,8 +99,7 @@ def bind(channel, exchange: str, queue: str, routing_key: str = "") -> None:
     expires = info.expires if info else None
     store = channel.store
     expires_at = utcnow() + timedelta(seconds=expires) if expires else None
-    store.q("bind_queue", exchange=exchange, queue=queue, routing_key=routing_key or "",
-            expires_at=expires_at)
+    store.bindings.bind(exchange=exchange, queue=queue, routing_key=routing_key or "", expires_at=expires_at)
 
 
 def lookup(channel, exchange: str, routing_key: str, local: Iterable[str]) -> list[str]:
@@ -122,9 +118,7 @@ def lookup(channel, exchange: str, routing_key: str, local: Iterable[str]) -> li
 
 def touch(channel, queues: Iterable[str]) -> None:
     """Before a poll: keep the bindings of transient queues we consume alive."""
-    state = getattr(channel, "_sqlq_bindings", None)
-    if state is None:
-        return
+    state = _state(channel)
     now = monotonic()
     due: dict[float, list[str]] = {}
     for queue in queues:
@@ -176,7 +170,7 @@ def expiry_of(message: dict) -> datetime | None:
 
 def bindings(store: Store, exchange: str) -> list[tuple[str, str]]:
     """``(queue, routing_key)`` of the live bindings of ``exchange``."""
-    return store.read(lambda conn: queries.exchange_bindings(conn, store.t, exchange=exchange, now=utcnow()))
+    return store.bindings.of_exchange(exchange, now=utcnow())
 
 
 def bound_queues(store: Store, exchange: str) -> list[str]:
@@ -185,11 +179,11 @@ def bound_queues(store: Store, exchange: str) -> list[str]:
 
 def touch_queues(store: Store, queues: list[str], expires: float) -> set[str]:
     """Push the expiry of ``queues``' bindings forward; returns the queues that had one."""
-    return store.q("touch_bindings", queues=queues, expires_at=utcnow() + timedelta(seconds=expires))
+    return store.bindings.touch(queues=queues, expires_at=utcnow() + timedelta(seconds=expires))
 
 
 def unbind_queue(store: Store, queue: str) -> None:
-    store.q("unbind_queue", queue=queue)
+    store.bindings.unbind_queue(queue)
 
 
 @dataclass
@@ -210,20 +204,20 @@ def maintain(store: Store, *, max_age: float = TRANSIENT_MAX_AGE, max_backlog: i
     report = MaintenanceReport()
     batch = store.options.clear_batch_size
     now = utcnow()
-    report.expired_queues = store.q("expire_bindings", now=now)
+    report.expired_queues = store.bindings.expire(now=now)
     for queue in report.expired_queues:
         while True:
-            n = store.q("drop_waiting", queues=[queue], before=None, now=now, limit=batch)
+            n = store.queues.drop_waiting(queues=[queue], before=None, now=now, limit=batch)
             report.dropped_messages += n
             if on_progress and n:
                 on_progress(n)
             if n < batch:
                 break
-    transient = store.read(lambda conn: queries.transient_queues(conn, store.t))
+    transient = store.bindings.transient_queues()
     if transient:
         old = now - timedelta(seconds=max_age)
         while True:
-            n = store.q("drop_waiting", queues=transient, before=old, now=now, limit=batch)
+            n = store.queues.drop_waiting(queues=transient, before=old, now=now, limit=batch)
             report.dropped_messages += n
             if on_progress and n:
                 on_progress(n)
@@ -231,7 +225,7 @@ def maintain(store: Store, *, max_age: float = TRANSIENT_MAX_AGE, max_backlog: i
                 break
         for queue in transient:
             while True:
-                n = store.q("trim_backlog", queue=queue, keep=max_backlog, limit=batch)
+                n = store.queues.trim_backlog(queue=queue, keep=max_backlog, limit=batch)
                 report.dropped_messages += n
                 if n < batch:
                     break

@@ -35,6 +35,7 @@ from . import transport as transport_module
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
+from .urls import broker_database_url
 
 log = logging.getLogger("celery_sqlbackend.lifecycle")
 
@@ -54,13 +55,10 @@ def connect_signals() -> None:
 
 def broker_store(app):
     """The Store behind ``app``'s broker, or None if the broker is not ours."""
-    url = app.conf.broker_url or ""
-    if isinstance(url, (list, tuple)):
-        url = url[0] if url else ""
-    prefix = SCHEME + "+"
-    if not url.startswith(prefix):
+    url = broker_database_url(app.conf)
+    if url is None:
         return None
-    return store_for(url[len(prefix):], Options.from_mapping(from_celery_conf(app.conf)))
+    return store_for(url, Options.from_mapping(from_celery_conf(app.conf)))
 
 
 def worker_process(app) -> LocalProcess | None:

@@ -1,10 +1,11 @@
-"""Waking idle workers on PostgreSQL with LISTEN/NOTIFY.
+"""LISTEN/NOTIFY on PostgreSQL: waking idle workers, and result waiters.
 
-Producers ``pg_notify`` inside the enqueue transaction, so the wake-up is
-sent on commit and never for a rolled-back job.  A notification is only a
-hint: the worker always re-polls, and polling at ``polling_interval`` remains
+Producers ``pg_notify`` inside the writing transaction (``store.executions``
+for ready jobs, ``store.results`` for ready results), so a wake-up is sent
+on commit and never for a rolled-back write.  A notification is only a hint:
+a worker always re-polls, and a result waiter re-reads, and polling remains
 the fallback whenever the listening connection is down.  Other engines have
-no notifications; their workers just poll.
+no notifications.  Channel names carry the store's ``table_prefix``.
 """
 from __future__ import annotations
 
@@ -12,11 +13,29 @@ import logging
 import os
 import threading
 import time
+from collections import deque
+from time import monotonic
+from typing import Any
 
 from .store import Store
 from .store.executions import ready_channel
+from .store.results import notify_channel as results_channel
+from .urls import mask
 
 log = logging.getLogger("celery_sqlbackend.notify")
+
+
+def _listen(dsn: str, channel: str) -> Any:
+    """A new autocommit psycopg connection LISTENing on ``channel`` (quoted: the prefix keeps its case)."""
+    import psycopg
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f'LISTEN "{channel}"')
+    return conn
+
+
+def _dsn(store: Store) -> str:
+    """The store's URL as a libpq DSN (the password included: it is never logged, see ``mask``)."""
+    return store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class NotifyWaiter:
@@ -30,10 +49,7 @@ class NotifyWaiter:
         self._lock = threading.Lock()
 
     def _connect(self):
-        import psycopg
-        conn = psycopg.connect(self.dsn, autocommit=True)
-        conn.execute(f"LISTEN {self.channel}")
-        return conn
+        return _listen(self.dsn, self.channel)
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True if a job became ready meanwhile."""
@@ -45,7 +61,7 @@ class NotifyWaiter:
                 try:
                     self._conn = self._connect()
                 except Exception as exc:
-                    log.warning("LISTEN connection failed (%s); polling only for the next 10s", exc)
+                    log.warning("LISTEN connection failed (%s); polling only for the next 10s", mask(exc))
                     self._retry_at = time.monotonic() + 10
                     time.sleep(timeout)
                     return False
@@ -59,7 +75,7 @@ class NotifyWaiter:
                         pass
                 return got
             except Exception as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                log.warning("LISTEN connection lost (%s); reconnecting", mask(exc))
                 self.close()
                 return False
 
@@ -82,6 +98,143 @@ def waiter_for(store: Store) -> NotifyWaiter | None:
     key = (id(store), os.getpid())
     waiter = _waiters.get(key)
     if waiter is None:
-        url = store.engine.url.set(drivername="postgresql")
-        waiter = _waiters[key] = NotifyWaiter(url.render_as_string(hide_password=False), ready_channel(store.t))
+        waiter = _waiters[key] = NotifyWaiter(_dsn(store), ready_channel(store.t))
     return waiter
+
+
+# --------------------------------------------------------------------------- results
+
+class ResultNotifier:
+    """One LISTEN connection per process, shared by every waiting thread.
+
+    Whichever waiting thread finds nobody reading becomes the reader for one
+    wait; the task ids it receives are numbered and kept in a bounded window,
+    so that every waiter learns which results landed since its last look.
+    A waiter holds a *token* (connection epoch, sequence number) taken
+    *before* it queried; anything committed after that shows up as newer.
+    """
+
+    WINDOW = 100_000
+
+    def __init__(self, dsn: str, channel: str):
+        self.dsn = dsn
+        self.channel = channel
+        self._cond = threading.Condition()
+        self._conn = None
+        self._reading = False
+        self._epoch = 0
+        self._seq = 0
+        self._recent: deque[tuple[int, str]] = deque(maxlen=self.WINDOW)
+        self._retry_at = 0.0
+
+    def token(self):
+        with self._cond:
+            if self._conn is None and monotonic() >= self._retry_at and not self._reading:
+                try:
+                    self._conn = _listen(self.dsn, self.channel)
+                    self._epoch += 1
+                except Exception as exc:
+                    log.warning("result LISTEN connection failed (%s); polling for the next 10s", mask(exc))
+                    self._retry_at = monotonic() + 10
+            return (self._epoch, self._seq) if self._conn is not None else None
+
+    def wait(self, token, timeout: float):
+        """Wait up to ``timeout``; returns ``(token, ids)``.
+
+        ``ids`` is the set of task ids announced since ``token``, or None when
+        that is unknown (timed out, no listener, reconnected, window overrun):
+        the caller then re-reads everything it waits for.
+        """
+        deadline = monotonic() + timeout
+        with self._cond:
+            while True:
+                if token is None or self._conn is None or token[0] != self._epoch:
+                    remaining = deadline - monotonic()
+                    if remaining > 0 and (token is None or self._conn is None):
+                        self._cond.wait(remaining)
+                    return self._token_locked(), None
+                if self._seq != token[1]:
+                    return self._since_locked(token[1])
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return token, None
+                if self._reading:
+                    self._cond.wait(remaining)
+                    continue
+                self._read_locked(remaining)
+
+    def _token_locked(self):
+        return (self._epoch, self._seq) if self._conn is not None else None
+
+    def _since_locked(self, seq: int):
+        token = (self._epoch, self._seq)
+        if not self._recent or self._recent[0][0] > seq + 1:
+            return token, None      # the window no longer reaches back to ``seq``
+        ids = set()
+        for s, task_id in reversed(self._recent):
+            if s <= seq:
+                break
+            ids.add(task_id)
+        return token, ids
+
+    def _read_locked(self, timeout: float) -> None:
+        self._reading = True
+        conn = self._conn
+        got: list[str] = []
+        error = None
+        self._cond.release()
+        try:
+            try:
+                for n in conn.notifies(timeout=timeout, stop_after=1):
+                    got.append(n.payload)
+                if got:
+                    for n in conn.notifies(timeout=0):
+                        got.append(n.payload)
+            except Exception as exc:  # connection lost: reconnect on the next token()
+                error = exc
+        finally:
+            self._cond.acquire()
+            self._reading = False
+        if error is not None:
+            log.warning("result LISTEN connection lost (%s); reconnecting", mask(error))
+            self._conn = None
+            self._epoch += 1
+            try:
+                conn.close()
+            except Exception:
+                pass
+        for task_id in got:
+            self._seq += 1
+            self._recent.append((self._seq, task_id))
+        self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            conn, self._conn = self._conn, None
+            self._epoch += 1
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+#: Keyed by pid as well: a forked child makes its own.  The parent's entries
+#: stay referenced in the child on purpose: dropping them would let psycopg
+#: finish the inherited connection and end the parent's LISTEN session.
+_notifiers: dict[tuple, ResultNotifier] = {}
+_notifiers_lock = threading.Lock()
+
+
+def result_notifier_for(store: Store) -> ResultNotifier | None:
+    """This process's result notifier for ``store``, or None where there is nothing to listen to."""
+    if not (store.dialect.notify and store.options.use_notify):
+        return None
+    key = (store.url, results_channel(store.t), os.getpid())
+    notifier = _notifiers.get(key)
+    if notifier is None:
+        with _notifiers_lock:
+            notifier = _notifiers.get(key)
+            if notifier is None:
+                notifier = _notifiers[key] = ResultNotifier(_dsn(store), results_channel(store.t))
+    return notifier

@@ -36,11 +36,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import inspect
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from ..errors import ConfigurationError, SchemaMissingError
+from ..errors import SchemaMissingError
 from ..options import Options
+from ..urls import mask, validate
 from .bindings import Bindings
 from .claims import Claimed, Claims
 from .dialects import dialect_of, is_retryable
@@ -53,6 +52,8 @@ from .queues import Queues
 from .results import Results
 from .schema import tables
 
+__all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
+
 log = logging.getLogger("celery_sqlbackend.store")
 T = TypeVar("T")
 
@@ -62,36 +63,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def validate_url(url: str) -> str:
-    """Check an SQLAlchemy URL early, with an error that says what to write."""
-    try:
-        parsed = make_url(url)
-        parsed.get_dialect()
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigurationError(
-            f"{url!r} is not an SQLAlchemy database URL ({exc}). Write the broker URL as "
-            "'sqlq+sqlite:///path/jobs.sqlite3' or 'sqlq+postgresql+psycopg://user:pass@host/db'") from None
-    except NoSuchModuleError as exc:
-        raise ConfigurationError(
-            f"no SQLAlchemy dialect for {url!r} ({exc}). Write the broker URL as "
-            "'sqlq+sqlite:///path/jobs.sqlite3' or 'sqlq+postgresql+psycopg://user:pass@host/db', "
-            "and install the driver (pip install 'celery-sqlbackend[postgres]')") from None
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the database driver for {url!r} is not installed ({exc}); for PostgreSQL: "
-            "pip install 'celery-sqlbackend[postgres]'") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigurationError(
-            "an in-memory SQLite database cannot be shared between a producer and a worker; "
-            "give it a file: 'sqlq+sqlite:///jobs.sqlite3'")
-    return url
-
-
 class Store:
     """Jobs, executions and processes in one database; statements through its gateways (module doc)."""
 
     def __init__(self, url: str, options: Options | None = None):
-        self.url = validate_url(url)
+        self.url = validate(url)
         self.options = options or Options()
         self.engine = get_engine(url, self.options.busy_timeout)
         self.t = tables(self.options.table_prefix)
@@ -109,7 +85,7 @@ class Store:
         self.results = Results(self)
 
     def __repr__(self) -> str:
-        return f"<Store {self.engine.url.render_as_string(hide_password=True)}>"
+        return f"<Store {mask(self.engine.url)}>"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -216,7 +192,7 @@ class Store:
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
-                    f"{self.engine.url.render_as_string(hide_password=True)}; create them with "
+                    f"{mask(self.engine.url)}; create them with "
                     "`celery -A yourapp sqlq migrate` (or set broker_transport_options="
                     "{'create_tables': True})")
             self._schema_ready = True

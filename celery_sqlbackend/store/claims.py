@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Sequence
 
 from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection

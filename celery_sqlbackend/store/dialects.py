@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +125,22 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """True when the database went away (the caller should reconnect later)."""
+    """True when the database connection is gone (worth reconnecting), not for SQL errors."""
+    if isinstance(exc, DisconnectionError):
+        return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError) and not is_retryable(exc)
+    if isinstance(exc, InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if sqlstate:
+            # 08: connection exception; 57P0x: server shutting down / crash.
+            return sqlstate.startswith("08") or sqlstate.startswith("57P0")
+        text = str(orig).lower()
+        if "sqlite" in type(orig).__module__:
+            return "unable to open database" in text or "disk i/o error" in text
+        # psycopg connect failures and socket errors carry no SQLSTATE.
+        return True
+    return False

@@ -76,15 +76,6 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
     return engine
 
 
-def dispose_all(close: bool = True) -> None:
-    """Drop every cached engine (``close=False`` after fork: see module doc)."""
-    with _lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.dispose(close=close)
-
-
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()

@@ -15,7 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 import celery_sqlbackend  # noqa: F401
-from celery_sqlbackend.backend import SQLBackend, is_disconnect
+from celery_sqlbackend.backend import SQLBackend
+from celery_sqlbackend.store.dialects import is_disconnect
 from celery_sqlbackend.errors import ConfigurationError
 
 from tests.harness import wait_until

@@ -21,14 +21,8 @@ def store(backend_db):
     return s
 
 
-def run(store, fn, **kw):
-    if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-        return store.run(fn, store.t, store.dialect, **kw)
-    return store.run(fn, store.t, **kw)
-
-
 def put(store, task_id, status="SUCCESS", payload=b'{"x": 1}', **kw):
-    return run(store, sql.store_result, task_id=task_id, status=status, content_type="application/json",
+    return store.results.store_result(task_id=task_id, status=status, content_type="application/json",
                content_encoding="utf-8", payload=payload, now=kw.pop("now", utcnow()), **kw)
 
 
@@ -39,13 +33,13 @@ def tid():
 def test_store_and_get(store):
     t = tid()
     assert put(store, t, "STARTED", b"{}")
-    row = run(store, sql.get_result, task_id=t)
+    row = store.results.get(task_id=t)
     assert row.status == "STARTED" and bytes(row.payload) == b"{}"
     assert put(store, t, "SUCCESS", b'{"ok": true}', name="n", worker="w", retries=2, queue="q", group_id="g")
-    row = run(store, sql.get_result, task_id=t)
+    row = store.results.get(task_id=t)
     assert row.status == "SUCCESS" and bytes(row.payload) == b'{"ok": true}'
-    assert run(store, sql.result_exists, task_id=t)
-    assert run(store, sql.get_result, task_id=tid()) is None
+    assert store.results.exists(task_id=t)
+    assert store.results.get(task_id=tid()) is None
 
 
 def test_success_is_never_overwritten(store):
@@ -53,7 +47,7 @@ def test_success_is_never_overwritten(store):
     assert put(store, t, "SUCCESS", b'"first"')
     assert not put(store, t, "STARTED", b"{}")
     assert not put(store, t, "FAILURE", b'"late"')
-    row = run(store, sql.get_result, task_id=t)
+    row = store.results.get(task_id=t)
     assert row.status == "SUCCESS" and bytes(row.payload) == b'"first"'
 
 
@@ -61,7 +55,7 @@ def test_failure_can_be_replaced_by_a_rerun(store):
     t = tid()
     put(store, t, "FAILURE", b'"boom"')
     assert put(store, t, "SUCCESS", b'"fine"')
-    assert run(store, sql.get_result, task_id=t).status == "SUCCESS"
+    assert store.results.get(task_id=t).status == "SUCCESS"
 
 
 def test_get_results_only_ready_in_one_query(store):
@@ -77,12 +71,12 @@ def test_get_results_only_ready_in_one_query(store):
             statements.append(statement)
     event.listen(store.engine, "before_cursor_execute", count)
     try:
-        rows = run(store, sql.get_results, task_ids=ready + [started, tid()], read_only=True)
+        rows = store.results.get_many(task_ids=ready + [started, tid()], read_only=True)
     finally:
         event.remove(store.engine, "before_cursor_execute", count)
     assert {r.task_id for r in rows} == set(ready)
     assert len(statements) == 1
-    rows = run(store, sql.get_results, task_ids=[started], states=None)
+    rows = store.results.get_many(task_ids=[started], states=None)
     assert [r.status for r in rows] == ["STARTED"]
 
 
@@ -91,63 +85,63 @@ def test_get_results_chunks_huge_lists(store, monkeypatch):
     for t in ids:
         put(store, t)
     monkeypatch.setattr(sql, "IN_CHUNK", 10)
-    assert {r.task_id for r in run(store, sql.get_results, task_ids=ids)} == set(ids)
+    assert {r.task_id for r in store.results.get_many(task_ids=ids)} == set(ids)
 
 
 def test_forget(store):
     a, b = tid(), tid()
     put(store, a)
     put(store, b)
-    assert run(store, sql.forget, task_ids=[a]) == 1
-    assert run(store, sql.get_result, task_id=a) is None
-    assert run(store, sql.get_result, task_id=b) is not None
+    assert store.results.forget(task_ids=[a]) == 1
+    assert store.results.get(task_id=a) is None
+    assert store.results.get(task_id=b) is not None
 
 
 def test_groups(store):
     g = tid()
-    run(store, sql.save_group, group_id=g, content_type="application/json", content_encoding="utf-8",
+    store.results.save_group(group_id=g, content_type="application/json", content_encoding="utf-8",
         payload=b"[1]", now=utcnow())
-    run(store, sql.save_group, group_id=g, content_type="application/json", content_encoding="utf-8",
+    store.results.save_group(group_id=g, content_type="application/json", content_encoding="utf-8",
         payload=b"[2]", now=utcnow())
-    assert bytes(run(store, sql.get_group, group_id=g).payload) == b"[2]"
-    assert run(store, sql.delete_group, group_id=g)
-    assert run(store, sql.get_group, group_id=g) is None
+    assert bytes(store.results.get_group(group_id=g).payload) == b"[2]"
+    assert store.results.delete_group(group_id=g)
+    assert store.results.get_group(group_id=g) is None
 
 
 def test_chord_counter_fires_once_when_size_is_reached(store):
     g = tid()
-    run(store, sql.chord_start, group_id=g, now=utcnow())
+    store.results.chord_start(group_id=g, now=utcnow())
     # Parts may finish before the producer has recorded the size.
-    assert run(store, sql.chord_part_done, group_id=g) == sql.ChordCount(1, None, False)
-    run(store, sql.chord_set_size, group_id=g, size=3, now=utcnow())
-    assert run(store, sql.chord_part_done, group_id=g) == sql.ChordCount(2, 3, False)
-    assert run(store, sql.chord_part_done, group_id=g) == sql.ChordCount(3, 3, True)
+    assert store.results.chord_part_done(group_id=g) == sql.ChordCount(1, None, False)
+    store.results.chord_set_size(group_id=g, size=3, now=utcnow())
+    assert store.results.chord_part_done(group_id=g) == sql.ChordCount(2, 3, False)
+    assert store.results.chord_part_done(group_id=g) == sql.ChordCount(3, 3, True)
     # A duplicate part (redelivery) never fires again.
-    assert run(store, sql.chord_part_done, group_id=g) == sql.ChordCount(4, 3, False)
-    assert run(store, sql.chord_part_done, group_id=tid()) is None
+    assert store.results.chord_part_done(group_id=g) == sql.ChordCount(4, 3, False)
+    assert store.results.chord_part_done(group_id=tid()) is None
 
 
 def test_chord_restart_resets_the_counter(store):
     g = tid()
-    run(store, sql.chord_start, group_id=g, now=utcnow())
-    run(store, sql.chord_set_size, group_id=g, size=1, now=utcnow())
-    assert run(store, sql.chord_part_done, group_id=g).fire
-    run(store, sql.chord_start, group_id=g, now=utcnow())
-    run(store, sql.chord_set_size, group_id=g, size=1, now=utcnow())
-    assert run(store, sql.chord_part_done, group_id=g) == sql.ChordCount(1, 1, True)
+    store.results.chord_start(group_id=g, now=utcnow())
+    store.results.chord_set_size(group_id=g, size=1, now=utcnow())
+    assert store.results.chord_part_done(group_id=g).fire
+    store.results.chord_start(group_id=g, now=utcnow())
+    store.results.chord_set_size(group_id=g, size=1, now=utcnow())
+    assert store.results.chord_part_done(group_id=g) == sql.ChordCount(1, 1, True)
 
 
 def test_chord_counter_under_concurrency(store):
     """8 threads count 400 parts: every increment lands, exactly one fires."""
     g = tid()
-    run(store, sql.chord_start, group_id=g, now=utcnow())
-    run(store, sql.chord_set_size, group_id=g, size=400, now=utcnow())
+    store.results.chord_start(group_id=g, now=utcnow())
+    store.results.chord_set_size(group_id=g, size=400, now=utcnow())
     fired, errors = [], []
 
     def part(n):
         try:
             for _ in range(n):
-                if run(store, sql.chord_part_done, group_id=g).fire:
+                if store.results.chord_part_done(group_id=g).fire:
                     fired.append(1)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -158,7 +152,7 @@ def test_chord_counter_under_concurrency(store):
         th.join(60)
     assert not errors
     assert len(fired) == 1
-    row = run(store, sql.get_chord, group_id=g)
+    row = store.results.get_chord(group_id=g)
     assert row.done == 400 and row.fired
 
 
@@ -170,30 +164,28 @@ def test_expiry_in_batches(store):
     fresh = tid()
     put(store, fresh)
     g = tid()
-    run(store, sql.save_group, group_id=g, content_type="application/json", content_encoding="utf-8",
+    store.results.save_group(group_id=g, content_type="application/json", content_encoding="utf-8",
         payload=b"[]", now=old)
     cutoff = utcnow() - timedelta(days=1)
     batches = []
     while True:
-        n = run(store, sql.expire_results, before=cutoff, limit=3)
+        n = store.results.expire_results(before=cutoff, limit=3)
         batches.append(n)
         if n < 3:
             break
     assert sum(batches) >= 7 and max(batches) <= 3
-    assert run(store, sql.get_result, task_id=ids[0]) is None
-    assert run(store, sql.get_result, task_id=fresh) is not None
-    assert run(store, sql.expire_groups, before=cutoff, limit=100) >= 1
-    assert run(store, sql.get_group, group_id=g) is None
+    assert store.results.get(task_id=ids[0]) is None
+    assert store.results.get(task_id=fresh) is not None
+    assert store.results.expire_groups(before=cutoff, limit=100) >= 1
+    assert store.results.get_group(group_id=g) is None
 
 
 def test_result_for_job(store):
-    from celery_sqlbackend.store import queries
     t = tid()
-    job_id = store.run(queries.enqueue, store.t, store.dialect, queue="q", payload="{}", task_name="x",
-                       task_id=t, priority=0, now=utcnow(), eta=None, expires_at=None)
-    assert run(store, sql.result_for_job, job_id=job_id) is None
+    job_id = store.jobs.enqueue(queue="q", payload="{}", task_name="x", task_id=t, priority=0, now=utcnow())
+    assert store.results.for_job(job_id=job_id) is None
     put(store, t)
-    assert run(store, sql.result_for_job, job_id=job_id).task_id == t
+    assert store.results.for_job(job_id=job_id).task_id == t
 
 
 def test_ready_results_are_notified_on_commit_only(store, backend_db):

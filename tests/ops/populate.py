@@ -39,7 +39,7 @@ class Populated:
 
 def enqueue(store: Store, queue: str, task: str, args: list, eta=None) -> int:
     msg = message(task, args, queue)
-    return store.q("enqueue", queue=queue, payload=json.dumps(msg), task_name=task,
+    return store.jobs.enqueue(queue=queue, payload=json.dumps(msg), task_name=task,
                    task_id=msg["headers"]["id"], priority=0, now=utcnow(), eta=eta, expires_at=None)
 
 
@@ -47,26 +47,26 @@ def populate(db_url: str, create_tables: bool = True) -> Populated:
     store = Store(db_url, Options(create_tables=create_tables))
     p = Populated(store)
     now = utcnow()
-    p.process_id = store.q("register_process", kind="worker", name="ops-test@host", hostname="host", pid=4242,
+    p.process_id = store.processes.register(kind="worker", name="ops-test@host", hostname="host", pid=4242,
                            pool="prefork", concurrency=2, queues=json.dumps(["claimq", "failq"]), now=now)
     # Jobs that end up failed (two error classes, two tasks) and finished.
     for i, (err, task) in enumerate([("ProcessPrunedError", "testapp.add"), ("ProcessPrunedError", "testapp.add"),
                                      ("RejectedError", "testapp.boom")]):
         enqueue(store, "failq", task, [i, i])
-    for job in store.q("claim", queues=["failq"], limit=10, process_id=p.process_id, now=now):
+    for job in store.claims.claim(queues=["failq"], limit=10, process_id=p.process_id, now=now):
         err, task = [("ProcessPrunedError", "testapp.add"), ("ProcessPrunedError", "testapp.add"),
                      ("RejectedError", "testapp.boom")][len(p.failed)]
-        store.q("fail", job_id=job.job_id, process_id=p.process_id, error_class=err,
+        store.claims.fail(job_id=job.job_id, process_id=p.process_id, error_class=err,
                 error=f"{err}: made up for the test (job {job.job_id})", now=now)
         p.failed.append((job.job_id, err, task))
     for i in range(4):
         enqueue(store, "donequeue", "testapp.add", [i, 1])
-    for job in store.q("claim", queues=["donequeue"], limit=10, process_id=p.process_id, now=now):
-        store.q("finish", job_id=job.job_id, process_id=p.process_id, now=now - timedelta(hours=2), keep=True)
+    for job in store.claims.claim(queues=["donequeue"], limit=10, process_id=p.process_id, now=now):
+        store.claims.finish(job_id=job.job_id, process_id=p.process_id, now=now - timedelta(hours=2), keep=True)
         p.finished.append(job.job_id)
     # One held by the live process, ready work in two queues, one scheduled.
     enqueue(store, "claimq", "testapp.add", [7, 7])
-    p.claimed = [j.job_id for j in store.q("claim", queues=["claimq"], limit=1, process_id=p.process_id, now=now)]
+    p.claimed = [j.job_id for j in store.claims.claim(queues=["claimq"], limit=1, process_id=p.process_id, now=now)]
     p.ready["alpha"] = [enqueue(store, "alpha", "testapp.add", [i, 2]) for i in range(3)]
     p.ready["beta"] = [enqueue(store, "beta", "testapp.add", [9, 9])]
     p.scheduled.append(enqueue(store, "alpha", "testapp.add", [5, 5], eta=now + timedelta(hours=1)))

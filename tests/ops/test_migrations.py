@@ -30,7 +30,7 @@ def test_migrate_creates_the_schema_of_schema_py(db_url):
     checks = {c.name: c for c in admin.check(store)}
     assert checks["migrations"].ok and "at head" in checks["migrations"].detail
     # The store works on migrated tables.
-    store.q("pause", queue="q", now=__import__("celery_sqlbackend.store", fromlist=["utcnow"]).utcnow())
+    store.queues.pause(queue="q", now=__import__("celery_sqlbackend.store", fromlist=["utcnow"]).utcnow())
     assert admin.paused(store) == ["q"]
 
 

@@ -22,18 +22,18 @@ def store(db_url):
 
 
 def make_failed(store, n, *, queue="q", task="t.a", error_class="ProcessPrunedError", age=0.0):
-    proc = store.q("register_process", kind="worker", name="w", hostname="h", pid=1, pool=None,
+    proc = store.processes.register(kind="worker", name="w", hostname="h", pid=1, pool=None,
                    concurrency=1, queues="[]", now=utcnow())
     ids = []
     for i in range(n):
-        job = store.q("enqueue", queue=queue, payload="{}", task_name=task, task_id=f"{task}-{queue}-{i}",
+        job = store.jobs.enqueue(queue=queue, payload="{}", task_name=task, task_id=f"{task}-{queue}-{i}",
                       priority=0, now=utcnow(), eta=None, expires_at=None)
-        [claimed] = store.q("claim", queues=[queue], limit=1, process_id=proc, now=utcnow())
+        [claimed] = store.claims.claim(queues=[queue], limit=1, process_id=proc, now=utcnow())
         assert claimed.job_id == job
-        assert store.q("fail", job_id=job, process_id=proc, error_class=error_class,
+        assert store.claims.fail(job_id=job, process_id=proc, error_class=error_class,
                        error=f"{error_class}: job {job} went wrong", now=utcnow() - timedelta(seconds=age))
         ids.append(job)
-    store.q("delete_process", process_id=proc)
+    store.processes.delete(process_id=proc)
     return ids
 
 
@@ -72,7 +72,7 @@ def test_retry_puts_the_same_job_back_to_ready_with_its_task_id(store):
 
 def test_discard_deletes_failed_jobs_only(store):
     gone, kept = make_failed(store, 2)
-    ready = store.q("enqueue", queue="q", payload="{}", task_name="t", task_id="r", priority=0,
+    ready = store.jobs.enqueue(queue="q", payload="{}", task_name="t", task_id="r", priority=0,
                     now=utcnow(), eta=None, expires_at=None)
     assert failed.discard(store, [gone, ready]) == 1
     assert job_states(store) == {kept: "failed", ready: "ready"}

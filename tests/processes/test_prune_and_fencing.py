@@ -16,7 +16,7 @@ from sqlalchemy import event, select, update
 from celery_sqlbackend import pruner
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.processes import LocalProcess
-from celery_sqlbackend.store import Store, queries, utcnow
+from celery_sqlbackend.store import Store, claims as claim_sql, utcnow
 
 from tests.harness import wait_until
 from tests.support.cluster import job_states
@@ -35,7 +35,7 @@ def store(db_url):
 
 
 def register(store, name="w1", age: float = 0.0) -> int:
-    pid = store.q("register_process", kind="worker", name=name, hostname="h", pid=1, pool="prefork",
+    pid = store.processes.register(kind="worker", name=name, hostname="h", pid=1, pool="prefork",
                   concurrency=1, queues='["q"]', now=utcnow())
     if age:
         set_heartbeat_age(store, pid, age)
@@ -49,12 +49,12 @@ def set_heartbeat_age(store, process_id, age):
 
 
 def enqueue(store, n=1, queue="q") -> list[int]:
-    return [store.q("enqueue", queue=queue, payload="{}", task_name="t.x", task_id=f"tid-{i}", priority=0,
+    return [store.jobs.enqueue(queue=queue, payload="{}", task_name="t.x", task_id=f"tid-{i}", priority=0,
                     now=utcnow(), eta=None, expires_at=None) for i in range(n)]
 
 
 def claim(store, process_id, limit=1, queue="q") -> list[int]:
-    return [c.job_id for c in store.q("claim", queues=[queue], limit=limit, process_id=process_id, now=utcnow())]
+    return [c.job_id for c in store.claims.claim(queues=[queue], limit=limit, process_id=process_id, now=utcnow())]
 
 
 def failed_rows(store):
@@ -75,7 +75,7 @@ def test_prune_fails_started_jobs_releases_unacked_ones_and_deletes_the_process(
     early, late, other = enqueue(store, 3)
     assert claim(store, dead, 2) == [early, late]
     assert claim(store, live) == [other]
-    assert store.q("mark_acked", job_id=early, process_id=dead, now=utcnow())
+    assert store.claims.mark_acked(job_id=early, process_id=dead, now=utcnow())
     set_heartbeat_age(store, dead, 10)
 
     report = pruner.prune(store, exclude=live)
@@ -122,7 +122,7 @@ def test_two_pruners_at_once_prune_each_dead_process_exactly_once(store):
     jobs = enqueue(store, 12)
     for i, pid in enumerate(dead):
         claim(store, pid, 2)
-        store.q("mark_acked", job_id=jobs[2 * i], process_id=pid, now=utcnow())
+        store.claims.mark_acked(job_id=jobs[2 * i], process_id=pid, now=utcnow())
         set_heartbeat_age(store, pid, 10)
     reports, errors = [], []
 
@@ -152,16 +152,16 @@ def test_a_pruned_process_can_neither_finish_nor_release_nor_fail_nor_ack_its_ol
     dead = register(store)
     early, late = enqueue(store, 2)
     claim(store, dead, 2)
-    store.q("mark_acked", job_id=early, process_id=dead, now=utcnow())
+    store.claims.mark_acked(job_id=early, process_id=dead, now=utcnow())
     set_heartbeat_age(store, dead, 10)
     pruner.prune(store)
     before = job_states(store)
 
     for job in (early, late):
-        assert not store.q("finish", job_id=job, process_id=dead, now=utcnow(), keep=True)
-        assert not store.q("release", job_id=job, process_id=dead, now=utcnow())
-        assert not store.q("fail", job_id=job, process_id=dead, error_class="X", error="x", now=utcnow())
-        assert not store.q("mark_acked", job_id=job, process_id=dead, now=utcnow())
+        assert not store.claims.finish(job_id=job, process_id=dead, now=utcnow(), keep=True)
+        assert not store.claims.release(job_id=job, process_id=dead, now=utcnow())
+        assert not store.claims.fail(job_id=job, process_id=dead, error_class="X", error="x", now=utcnow())
+        assert not store.claims.mark_acked(job_id=job, process_id=dead, now=utcnow())
     assert job_states(store) == before == {early: "failed", late: "ready"}
 
 
@@ -169,8 +169,8 @@ def test_finish_wins_over_a_later_prune_and_the_job_is_never_both(store):
     proc = register(store)
     [job] = enqueue(store)
     claim(store, proc)
-    store.q("mark_acked", job_id=job, process_id=proc, now=utcnow())
-    assert store.q("finish", job_id=job, process_id=proc, now=utcnow(), keep=True)
+    store.claims.mark_acked(job_id=job, process_id=proc, now=utcnow())
+    assert store.claims.finish(job_id=job, process_id=proc, now=utcnow(), keep=True)
     set_heartbeat_age(store, proc, 10)
     report = pruner.prune(store)
     assert report.processes and not report.failed and not report.released
@@ -224,7 +224,7 @@ def test_a_loop_of_acks_is_fenced_and_a_job_started_and_finished_together_ends_f
     a, b, c, d = enqueue(store, 4)
     assert claim(store, mine, 3) == [a, b, c]
     assert claim(store, other, 1) == [d]
-    done = store.q("record_acks", marks=[(a, mine), (b, mine), (d, mine)],
+    done = store.claims.record_acks(marks=[(a, mine), (b, mine), (d, mine)],
                    finishes=[(a, mine), (c, mine), (d, mine)], now=utcnow(), keep=keep)
     assert sorted(done) == [a, c]                     # d is not ours: fenced
     states = job_states(store)
@@ -251,8 +251,8 @@ def test_a_claim_loop_writes_its_acks_and_takes_the_next_batch_in_one_fenced_wri
 
     def loop(conn):
         seen.append(conn.connection.dbapi_connection)
-        return queries.acks_and_claim(conn, t, dialect, marks=marks, finishes=finishes, keep=True, queues=["q"],
-                                      limit=2, process_id=mine, now=utcnow())
+        return claim_sql.acks_and_claim(conn, t, dialect, marks=marks, finishes=finishes, keep=True, queues=["q"],
+                                        limit=2, process_id=mine, now=utcnow())
 
     store.run(lambda conn: None, single=True)   # (opens the thread's own connection and sets it up)
     statements = []
@@ -262,7 +262,7 @@ def test_a_claim_loop_writes_its_acks_and_takes_the_next_batch_in_one_fenced_wri
 
     event.listen(store.engine, "before_cursor_execute", count)
     try:
-        done, claimed = store.run(loop, single=queries.one_statement(dialect, marks, finishes))
+        done, claimed = store.run(loop, single=claim_sql.one_statement(dialect, marks, finishes))
     finally:
         event.remove(store.engine, "before_cursor_execute", count)
     assert sorted(done) == [a, c]
@@ -276,9 +276,9 @@ def test_a_claim_loop_writes_its_acks_and_takes_the_next_batch_in_one_fenced_wri
     assert rows == {b: (mine, True), d: (other, False), e: (mine, False), f: (mine, False)}
     if dialect.name == "postgresql":
         assert len(statements) == 1 and seen[0].autocommit   # no BEGIN, no COMMIT: one round trip
-        assert not queries.one_statement(dialect, marks, [*finishes, (f, other)])   # two process ids: a transaction
+        assert not claim_sql.one_statement(dialect, marks, [*finishes, (f, other)])   # two process ids: a transaction
     else:
-        assert not queries.one_statement(dialect, marks, finishes)
+        assert not claim_sql.one_statement(dialect, marks, finishes)
 
 
 # --------------------------------------------------------------------------- registry
@@ -297,7 +297,7 @@ def test_a_starting_process_sweeps_claims_of_processes_that_no_longer_exist(stor
     ghost = register(store, "ghost")
     early, late = enqueue(store, 2)
     claim(store, ghost, 2)
-    store.q("mark_acked", job_id=early, process_id=ghost, now=utcnow())
+    store.claims.mark_acked(job_id=early, process_id=ghost, now=utcnow())
     # The row vanishes without its claims (only possible by hand, or an older version).
     store.run(lambda c: c.execute(store.t.processes.delete()))
     lp = LocalProcess(store)

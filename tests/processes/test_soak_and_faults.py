@@ -39,7 +39,7 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopped.is_set():
-                if self.cluster.store.q("ready_count", queue="main") < self.backlog:
+                if self.cluster.store.executions.ready_count(queue="main") < self.backlog:
                     key, seconds, late = self.make(self.sent)
                     self.cluster.send(key, seconds, late=late)
                     self.sent += 1

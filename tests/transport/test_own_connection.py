@@ -76,7 +76,7 @@ def test_the_claim_loop_walks_the_poll_index_in_order_on_a_table_never_analysed(
     """With a backlog in a ready table that has no statistics yet (a new database), PostgreSQL
     plans the claim as "every ready row of the queue, sorted, first n" unless told otherwise:
     a cost that grows with the backlog.  The claim loop's connection must walk the index instead."""
-    from celery_sqlbackend.store import queries, utcnow
+    from celery_sqlbackend.store import utcnow
 
     with store.engine.begin() as conn:
         conn.execute(text(
@@ -86,16 +86,14 @@ def test_the_claim_loop_walks_the_poll_index_in_order_on_a_table_never_analysed(
                           "SELECT id, queue_name, priority, created_at FROM sqlq_jobs"))
     assert store.run(lambda conn: conn.execute(text(
         "SELECT reltuples FROM pg_class WHERE relname = 'sqlq_ready_executions'")).scalar()) < 0   # never analysed
-    process_id = store.q("register_process", kind="worker", name="w", hostname="h", pid=1, pool=None,
+    process_id = store.processes.register(kind="worker", name="w", hostname="h", pid=1, pool=None,
                          concurrency=None, queues=None, now=utcnow())
 
     seen = []
     event.listen(store.engine, "before_cursor_execute",
                  lambda conn, cursor, statement, parameters, context, many: seen.append((statement, parameters)))
-    d = store.dialect
-    _, claimed = store.run(lambda conn: queries.acks_and_claim(
-        conn, store.t, d, marks=[], finishes=[], keep=False, queues=["celery"], limit=4,
-        process_id=process_id, now=utcnow()), single=True)
+    _, claimed = store.claims.acks_and_claim(marks=[], finishes=[], keep=False, queues=["celery"], limit=4,
+                                             process_id=process_id, now=utcnow())   # (single: one statement)
     assert [job.priority for job in claimed] == [2, 2, 2, 2]
     statement, parameters = seen[-1]
 
