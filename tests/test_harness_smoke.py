@@ -1,4 +1,4 @@
-"""The test harness itself: PostgreSQL fixtures, row inspection, polling and worker processes.
+"""The test harness itself: engine fixtures, row inspection, polling and worker processes.
 
 Nothing here touches the transport, so a failure points at the test infrastructure.
 """
@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.harness import CeleryWorker, rows, wait_until, write_app
+from tests.support import engines
 
 
 def test_pg_db_url_is_a_fresh_writable_database(pg_db_url):
@@ -27,7 +28,42 @@ def test_pg_db_url_gives_each_test_its_own_database(pg_db_url, pg_url):
     assert mine != pg_url.rsplit("/", 1)[1]
 
 
-def test_db_url_runs_on_both_databases(db_url):
+def test_mysql_db_url_is_a_fresh_writable_database(mysql_db_url, mysql_url):
+    assert mysql_db_url.startswith("mysql+pymysql://")
+    mine = mysql_db_url.rsplit("/", 1)[1]
+    assert rows(mysql_db_url, "SELECT DATABASE()") == [(mine,)]
+    assert mine != mysql_url.rsplit("/", 1)[1]
+    assert rows(mysql_db_url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = :s",
+                {"s": mine}) == [(0,)]
+    assert rows(mysql_db_url, "SELECT @@innodb_flush_log_at_trx_commit") == [(1,)]
+
+
+def test_a_mysql_database_is_dropped_even_with_a_transaction_left_open_in_it(mysql_url):
+    from sqlalchemy import create_engine, text
+
+    with engines.fresh_database("mysql", mysql_url) as url:
+        rows(url, "CREATE TABLE t (id int primary key) ENGINE=InnoDB")
+        leaked = create_engine(url).connect()   # a test that forgot its connection, mid-transaction
+        leaked.execute(text("INSERT INTO t VALUES (1)"))
+        name = url.rsplit("/", 1)[1]
+        started = time.monotonic()
+    assert time.monotonic() - started < 30, "DROP DATABASE waited for the open transaction"
+    assert rows(mysql_url, "SELECT count(*) FROM information_schema.schemata WHERE schema_name = :n",
+                {"n": name}) == [(0,)]
+    leaked.invalidate()
+
+
+def test_engine_selection(monkeypatch):
+    monkeypatch.delenv("SQLQ_TEST_ENGINES", raising=False)
+    assert engines.selected_engines() == ("sqlite", "postgres")
+    monkeypatch.setenv("SQLQ_TEST_ENGINES", " MySQL,sqlite ")
+    assert engines.selected_engines() == ("sqlite", "mysql")
+    monkeypatch.setenv("SQLQ_TEST_ENGINES", "sqlite,oracle")
+    with pytest.raises(ValueError, match="unknown engine.*oracle.*choose from sqlite, postgres, mysql"):
+        engines.selected_engines()
+
+
+def test_db_url_runs_on_every_engine(db_url):
     rows(db_url, "CREATE TABLE t (id integer primary key)")
     assert rows(db_url, "INSERT INTO t (id) VALUES (:id)", {"id": 7}) == []
     # Each call is its own engine and transaction, so this also proves rows() commits.
