@@ -1,0 +1,137 @@
+"""Fixtures for the dashboard: a store with known rows, an HTTP client, a real server, a headless Chromium.
+
+    web_store     a Store on ``db_url`` (every engine) with its tables
+    client        factory: client(store, **create_app options) -> Starlette TestClient
+    web_server    factory: web_server(directory, *args) -> address of a real `celery sqlq web` process
+    browser       a headless Chromium (selenium + chromedriver); skipped without them, failed under CI
+    shots         the directory screenshots go to (tests/web/screenshots, or $SQLQ_WEB_SCREENSHOTS)
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, wait_until
+
+pytest.importorskip("starlette", reason="the dashboard tests need the web extra: pip install -e '.[test]'")
+
+from tests.web.data import store_at  # noqa: E402
+
+ADDRESS = re.compile(r"sqlq dashboard on (http://\S+/)")
+
+
+@pytest.fixture
+def web_store(db_url):
+    store = store_at(db_url)
+    yield store
+    store.engine.dispose()
+
+
+@pytest.fixture
+def client():
+    from starlette.testclient import TestClient
+
+    from celery_sqlbackend.web import create_app
+    made = []
+
+    def make(store, **options):
+        options.setdefault("token", "")
+        c = TestClient(create_app(store, **options), base_url="http://127.0.0.1")
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token a page's forms carry."""
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "the page has no form with a CSRF token"
+    return m.group(1)
+
+
+@pytest.fixture
+def web_server():
+    """Start `celery -A <app> sqlq web --port 0` in ``directory``; returns the printed address."""
+    procs: list[subprocess.Popen] = []
+
+    def start(directory: Path, *args: str, app: str = "testapp", env: dict | None = None) -> str:
+        log = open(Path(directory) / f"web-{len(procs)}.log", "w+b")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "sqlq", "web", "--port", "0", *args],
+            cwd=directory, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)]), "PYTHONUNBUFFERED": "1",
+                 **(env or {})})
+        procs.append(proc)
+        line = proc.stdout.readline().decode()
+        m = ADDRESS.search(line)
+        if not m:
+            proc.kill()
+            log.seek(0)
+            raise AssertionError(f"`sqlq web` printed {line!r}, not its address\n{log.read().decode()[-3000:]}")
+        return m.group(1)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1400,1000")
+
+
+def _missing_browser(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"headless Chromium is required under CI: {reason}", pytrace=False)
+    pytest.skip(f"headless Chromium unavailable (apt-get install chromium chromium-driver): {reason}")
+
+
+@pytest.fixture
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as exc:
+        _missing_browser(f"selenium is not installed ({exc})")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        _missing_browser("no chromium or chromedriver on PATH")
+    profile = tempfile.mkdtemp(prefix="sqlq-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shots() -> Path:
+    path = Path(os.environ.get("SQLQ_WEB_SCREENSHOTS") or Path(__file__).parent / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for(driver, predicate, timeout: float = 20.0, what: str = "the page"):
+    """Poll the browser until ``predicate(driver)`` is truthy (no fixed sleeps)."""
+    return wait_until(lambda: predicate(driver), timeout, 0.1, what)
