@@ -25,14 +25,14 @@ Example::
 from __future__ import annotations
 
 from . import enumerators
-from .cursor import CursorNotSerializableError, Progress, validate_cursor
+from .cursor import CursorNotSerializableError, InvalidCursorError, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
 from .interruption import FLAG, StopFlag, stopping
 from .interruption import lookup as lookup_adapter
 from .interruption import register as register_adapter
 from .interruption import unregister as unregister_adapter
-from .store import CursorStore, MemoryStore, NullStore, SQLCursorStore
+from .store import CheckpointTableMissingError, CursorStore, MemoryStore, NullStore, SQLCursorStore
 from .task import IterativeTask
 
 __all__ = [
@@ -41,6 +41,6 @@ __all__ = [
     "register_adapter", "unregister_adapter", "lookup_adapter",
     "install",
     "enumerators", "Enumerators",
-    "Progress", "CursorNotSerializableError", "validate_cursor",
-    "CursorStore", "NullStore", "MemoryStore", "SQLCursorStore",
+    "Progress", "CursorNotSerializableError", "InvalidCursorError", "validate_cursor",
+    "CursorStore", "NullStore", "MemoryStore", "SQLCursorStore", "CheckpointTableMissingError",
 ]

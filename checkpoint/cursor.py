@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-__all__ = ["CursorNotSerializableError", "validate_cursor", "Progress", "HEADER"]
+__all__ = ["CursorNotSerializableError", "InvalidCursorError", "validate_cursor", "Progress", "HEADER"]
 
 #: Message header carrying :class:`Progress` (a JSON string) between runs.
 HEADER = "checkpoint"
@@ -21,6 +21,13 @@ HEADER = "checkpoint"
 
 class CursorNotSerializableError(TypeError):
     """The enumerator produced a cursor that JSON cannot carry unchanged."""
+
+
+class InvalidCursorError(ValueError):
+    """A cursor that does not name a position of its enumerator (out of range, wrong type or shape).
+
+    Resuming from it would silently skip or repeat items, so the job fails instead.
+    """
 
 
 def validate_cursor(cursor: Any) -> Any:
@@ -66,22 +73,30 @@ class Progress:
             checkpoints: the one with more iterations is the newer).
         times_interrupted: clean stops so far (worker shutdown, max runtime, throttle).
         total_time: seconds spent iterating over all runs.
+        total: iterations the whole job will take, when the enumerator can
+            tell (ranges, sequences, row counts); counted once, by the first run.
+        state: the durable row's state (running, interrupted, done, failed,
+            revoked) when read from a store; not carried in messages.
     """
 
     cursor: Any = None
     iterations: int = 0
     times_interrupted: int = 0
     total_time: float = 0.0
+    total: Optional[int] = None
+    state: Optional[str] = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        data.pop("state")
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: Optional[str]) -> Optional["Progress"]:
         if not text:
             return None
         data = json.loads(text)
-        known = {k: data[k] for k in ("cursor", "iterations", "times_interrupted", "total_time") if k in data}
+        known = {k: data[k] for k in ("cursor", "iterations", "times_interrupted", "total_time", "total") if k in data}
         return cls(**known)
 
     @classmethod

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from . import keyset
+from .cursor import InvalidCursorError
+
 __all__ = [
-    "Enumerators",
+    "Enumerators", "Enumeration",
     "integers", "sequence", "generator", "nested",
     "sqlalchemy_rows", "sqlalchemy_batches",
     "csv_rows", "csv_batches",
@@ -31,26 +35,90 @@ __all__ = [
 Pair = Tuple[Any, Any]
 
 
-def integers(start: int, stop: int, step: int = 1, *, cursor: Optional[int] = None) -> Iterator[Pair]:
+class Enumeration:
+    """An enumerator that can say how far along a cursor is (for progress views).
+
+    Iterating it yields the ``(item, cursor)`` pairs of the wrapped iterator.
+    :meth:`total_items` is the number of items of the whole enumeration when
+    known (given, or counted by ``count`` on demand: the task asks once per
+    job, not per run); ``fraction(cursor)`` the share done at ``cursor`` when
+    the enumerator can tell it without counting items (a CSV file's byte
+    offset), else ``None``.
+    """
+
+    def __init__(self, pairs: Iterable[Pair], total: Optional[int] = None,
+                 fraction: Optional[Callable[[Any], Optional[float]]] = None,
+                 count: Optional[Callable[[], int]] = None) -> None:
+        self._pairs = pairs
+        self._iterator: Optional[Iterator[Pair]] = None
+        self.total = total
+        self._count = count
+        self._fraction = fraction
+
+    def total_items(self) -> Optional[int]:
+        if self.total is None and self._count is not None:
+            self.total = self._count()
+        return self.total
+
+    def __iter__(self) -> Iterator[Pair]:
+        if self._iterator is None:
+            self._iterator = iter(self._pairs)
+        return self._iterator
+
+    def __next__(self) -> Pair:
+        return next(iter(self))
+
+    def fraction(self, cursor: Any) -> Optional[float]:
+        return self._fraction(cursor) if self._fraction is not None else None
+
+    def close(self) -> None:
+        close = getattr(self._iterator if self._iterator is not None else self._pairs, "close", None)
+        if close is not None:
+            close()
+
+
+def _int_cursor(cursor: Any, what: str) -> int:
+    if isinstance(cursor, bool) or not isinstance(cursor, int):
+        raise InvalidCursorError(f"{what} cursor must be an int, got {cursor!r}")
+    return cursor
+
+
+def integers(start: int, stop: int, step: int = 1, *, cursor: Optional[int] = None) -> Enumeration:
     """Integers in ``range(start, stop, step)``; the cursor is the integer itself.
+
+    A cursor that is not a member of the range is an :class:`InvalidCursorError`:
+    resuming from it would skip or repeat items.
 
     >>> list(integers(0, 5, cursor=2))
     [(3, 3), (4, 4)]
     """
-    first = start if cursor is None else cursor + step
-    for i in range(first, stop, step):
-        yield i, i
+    numbers = range(start, stop, step)
+    if cursor is None:
+        first = 0
+    else:
+        if _int_cursor(cursor, "integers()") not in numbers:
+            raise InvalidCursorError(
+                f"cursor {cursor!r} is not in range({start}, {stop}, {step}); a cursor is the last processed "
+                "integer, so it must be one of the range's members (pass cursor=None to start at the beginning)")
+        first = numbers.index(cursor) + 1
+    return Enumeration(((i, i) for i in numbers[first:]), total=len(numbers))
 
 
-def sequence(items: Sequence[Any], *, cursor: Optional[int] = None) -> Iterator[Pair]:
+def sequence(items: Sequence[Any], *, cursor: Optional[int] = None) -> Enumeration:
     """Items of a list (or any sequence); the cursor is the index.
 
     >>> list(sequence("abc", cursor=0))
     [('b', 1), ('c', 2)]
     """
-    first = 0 if cursor is None else cursor + 1
-    for index in range(first, len(items)):
-        yield items[index], index
+    if cursor is None:
+        first = 0
+    else:
+        if not 0 <= _int_cursor(cursor, "sequence()") < len(items):
+            raise InvalidCursorError(
+                f"cursor {cursor!r} is not an index of the sequence (0..{len(items) - 1}); a cursor is the index "
+                "of the last processed item: did the sequence change between runs?")
+        first = cursor + 1
+    return Enumeration(((items[i], i) for i in range(first, len(items))), total=len(items))
 
 
 def generator(pairs: Iterable[Pair]) -> Iterator[Pair]:
@@ -100,88 +168,7 @@ def _nested_level(builders: Sequence[Callable[..., Iterable[Pair]]], cursors: li
             cursors[deeper] = None
 
 
-# -- SQLAlchemy keyset pagination --------------------------------------------
-
-def _key_columns(stmt: sa.Select, columns: Optional[Sequence[Any]]) -> list:
-    """The keyset columns: ``columns`` (objects or names) or the primary key."""
-    entity = None
-    descriptions = stmt.column_descriptions
-    if descriptions:
-        entity = descriptions[0].get("entity")
-    table = None
-    if entity is not None:
-        table = sa.inspect(entity).local_table
-    elif stmt.get_final_froms():
-        table = stmt.get_final_froms()[0]
-    if columns:
-        resolved = []
-        for col in columns:
-            if isinstance(col, str):
-                if table is None or col not in table.c:
-                    raise ValueError(f"cannot find key column {col!r} in {table!r}")
-                col = table.c[col]
-            resolved.append(col)
-        return resolved
-    if table is None or not list(getattr(table, "primary_key", [])):
-        raise ValueError("the select has no primary key to paginate by; pass columns=[...] (unique, ordered)")
-    return list(table.primary_key)
-
-
-def _after(key_cols: Sequence[Any], cursor: Sequence[Any]) -> Any:
-    """``(a, b, c) > (x, y, z)`` spelled out, so every dialect can use the index."""
-    clauses = []
-    for i, col in enumerate(key_cols):
-        equal = [key_cols[j] == cursor[j] for j in range(i)]
-        clauses.append(sa.and_(*equal, col > cursor[i]))
-    return sa.or_(*clauses)
-
-
-def _keyset_batches(stmt: sa.Select, bind: Any, batch_size: int, cursor: Any, columns: Any) -> Iterator[Tuple[list, list]]:
-    key_cols = _key_columns(stmt, columns)
-    orm_entity = _single_orm_entity(stmt)
-    if cursor is not None:
-        cursor = list(cursor) if isinstance(cursor, (list, tuple)) else [cursor]
-        if len(cursor) != len(key_cols):
-            raise ValueError(f"cursor {cursor!r} does not match key columns {[c.key for c in key_cols]}")
-    page = stmt.order_by(None).order_by(*key_cols).limit(batch_size)
-    while True:
-        query = page if cursor is None else page.where(_after(key_cols, cursor))
-        rows = _fetch(bind, query, orm_entity)
-        if not rows:
-            return
-        cursor = _key_of(rows[-1], key_cols, orm_entity)
-        yield rows, cursor
-        if len(rows) < batch_size:
-            return
-
-
-def _single_orm_entity(stmt: sa.Select) -> Any:
-    descriptions = stmt.column_descriptions
-    if len(descriptions) == 1 and descriptions[0].get("entity") is not None and descriptions[0].get("expr") is descriptions[0].get("entity"):
-        return descriptions[0]["entity"]
-    return None
-
-
-def _fetch(bind: Any, query: sa.Select, orm_entity: Any) -> list:
-    if isinstance(bind, Session):
-        return list(bind.scalars(query)) if orm_entity is not None else list(bind.execute(query))
-    if orm_entity is not None:
-        with Session(bind) as session:
-            objects = list(session.scalars(query))
-            session.expunge_all()
-            return objects
-    if isinstance(bind, sa.Engine):
-        with bind.connect() as conn:
-            return list(conn.execute(query))
-    return list(bind.execute(query))
-
-
-def _key_of(row: Any, key_cols: Sequence[Any], orm_entity: Any) -> list:
-    if orm_entity is not None:
-        mapper = sa.inspect(orm_entity)
-        return [getattr(row, mapper.get_property_by_column(col).key) for col in key_cols]
-    return [row._mapping[col] for col in key_cols]
-
+# -- SQLAlchemy keyset pagination (see checkpoint.keyset) ------------------------
 
 def _require_bind(bind: Any) -> Any:
     if bind is None:
@@ -191,7 +178,7 @@ def _require_bind(bind: Any) -> Any:
 
 
 def sqlalchemy_batches(stmt: sa.Select, *, bind: Any = None, cursor: Optional[list] = None,
-                       batch_size: int = 100, columns: Optional[Sequence[Any]] = None) -> Iterator[Pair]:
+                       batch_size: int = 100, columns: Optional[Sequence[Any]] = None) -> Enumeration:
     """Batches of rows from ``stmt``, paginated by keyset.
 
     Args:
@@ -199,36 +186,66 @@ def sqlalchemy_batches(stmt: sa.Select, *, bind: Any = None, cursor: Optional[li
         bind: Engine, Connection or Session.  With ``select(Model)`` the items
             are ORM objects (expunged when an Engine is given), else Rows.
         cursor: the key values (a list) of the last row of the last batch.
-        columns: unique, ordered key columns (objects or names); the primary key by default.
+        columns: ordered key columns (objects or names); the primary key by
+            default.  The primary key is appended when missing, so a
+            non-unique column (a timestamp) still walks every row once.
 
-    Rows whose key changes while the job runs may be skipped or seen twice.
+    Key values of type datetime, date, time, Decimal and UUID are carried in
+    the cursor as strings and bound with the column's type.  Rows whose key
+    changes while the job runs may be skipped or seen twice.
     """
-    yield from _keyset_batches(stmt, _require_bind(bind), batch_size, cursor, columns)
+    bind = _require_bind(bind)
+    pairs = keyset.batches(stmt, bind, batch_size, cursor, columns)
+    return Enumeration(pairs, count=lambda: -(-keyset.count_rows(stmt, bind) // batch_size))
 
 
 def sqlalchemy_rows(stmt: sa.Select, *, bind: Any = None, cursor: Optional[list] = None,
-                    batch_size: int = 100, columns: Optional[Sequence[Any]] = None) -> Iterator[Pair]:
+                    batch_size: int = 100, columns: Optional[Sequence[Any]] = None) -> Enumeration:
     """Rows from ``stmt`` one at a time, fetched in keyset batches; cursor = the row's key values."""
     bind = _require_bind(bind)
-    key_cols = _key_columns(stmt, columns)
-    orm_entity = _single_orm_entity(stmt)
-    for rows, _ in _keyset_batches(stmt, bind, batch_size, cursor, columns):
-        for row in rows:
-            yield row, _key_of(row, key_cols, orm_entity)
+    key_cols = keyset.key_columns(stmt, columns)
+    orm_entity = keyset.single_orm_entity(stmt)
+
+    def pairs() -> Iterator[Pair]:
+        for rows, _ in keyset.batches(stmt, bind, batch_size, cursor, columns):
+            for row in rows:
+                yield row, keyset.key_of(row, key_cols, orm_entity)
+
+    return Enumeration(pairs(), count=lambda: keyset.count_rows(stmt, bind))
 
 
 # -- CSV ----------------------------------------------------------------------
 
+def _file_fraction(path: str) -> Callable[[Any], Optional[float]]:
+    size = os.path.getsize(path)
+    return lambda cursor: (cursor / size if size else 1.0) if isinstance(cursor, int) else None
+
+
+def _check_offset(path: str, cursor: Any) -> None:
+    if cursor is None:
+        return
+    size = os.path.getsize(path)
+    if isinstance(cursor, bool) or not isinstance(cursor, int) or not 0 <= cursor <= size:
+        raise InvalidCursorError(f"CSV cursor {cursor!r} is not a byte offset within {path} (0..{size}); "
+                                 "did the file change between runs?")
+
+
 def csv_rows(path: str, *, cursor: Optional[int] = None, header: bool = True,
-             encoding: str = "utf-8", **reader_options: Any) -> Iterator[Pair]:
+             encoding: str = "utf-8", **reader_options: Any) -> Enumeration:
     """Rows of a CSV file; the cursor is the byte offset just after the row.
 
     With ``header=True`` rows are dicts keyed by the first line.  Quoted
     fields spanning several lines are fine: the offset is taken after the
     reader has consumed the whole record (``csv.reader`` never reads ahead).
     The file must not change between runs: a byte offset means nothing in
-    another file.
+    another file.  Progress is the share of the file's bytes read.
     """
+    _check_offset(path, cursor)
+    return Enumeration(_csv_rows(path, cursor, header, encoding, reader_options), fraction=_file_fraction(path))
+
+
+def _csv_rows(path: str, cursor: Optional[int], header: bool, encoding: str,
+              reader_options: dict) -> Iterator[Pair]:
     with open(path, "rb") as fh:
         lines = _OffsetLines(fh, encoding)
         fieldnames = None
@@ -244,11 +261,16 @@ def csv_rows(path: str, *, cursor: Optional[int] = None, header: bool = True,
             yield item, lines.offset
 
 
-def csv_batches(path: str, *, cursor: Optional[int] = None, batch_size: int = 100, **options: Any) -> Iterator[Pair]:
+def csv_batches(path: str, *, cursor: Optional[int] = None, batch_size: int = 100, **options: Any) -> Enumeration:
     """Lists of up to ``batch_size`` CSV rows; cursor = byte offset after the batch."""
+    rows = csv_rows(path, cursor=cursor, **options)
+    return Enumeration(_batched(rows, cursor, batch_size), fraction=rows.fraction)
+
+
+def _batched(rows: Iterable[Pair], cursor: Any, batch_size: int) -> Iterator[Pair]:
     batch: list = []
     offset = cursor
-    for item, offset in csv_rows(path, cursor=cursor, **options):
+    for item, offset in rows:
         batch.append(item)
         if len(batch) == batch_size:
             yield batch, offset

@@ -28,6 +28,8 @@ Lifecycle, in one place:
 * worker_init / bootstep ``__init__``: clear the flag, publish its path for
   spawned children (``worker_pool_start_method='spawn'`` only), wrap
   ``wait_for_soft_shutdown``.
+* bootstep ``start``: :func:`checkpoint.housekeeping.start` (warnings, revoke
+  relay, expiry of old checkpoint rows).
 * warm signal, soft wait, blueprint close: set the flag.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from . import housekeeping
 from .interruption import FLAG
 
 __all__ = ["install", "StopFlagStep", "is_installed"]
@@ -64,7 +67,8 @@ class StopFlagStep(bootsteps.StartStopStep):
         return self
 
     def start(self, worker: Any) -> None:
-        pass
+        # Configuration warnings, revoke relay, expiry (checkpoint.housekeeping).
+        housekeeping.start(worker)
 
     def close(self, worker: Any) -> None:
         # Backstop for `celery control shutdown`, KeyboardInterrupt, errors.
@@ -72,6 +76,7 @@ class StopFlagStep(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         _set_flag("blueprint_stop")
+        housekeeping.stop()
 
     def terminate(self, worker: Any) -> None:
         _set_flag("blueprint_terminate")

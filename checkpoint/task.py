@@ -31,9 +31,9 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
-from . import interruption
+from . import interruption, limits, revocation
 from .cursor import HEADER, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
@@ -63,8 +63,10 @@ class IterativeTask(Task):
 
     Class attributes:
         max_job_runtime: seconds a single run may iterate before it re-enqueues
-            itself (``None``: no limit; app conf ``checkpoint_max_job_runtime``
-            caps it for every task).
+            itself.  ``None`` (default): 5 minutes, or half the broker's
+            visibility timeout if shorter; ``math.inf``: no limit.  App conf
+            ``checkpoint_max_job_runtime`` caps it for every task (see
+            :mod:`checkpoint.limits`).
         interruption_adapters: names in the adapter registry to consult.
         checkpoint_every / checkpoint_interval: durable save cadence
             (iterations / seconds), whichever comes first.
@@ -75,6 +77,9 @@ class IterativeTask(Task):
             claims of a pruned worker; AMQP/Redis redeliver), and the new run
             resumes from the last durable checkpoint.  Early-acked jobs whose
             worker dies are lost or failed, cursor or not.
+        reject_on_worker_lost: True by default: a pool child killed outright
+            (OOM, SIGKILL) gives the message back instead of failing the job,
+            and the next run resumes from the last durable checkpoint.
         interruption_backoff: countdown (seconds) of the re-enqueue when an
             adapter says stop.  Not zero: with polling transports Celery's
             synchronous consumer loop goes on draining for up to 2 s after a
@@ -86,6 +91,7 @@ class IterativeTask(Task):
     """
 
     acks_late = True
+    reject_on_worker_lost = True
     max_job_runtime: Optional[float] = None
     interruption_adapters: tuple = ("celery",)
     checkpoint_every: int = 100
@@ -94,6 +100,10 @@ class IterativeTask(Task):
     interruption_backoff: float = 3.0
     enumerator_bind: Any = None
     _throttles: tuple = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_build_enumerator(cls)
 
     # -- user hooks ------------------------------------------------------
 
@@ -157,11 +167,21 @@ class IterativeTask(Task):
     def run(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         initial_cursor = kwargs.pop("cursor", None)
-        progress, resumed = self._load_progress(request, initial_cursor)
+        store = self._store()
+        progress, resumed, stored_state = self._load_progress(request, initial_cursor, store)
         request.checkpoint_progress = progress
+        saver = Checkpointer(store, request.id, progress, every=self.checkpoint_every,
+                             interval=self.checkpoint_interval, task_name=self.name)
+        request.checkpoint_saver = saver
+        if stored_state == "done":
+            # A redelivered copy of a job that completed (a broker's visibility
+            # timeout, a lost ack): its work is done and its result stored.
+            logger.warning("checkpoint: %s[%s] already completed; ignoring this delivery", self.name, request.id,
+                           extra={"action": "duplicate_ignored", "task_id": request.id})
+            raise Ignore()
+        if stored_state == "revoked" or (request.id and not request.is_eager and revocation.is_revoked(request.id)):
+            self._end_revoked(request, saver)
         run_started = time.monotonic()
-        saver = Checkpointer(self._store(), request.id, progress,
-                             every=self.checkpoint_every, interval=self.checkpoint_interval)
 
         if resumed:
             logger.info("checkpoint: %s[%s] resumed at cursor %r", self.name, request.id, progress.cursor,
@@ -170,18 +190,32 @@ class IterativeTask(Task):
         else:
             self.on_start(*args, **kwargs)
 
-        enumerator = self.build_enumerator(*args, cursor=progress.cursor, **kwargs)
-        if enumerator is None:
-            raise TypeError(f"{self.name}.build_enumerator returned None; return an iterable of (item, cursor)")
-        iterator = iter(enumerator)
+        try:
+            enumerator = self.build_enumerator(*args, cursor=progress.cursor, **kwargs)
+            if enumerator is None:
+                raise TypeError(f"{self.name}.build_enumerator returned None; return an iterable of (item, cursor)")
+            self._measure(enumerator, progress, saver)
+            saver.save()  # the row says "running" (and a missing table or grant fails here, clearly)
+            iterator = iter(enumerator)
+        except Exception as exc:
+            saver.save_quietly("failed", error=_describe(exc))
+            raise
         try:
             self._iterate(iterator, progress, run_started, saver, args, kwargs)
         except _Stop as stop:
             progress.total_time += time.monotonic() - run_started
             self.on_shutdown(*args, **kwargs)
-            self._reenqueue(request, args, kwargs, progress, stop, initial_cursor)
-        except BaseException:
+            if stop.reason == "revoked":
+                self._end_revoked(request, saver)
+            self._reenqueue(request, args, kwargs, progress, stop, initial_cursor, saver)
+        except Retry:
+            raise  # self.retry() inside an iteration: retry() saved the progress
+        except Exception as exc:
             # Keep what was done: a retry (or a redelivery) resumes from here.
+            progress.total_time += time.monotonic() - run_started
+            saver.save_quietly("failed", error=_describe(exc))
+            raise
+        except BaseException:
             progress.total_time += time.monotonic() - run_started
             saver.save_quietly()
             raise
@@ -191,15 +225,27 @@ class IterativeTask(Task):
         progress.total_time += time.monotonic() - run_started
         self.on_shutdown(*args, **kwargs)
         result = self.on_complete(*args, **kwargs)
-        self._store().delete(request.id)
+        # Kept (state "done") until checkpoint_expires, so a redelivered copy does nothing.
+        saver.save_quietly("done")
         logger.info("checkpoint: %s[%s] completed after %d iterations, %d interruptions, %.2fs",
                     self.name, request.id, progress.iterations, progress.times_interrupted, progress.total_time,
                     extra={"action": "completed", "task_id": request.id})
         return result
 
+    def _measure(self, enumerator: Any, progress: Progress, saver: Checkpointer) -> None:
+        """Learn the job's total (once per job) and how the enumerator measures progress."""
+        saver.fraction = getattr(enumerator, "fraction", None)
+        count = getattr(enumerator, "total_items", None)
+        if progress.total is None and count is not None and saver.enabled:
+            try:
+                progress.total = count()
+            except Exception as exc:  # a progress figure must never fail the job
+                logger.warning("checkpoint: %s could not count its items: %s", self.name, _describe(exc))
+
     def _iterate(self, iterator: Any, progress: Progress, run_started: float, saver: Checkpointer,
                  args: tuple, kwargs: dict) -> None:
         eager = bool(self.request.is_eager)
+        task_id = self.request.id
         max_runtime = self._max_job_runtime()
         done_this_run = 0
         for pair in iterator:
@@ -208,15 +254,17 @@ class IterativeTask(Task):
             if not eager:
                 # A run always makes progress before max_job_runtime can end it:
                 # a slow build_enumerator must not re-enqueue forever.
-                self._check_stop(run_started, max_runtime if done_this_run else None)
-            item, cursor = pair
+                self._check_stop(task_id, run_started, max_runtime if done_this_run else None)
+            item, cursor = _pair(pair, self.name)
             self.each_iteration(item, *args, **kwargs)
             progress.cursor = cursor
             progress.iterations += 1
             saver.after_iteration()
             done_this_run += 1
 
-    def _check_stop(self, run_started: float, max_runtime: Optional[float]) -> None:
+    def _check_stop(self, task_id: Optional[str], run_started: float, max_runtime: Optional[float]) -> None:
+        if task_id and revocation.is_revoked(task_id):
+            raise _Stop("revoked")
         for condition, backoff in self._throttles:
             if _call_condition(condition, self):
                 raise _Stop("throttled", backoff)
@@ -228,37 +276,80 @@ class IterativeTask(Task):
                 raise _Stop(answer if isinstance(answer, str) else "interrupted", self.interruption_backoff)
 
     def _max_job_runtime(self) -> Optional[float]:
-        limits = [v for v in (self.max_job_runtime, self.app.conf.get("checkpoint_max_job_runtime")) if v]
-        return min(limits) if limits else None
+        return limits.max_job_runtime(self.app, self.max_job_runtime)
 
     # -- progress in and out -------------------------------------------------
 
-    def _load_progress(self, request: Any, initial_cursor: Any) -> tuple[Progress, bool]:
+    def _load_progress(self, request: Any, initial_cursor: Any,
+                       store: CursorStore) -> tuple[Progress, bool, Optional[str]]:
         header = getattr(request, HEADER, None) or (request.headers or {}).get(HEADER)
         from_message = Progress.from_json(header)
-        from_store = self._store().get(request.id) if request.id else None
+        from_store = store.get(request.id) if request.id else None
+        stored_state = from_store.state if from_store is not None else None
         progress = Progress.newest(from_message, from_store)
         if progress is None:
-            return Progress(cursor=validate_cursor(initial_cursor)), False
-        return progress, True
+            return Progress(cursor=validate_cursor(initial_cursor)), False, None
+        if progress.total is None and from_store is not None:
+            progress.total = from_store.total
+        progress.state = None
+        return progress, True, stored_state
+
+    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None,
+                               queue: Any = None, **extra_options: Any) -> Any:
+        """Every message this run sends for itself (re-enqueue, retry) carries its progress.
+
+        That is how a retry resumes at the item that failed on any broker,
+        with or without a durable store.
+        """
+        request = self.request if request is None else request
+        progress = getattr(request, "checkpoint_progress", None)
+        if progress is not None:
+            validate_cursor(progress.cursor)
+            headers = dict(extra_options.get("headers") or getattr(request, "headers", None) or {})
+            headers[HEADER] = progress.to_json()
+            extra_options["headers"] = headers
+        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's retry; the retry message resumes at the item that failed (see signature_from_request)."""
+        try:
+            return super().retry(*args, **kwargs)
+        except Retry:
+            saver = getattr(self.request, "checkpoint_saver", None)
+            if saver is not None:
+                saver.save_quietly("retrying")
+            raise
+
+    def _end_revoked(self, request: Any, saver: Checkpointer) -> None:
+        """Stop for good: no re-enqueue, state REVOKED, the durable row says so."""
+        saver.save_quietly("revoked")
+        store_result = self.store_errors_even_if_ignored or not self.ignore_result
+        try:
+            self.backend.mark_as_revoked(request.id, "revoked", request=request, store_result=store_result)
+        except Exception as exc:
+            logger.warning("checkpoint: could not store the REVOKED state of %s: %s", request.id, _describe(exc))
+        progress = saver.progress
+        logger.info("checkpoint: %s[%s] revoked at cursor %r after %d iterations; not re-enqueued",
+                    self.name, request.id, progress.cursor, progress.iterations,
+                    extra={"action": "revoked", "task_id": request.id, "cursor": progress.cursor})
+        raise Ignore()
 
     def _reenqueue(self, request: Any, args: tuple, kwargs: dict, progress: Progress, stop: _Stop,
-                   initial_cursor: Any) -> None:
+                   initial_cursor: Any, saver: Checkpointer) -> None:
         validate_cursor(progress.cursor)
         progress.times_interrupted += 1
         if getattr(request, "checkpoint_reenqueued", False):  # pragma: no cover - defensive
             raise RuntimeError("checkpoint: refusing to re-enqueue the same run twice")
         request.checkpoint_reenqueued = True
-        self._store().put(request.id, progress)
+        saver.save("interrupted")
         if initial_cursor is not None:
             kwargs = {**kwargs, "cursor": initial_cursor}
-        headers = {**(request.headers or {}), HEADER: progress.to_json()}
-        options: dict[str, Any] = {"headers": headers, "expires": None}
+        options: dict[str, Any] = {"expires": None}
         if stop.backoff:
             options["countdown"] = stop.backoff
         # Not self.retry(): that bumps request.retries and applies max_retries.
         # `expires` is dropped: an absolute expiry would revoke a job that was
-        # merely interrupted.
+        # merely interrupted.  The progress header is added by signature_from_request.
         signature = self.signature_from_request(request, args, kwargs, **options)
         send = _send_again.get()
         if send is None:
@@ -276,6 +367,33 @@ class IterativeTask(Task):
         if store is None:
             store = store_for_app(self.app)
         return store
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _pair(pair: Any, task_name: str) -> tuple:
+    if isinstance(pair, tuple) and len(pair) == 2:
+        return pair
+    raise TypeError(f"{task_name}.build_enumerator must yield (item, cursor) pairs, got {pair!r}; "
+                    "wrap plain iterables, e.g. self.enumerate.sequence(items, cursor=cursor)")
+
+
+def _check_build_enumerator(cls: type) -> None:
+    """A build_enumerator that cannot take ``cursor=`` is an error when the class is defined."""
+    method = cls.__dict__.get("build_enumerator")
+    if method is None:
+        return
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return
+    if "cursor" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    raise TypeError(f"{cls.__qualname__}.build_enumerator must accept a `cursor` keyword argument "
+                    "(the position to resume after; None on the first run): def build_enumerator(self, ..., *, "
+                    "cursor=None)")
 
 
 def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:

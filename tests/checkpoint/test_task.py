@@ -14,7 +14,8 @@ from celery.exceptions import Ignore
 
 import checkpoint
 from checkpoint import interruption
-from checkpoint import CursorNotSerializableError, IterativeTask, MemoryStore, SQLCursorStore
+from celery_sqlbackend import admin
+from checkpoint import CheckpointTableMissingError, CursorNotSerializableError, IterativeTask, MemoryStore, SQLCursorStore
 from checkpoint.cursor import HEADER, Progress
 from checkpoint.store import NullStore, store_for_app, store_url_for_app
 
@@ -128,7 +129,7 @@ def test_interrupted_run_reenqueues_itself_and_the_next_run_resumes(app, adapter
     assert processed == list(range(10)), "every item exactly once"
     assert result == {"label": "x", "iterations": 10}
     assert events[2:] == [("resume", 3, 1), ("shutdown", 9), ("complete", 10)]
-    assert task.cursor_store.get(task_id) is None, "the checkpoint is deleted on completion"
+    assert task.cursor_store.get(task_id).state == "done", "the checkpoint is kept, marked done, until it expires"
 
 
 def test_the_flag_stops_the_default_adapter(app):
@@ -213,7 +214,7 @@ def test_durable_checkpoints_every_n_iterations_and_resume_after_a_crash(app, ad
     task, processed, events = make_task(app, store=store, checkpoint_every=3, checkpoint_interval=None)
     saved = []
     original_put = store.put
-    store.put = lambda tid, p: (saved.append(p.iterations), original_put(tid, p))
+    store.put = lambda tid, p, **meta: (saved.append((p.iterations, meta["state"])), original_put(tid, p, **meta))
 
     class Crash(Exception):
         pass
@@ -228,7 +229,8 @@ def test_durable_checkpoints_every_n_iterations_and_resume_after_a_crash(app, ad
     task_id = str(uuid.uuid4())
     with pytest.raises(Crash):
         run_once(task, task_id, ("x",))
-    assert saved == [3, 6, 7], "every 3 iterations, plus what was done before the exception"
+    assert saved == [(0, "running"), (3, "running"), (6, "running"), (7, "failed")], \
+        "at the start, every 3 iterations, and what was done before the exception"
     assert store.get(task_id).cursor == 6
 
     type(task).each_iteration = recording
@@ -236,7 +238,7 @@ def test_durable_checkpoints_every_n_iterations_and_resume_after_a_crash(app, ad
     result, _ = run_once(task, task_id, ("x",))  # the redelivered message has no header
     assert processed == [7, 8, 9]
     assert ("resume", 6, 0) in events
-    assert store.get(task_id) is None
+    assert store.get(task_id).state == "done"
 
 
 def test_the_newer_of_header_and_store_wins(app, adapter):
@@ -280,15 +282,23 @@ def test_missing_hooks_are_explained(app):
 # -- the SQL store -------------------------------------------------------------------
 
 def test_sql_store_put_get_update_delete(db_url):
+    if not db_url.startswith("sqlite"):
+        with pytest.raises(CheckpointTableMissingError, match="sqlq migrate"):
+            SQLCursorStore(db_url).get("a")
+        admin.migrate(db_url)
     store = SQLCursorStore(db_url)
     assert store.get("a") is None
-    store.put("a", Progress(cursor=[1, "k"], iterations=2, times_interrupted=1, total_time=0.5))
-    store.put("a", Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7))
-    assert store.get("a") == Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7)
+    store.put("a", Progress(cursor=[1, "k"], iterations=2, times_interrupted=1, total_time=0.5, total=9))
+    store.put("a", Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7, total=9),
+              state="interrupted", task_name="t.a")
+    assert store.get("a") == Progress(cursor=[2, "k"], iterations=3, times_interrupted=1, total_time=0.7,
+                                      total=9, state="interrupted")
     store.put("b", Progress(cursor={"k": [1.5, None]}, iterations=1))
     store.delete("a")
     assert store.get("a") is None
     assert store.get("b").cursor == {"k": [1.5, None]}
+    assert store.expire(older_than=3600) == 0
+    assert store.expire(older_than=-1) == 1 and store.get("b") is None
     store.dispose()
 
 
