@@ -71,12 +71,21 @@ class JobPage:
 
 @dataclass(frozen=True)
 class Count:
-    """A count that may be capped: ``n`` is exact when ``capped`` is False, else "more than cap"."""
+    """A count that may be capped: ``n`` is exact when ``capped`` is False, else "more than cap".
+
+    ``within``: counted among only the latest ``within`` rows (a filter with no index behind it).
+    """
     n: int
     capped: bool
+    within: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return not self.capped and self.within is None
 
     def __str__(self) -> str:
-        return f"{self.n:,}+" if self.capped else f"{self.n:,}"
+        text = f"{self.n:,}+" if self.capped else f"{self.n:,}"
+        return f"{text} of the latest {self.within:,}" if self.within is not None else text
 
 
 @dataclass(frozen=True)
@@ -250,9 +259,10 @@ def job_result(conn: Connection, t: Tables, *, task_id: str) -> dict | None:
 
 # --------------------------------------------------------------------------- failed
 
-def _failed_select(t: Tables, *, queue: str | None, task_name: str | None, error_class: str | None):
+def _failed_select(t: Tables, *, queue: str | None, task_name: str | None, error_class: str | None,
+                   join: bool = True):
     f, j = t.failed, t.jobs
-    q = select(f.c.job_id).select_from(f.join(j, j.c.id == f.c.job_id))
+    q = select(f.c.job_id).select_from(f.join(j, j.c.id == f.c.job_id) if join or task_name else f)
     if queue:
         q = q.where(f.c.queue_name == queue)
     if task_name:
@@ -274,8 +284,27 @@ def failed_page(conn: Connection, t: Tables, *, queue: str | None = None, task_n
 
 
 def failed_count(conn: Connection, t: Tables, *, queue: str | None = None, task_name: str | None = None,
-                 error_class: str | None = None, cap: int) -> Count:
-    return _capped_count(conn, _failed_select(t, queue=queue, task_name=task_name, error_class=error_class), cap)
+                 error_class: str | None = None, cap: int, sample: int) -> Count:
+    """Failed jobs matching, stopped at ``cap``.
+
+    The task name lives in ``jobs``: counting by it joins every failure to a
+    million-row table, so it is counted among the latest ``sample`` failures only.
+    """
+    if not task_name:
+        return _capped_count(conn, _failed_select(t, queue=queue, task_name=None, error_class=error_class,
+                                                  join=False), cap)
+    f, j = t.failed, t.jobs
+    latest = select(f.c.job_id, f.c.queue_name, f.c.error_class).order_by(f.c.id.desc()).limit(sample).subquery()
+    q = (select(func.count()).select_from(latest.join(j, j.c.id == latest.c.job_id))
+         .where(j.c.task_name == task_name))
+    if queue:
+        q = q.where(latest.c.queue_name == queue)
+    if error_class:
+        q = q.where(latest.c.error_class == error_class)
+    n = conn.execute(q).scalar_one()
+    total = conn.execute(select(func.count()).select_from(
+        select(f.c.id).limit(sample + 1).subquery())).scalar_one()
+    return Count(n, False, sample if total > sample else None)
 
 
 def failed_summary(conn: Connection, t: Tables, *, sample: int) -> FailedSummary:
@@ -430,8 +459,8 @@ class DashboardReads:
     def failed_page(self, before: int | None, limit: int, **filters: str | None) -> list[FailedRow]:
         return self._read(failed_page, before=before, limit=limit, **filters)
 
-    def failed_count(self, cap: int, **filters: str | None) -> Count:
-        return self._read(failed_count, cap=cap, **filters)
+    def failed_count(self, cap: int, sample: int, **filters: str | None) -> Count:
+        return self._read(failed_count, cap=cap, sample=sample, **filters)
 
     def failed_summary(self, sample: int) -> FailedSummary:
         return self._read(failed_summary, sample=sample)

@@ -28,13 +28,14 @@ class Settings:
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     #: Counts stop here ("10,000+") rather than scanning a large table.
     count_cap: int = 10_000
-    #: Failures grouped by (error class, task) over this many of the latest.
-    group_sample: int = 10_000
+    #: Failures grouped (and counted) by task over this many of the latest.
+    group_sample: int = 5_000
     #: Rows per page.
     page_size: int = 50
-    #: A filtered job search walks id windows of this size until a page is full or the budget is spent.
-    search_window: int = 20_000
-    search_budget: float = 0.12
+    #: A filtered job search walks windows of job ids, starting with this many and doubling while
+    #: a window takes less than a quarter of the budget, until the page is full or the budget is spent.
+    search_window: int = 5_000
+    search_budget: float = 0.1
     #: Minutes of throughput shown on the Queues page, and the most finished rows read for it.
     throughput_minutes: int = 10
     throughput_cap: int = 100_000

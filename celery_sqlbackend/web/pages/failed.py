@@ -27,7 +27,7 @@ def failed_page(request: Request):
     rows = rows[:s.page_size]
     return dash.render(request, "failed.html", title="Failed jobs", rows=rows, filters=filters,
                        next_before=rows[-1].job_id if more else None,
-                       count=dash.reads.failed_count(s.count_cap, **filters),
+                       count=dash.reads.failed_count(s.count_cap, s.group_sample, **filters),
                        summary=dash.reads.failed_summary(s.group_sample),
                        done=text_param(request, "done"))
 

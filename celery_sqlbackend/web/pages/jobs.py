@@ -37,12 +37,16 @@ def search(dash: Dashboard, flt: JobFilter, before: int | None) -> JobPage:
         if low_id is None:
             return JobPage([], None)
         upper = min(before, high_id + 1) if before is not None else high_id + 1
-        rows, deadline, lower = [], time.monotonic() + s.search_budget, upper
+        rows, lower, window = [], upper, s.search_window
+        deadline = time.monotonic() + s.search_budget
         while lower > low_id and len(rows) <= s.page_size:
-            lower = max(low_id, lower - s.search_window)
+            lower = max(low_id, lower - window)
+            began = time.monotonic()
             rows += reads.jobs_in_window(flt, (rows[-1].id if rows else upper), lower, s.page_size + 1 - len(rows))
             if time.monotonic() > deadline:
                 break
+            if time.monotonic() - began < s.search_budget / 4:
+                window = min(window * 2, 1_000_000)
         full = len(rows) > s.page_size
         rows = rows[:s.page_size]
         if full:
