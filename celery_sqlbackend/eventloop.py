@@ -17,13 +17,8 @@ Who claims (``Dialect.claim_thread``):
   thread would only compete with the hub for the GIL.  The hub claims when
   kicked: by an ack that frees a prefetch slot, or by the polling interval.
 
-How much to claim at once (``Channel._claim_limit(share=…)``): the claim
-thread claims once a quarter of the prefetch is free, so that the pool stays
-fed while it waits on the server.  The hub waits until all of it is free (or
-nothing delivered is still waiting): the claim is the CPU cost per batch, so
-the batch is made as large as the prefetch allows (measured: 2,200-2,900
-jobs/s on SQLite against 1,300-2,100 for half and a quarter; see
-``bench/README.md``).
+Each turn claims with the claim round every loop shares
+(:mod:`.claim_round`, which also says how much to claim at once).
 
 Prefetch: the claim thread counts a batch that is claimed but not yet
 delivered against the prefetch (``Channel._claim_limit(undelivered)``), so
@@ -40,17 +35,12 @@ import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import fanout
+from .ack_buffer import WRITE_DELAY, AckBuffer
+from .claim_round import Messages, RoundResult, claim_round, wait_for_work
 from .notify import waiter_for
-from .processes import WRITE_DELAY
 from .store import store_for
 
 log = logging.getLogger("celery_sqlbackend.eventloop")
-
-#: A claim thread claims once 1/THREAD_SHARE of the prefetch is free (a quarter:
-#: measured 6% faster than half on PostgreSQL); the hub once 1/HUB_SHARE is.
-THREAD_SHARE = 4
-HUB_SHARE = 1
 
 
 class ClaimFeed:
@@ -131,18 +121,18 @@ class ClaimFeed:
     def _claim_on_hub(self) -> None:
         """One claim round on the hub's thread (``on_hub``); after a claim, another round next turn
         (which claims only if the prefetch is free again)."""
-        channels, claimed, _ = self._claim_round()
-        if claimed:
+        round_ = self._claim_round()
+        if round_.claimed:
             self.kick()
-        elif self._flush_due is None and channels and channels[0].process.has_pending_writes:
+        elif self._flush_due is None and round_.channels and round_.channels[0].process.acks.has_pending_writes:
             # Acks that no claim carries: written by the hub a moment later, still in a batch.
-            self._flush_due = self.loop.call_later(WRITE_DELAY, self._flush_on_hub, channels[0].process)
+            self._flush_due = self.loop.call_later(WRITE_DELAY, self._flush_on_hub, round_.channels[0].process.acks)
 
-    def _flush_on_hub(self, process) -> None:
+    def _flush_on_hub(self, acks: AckBuffer) -> None:
         self._flush_due = None
-        if process.has_pending_writes and not self._stop.is_set():
+        if acks.has_pending_writes and not self._stop.is_set():
             with contextlib.suppress(SQLAlchemyError):   # logged and deferred by flush
-                process.flush()
+                acks.flush()
 
     def stop(self) -> None:
         """Stop claiming, wait for a claim in flight, give back what was not delivered."""
@@ -185,12 +175,14 @@ class ClaimFeed:
         try:
             while not self._stop.is_set():
                 transport._wake.clear()
-                channels, claimed, slots_free = self._claim_round()
-                if claimed or self._stop.is_set():
+                round_ = self._claim_round()
+                if round_.claimed or self._stop.is_set():
                     continue
+                channels = round_.channels
                 if waiter is None and channels:
                     waiter = waiter_for(channels[0].store)
-                transport._wait_for_work(waiter, slots_free, channels[0].process if channels else None, interval)
+                wait_for_work(transport._wake, waiter, round_.slots_free,
+                              channels[0].process.acks if channels else None, interval)
         except BaseException as exc:   # a database that went away: the hub raises it
             log.warning("claiming stopped (%s: %s); the worker reconnects", exc.__class__.__name__, exc)
             self._error = exc
@@ -203,52 +195,12 @@ class ClaimFeed:
     def alive(self) -> bool:
         return (self.on_hub or self._thread.is_alive()) and not self._stop.is_set()
 
-    def _share(self) -> int:
-        """The claim waits for 1/share of the prefetch to be free (see the module doc).
+    def _claim_round(self) -> RoundResult:
+        """One claim round (``claim_round``), its batches kept for the hub to deliver."""
+        return claim_round(self.transport, "hub" if self.on_hub else "thread", self._keep, self.undelivered)
 
-        The hub waits for all of it only in a Celery worker, which says which
-        unacked jobs are running (``transport.running_tags``), so that a claim
-        waits for nothing but deliveries the pool has not started.  A plain
-        kombu consumer holds its unacked messages itself; there the hub claims
-        as the thread does.
-        """
-        from . import transport as transport_module
-        if self.on_hub and transport_module.running_tags is not None:
-            return HUB_SHARE
-        return THREAD_SHARE
-
-    def _claim_round(self) -> tuple[list, bool, bool]:
-        """Record finished jobs, then one claim per consuming channel that has room.
-
-        Returns (the consuming channels, anything claimed, any slot free).
-        """
-        channels = [ch for ch in list(self.transport.channels) if ch._consumers and not ch.closed]
-        if channels:   # (every channel of a connection shares one process)
-            channels[0].finish_completed()
-        from . import transport as transport_module
-        claimed = slots_free = False
-        stopping = transport_module.worker_stopping
-        if stopping is not None and stopping():
-            return channels, False, False     # a worker shutting down takes no new jobs
-        for channel in channels:
-            queues = list(channel._active_queues)
-            if not queues:
-                continue
-            if channel._broadcast_only(queues):
-                if not channel._broadcast_poll_due():
-                    continue
-                limit = channel._claim_limit()
-            else:
-                limit = channel._claim_limit(self.undelivered(channel), share=self._share())
-                slots_free = slots_free or limit > 0
-            if limit <= 0:
-                continue
-            fanout.touch(channel, queues)
-            messages = channel._claim(queues, limit)
-            if messages:
-                with self._lock:
-                    self._pending.extend((channel, payload, queue) for payload, queue in messages)
-                if not self.on_hub:
-                    os.write(self._w, b".")
-                claimed = True
-        return channels, claimed, slots_free
+    def _keep(self, channel, messages: Messages) -> None:
+        with self._lock:
+            self._pending.extend((channel, payload, queue) for payload, queue in messages)
+        if not self.on_hub:
+            os.write(self._w, b".")

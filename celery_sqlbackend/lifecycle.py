@@ -1,12 +1,13 @@
 """The worker lifecycle, in the order it runs.
 
     1. register        ``worker_init`` (MainProcess, before the pool forks):
-                       insert the process row, sweep orphaned claims, prune
-                       the dead, start the heartbeat thread.
+                       hand the transport its ``WorkerHooks``, insert the
+                       process row, sweep orphaned claims, prune the dead,
+                       start the heartbeat thread.
     2. heartbeat       every ``heartbeat_interval`` on that thread, with its
                        own short transactions, whatever the pool is doing.
-    3. drain           warm shutdown: Celery stops claiming (the event loop's
-                       claims stop once ``worker_stopping``), closes the
+    3. drain           warm shutdown: Celery stops claiming (every claim
+                       round stops once ``WorkerHooks.stopping``), closes the
                        channel (claimed but undelivered jobs go back to ready
                        in place; unacked deliveries keep their claims, since
                        the pool may have started them: see
@@ -30,12 +31,11 @@ import logging
 
 from celery import signals
 
-from . import SCHEME
-from . import transport as transport_module
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
 from .urls import broker_database_url
+from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.lifecycle")
 
@@ -68,7 +68,7 @@ def worker_process(app) -> LocalProcess | None:
 
 def on_celeryd_init(sender=None, conf=None, **_):
     """Step 0: before the worker connects, fold ``sqlq_*`` settings into the transport options."""
-    if conf is not None and str(conf.get("broker_url") or "").startswith(SCHEME + "+"):
+    if conf is not None and broker_database_url(conf) is not None:
         conf.broker_transport_options = from_celery_conf(conf)
 
 
@@ -78,13 +78,12 @@ def on_worker_init(sender=None, **_):
     proc = worker_process(worker.app)
     if proc is None:
         return
-    proc.managed = True
     pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
-    transport_module.running_tags = running_tags
-    transport_module.worker_stopping = worker_stopping
-    transport_module.worker_terminating = worker_terminating
+    # What the transport's channels need to know about this worker (``worker_hooks``).
+    proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
+                                   terminating=worker_terminating))
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
@@ -120,7 +119,7 @@ def on_worker_shutdown(sender=None, **_):
     if proc is None or proc.id is None:
         return
     if not worker_terminating():             # (a cold shutdown killed, not finished, them)
-        proc.finish_completed(running_tags())    # queue finishes of the drained jobs...
+        proc.acks.finish_completed(running_tags())   # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

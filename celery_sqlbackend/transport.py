@@ -29,7 +29,8 @@ On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
 SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
 Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
-Every loop claims through :meth:`Channel._claim`.
+Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
+which claims through :meth:`Channel._claim`.
 
 Delivery semantics
 ==================
@@ -42,59 +43,32 @@ others (see :mod:`celery_sqlbackend.pruner`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
-from datetime import datetime, timezone
 from queue import Empty
 from time import monotonic
-from typing import Callable
 
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
-from kombu.utils.uuid import uuid
 from sqlalchemy import exc as sa_exc
 
-from . import fanout
+from . import fanout, maintenance
+from .claim_round import Messages, claim_round, wait_for_work
 from .errors import UndecodableMessageError
+from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options
-from .processes import local_process
+from .processes import LocalProcess, local_process
 from .store import Store, queries, store_for, utcnow
+from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.transport")
 
 #: Jobs per claim when kombu sets no prefetch limit (``worker_prefetch_multiplier = 0``).
 UNLIMITED_BATCH = 10
-
-#: Set by the worker integration (``lifecycle``): ``fn() -> set``, the delivery
-#: tags of the tasks executing now.  With no Celery worker around (a plain kombu
-#: consumer) it is None: an ack means "done", and an unacked delivery is waiting.
-running_tags: Callable[[], set] | None = None
-
-#: Set by the worker integration: ``fn() -> bool``, True once the worker is
-#: shutting down (as opposed to reconnecting after a lost connection).
-worker_stopping: Callable[[], bool] | None = None
-
-#: Set by the worker integration: ``fn() -> bool``, True in a cold shutdown,
-#: where running tasks are killed: a started job that stops running then has
-#: not finished, and is left for deregistration to fail.
-worker_terminating: Callable[[], bool] | None = None
-
-
-def _utc_naive(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed
 
 
 class QoS(virtual.QoS):
@@ -120,6 +94,8 @@ class Channel(virtual.Channel):
     do_restore = True
 
     def __init__(self, connection, **kwargs):
+        #: The queues this channel declared in exchanges whose bindings live in the database (``fanout``).
+        self.bindings = fanout.ChannelBindings()
         super().__init__(connection, **kwargs)
         # delivery tag -> job id, for deliveries not yet finished.  Written by
         # the consuming thread, read and popped by ack threads: dict ops are
@@ -144,19 +120,26 @@ class Channel(virtual.Channel):
         return store_for(self.connection.client.hostname, self.options)
 
     @property
-    def process(self):
+    def process(self) -> LocalProcess:
         return local_process(self.store)
+
+    @property
+    def worker(self) -> WorkerHooks | None:
+        """What the Celery worker around us says (``worker_hooks``); None in a plain kombu consumer."""
+        return self.process.worker
+
+    def held_job_ids(self) -> set[int]:
+        """The jobs this channel has delivered and not yet seen acked (for ``LocalProcess.reconcile``)."""
+        return {job_id for job_id, _ in list(self._claims.values())}
 
     # ------------------------------------------------------------------ publish
 
     def _put(self, queue, message, **kwargs):
-        headers = message.get("headers") or {}
+        stored = to_store(message)
         self.store.q(
-            "enqueue", queue=queue, payload=json.dumps(message),
-            task_name=headers.get("task"), task_id=headers.get("id"),
-            priority=self._get_message_priority(message), now=utcnow(),
-            eta=_utc_naive(headers.get("eta")),
-            expires_at=_utc_naive(headers.get("expires")) or fanout.expiry_of(message),
+            "enqueue", queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
+            priority=self._get_message_priority(message), now=utcnow(), eta=stored.eta,
+            expires_at=stored.expires_at,
         )
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
@@ -204,22 +187,6 @@ class Channel(virtual.Channel):
             raise Empty()
         return messages[0][0]
 
-    def _get_many(self, queues, timeout=None):
-        """Claim up to the free prefetch in one transaction and deliver them all."""
-        fanout.touch(self, queues)
-        if self._broadcast_only(queues) and not self._broadcast_poll_due():
-            raise Empty()
-        limit = self._claim_limit()
-        if limit <= 0:
-            raise Empty()
-        messages = self._claim(list(queues), limit)
-        if not messages:
-            raise Empty()
-        log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
-        with self.process.loop_away():
-            for payload, queue in messages:
-                self.connection._deliver(payload, queue)
-
     def _claim_limit(self, undelivered: int = 0, share: int = 2) -> int:
         """How many jobs to claim now: the free prefetch, or 0 to wait for more acks.
 
@@ -227,14 +194,9 @@ class Channel(virtual.Channel):
         until 1/``share`` of the prefetch is free: a claim costs about the same
         for one job as for eight, so this cuts the transactions of a busy
         worker without letting its pool run dry.  (Unacked deliveries that are
-        already running, with ``acks_late``, are not work in waiting.)  The
-        blocking loop waits for half: there every claim is pool idle time.
-        The event loop sets its own share (``eventloop``): a quarter for a
-        claim thread, whose claim runs beside the pool; all of it for claims
-        on the hub, where the claim is the CPU cost to cut.
-
-        ``undelivered``: jobs claimed but not handed to kombu yet (``eventloop``),
-        which kombu's prefetch count cannot know about.
+        already running, with ``acks_late``, are not work in waiting.)  Each
+        loop has its share: see ``claim_round.SHARE``.  ``undelivered``: jobs
+        claimed but not handed to kombu yet, which its prefetch count cannot know about.
         """
         free = self.qos.can_consume_max_estimate()
         if free is None:            # no prefetch limit (multiplier 0)
@@ -246,8 +208,9 @@ class Channel(virtual.Channel):
             return 0
         qos = self.qos
         unacked = set(qos._delivered) - set(qos._dirty)
-        if running_tags is not None:
-            unacked -= running_tags()
+        worker = self.worker
+        if worker is not None:
+            unacked -= worker.running_tags()
         return 0 if unacked else free
 
     def _broadcast_only(self, queues) -> bool:
@@ -265,19 +228,19 @@ class Channel(virtual.Channel):
     def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
         self._maybe_dispatch_due()
         proc = self.process
-        proc.channels.add(self)
+        proc.claiming(self)
         process_id = proc.ensure_registered()
         store = self.store
         # Idle SQLite polls stay reads; only pending acks need the write lock.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
         if not store.dialect.skip_locked and not busy and not store.read(queries.has_ready, store.t, store.dialect, queues=queues):
-            if proc.has_pending_writes:
-                proc.flush()
+            if proc.acks.has_pending_writes:
+                proc.acks.flush()
             return []
 
         # One transaction: the acks since the last loop, then the next batch.
-        claimed = proc.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
+        claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
         self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
         messages = []
         finished_no_ack = []
@@ -310,22 +273,13 @@ class Channel(virtual.Channel):
             self.store.q("fail", job_id=job.job_id, process_id=process_id,
                          error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
             return None
-        # Every delivery gets its own tag: the stored one was minted at publish
-        # and would repeat on redelivery.
-        props["delivery_tag"] = uuid()
-        info = props.setdefault("delivery_info", {})
-        info["sqlq_job_id"] = job.job_id
-        info["redelivered"] = job.deliveries > 1
-        payload["redelivered"] = job.deliveries > 1
-        return payload
+        return for_delivery(payload, job.job_id, job.deliveries)
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
         if now - self._last_dispatch >= self.options.dispatch_interval:
             self._last_dispatch = now
-            while self.store.q("dispatch_due", now=utcnow(), limit=self.options.clear_batch_size) \
-                    >= self.options.clear_batch_size:
-                pass
+            maintenance.promote_due(self.store)
 
     # ------------------------------------------------------------------ ack / reject / restore
 
@@ -333,9 +287,7 @@ class Channel(virtual.Channel):
         """The claim delivered under ``tag``: this channel's, or one a closed channel handed over."""
         claim = self._claims.pop(tag, None)
         if claim is None:
-            claim = self.process.adopted.pop(tag, None)
-            if claim is not None:
-                claim = claim[:2]
+            claim = self.process.acks.take_adopted(tag)
         return claim
 
     def _on_ack(self, tag: str) -> None:
@@ -343,14 +295,15 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        if running_tags is not None and tag in running_tags():
+        worker, acks = self.worker, self.process.acks
+        if worker is not None and tag in worker.running_tags():
             # Celery's default early ack: the task is starting, not done.
-            self.process.started(tag, job_id, process_id)
-        elif self.process.managed:
-            # A worker's main loop records finishes in batches (drain_events).
-            self.process.finish_later(job_id, process_id)
+            acks.started(tag, job_id, process_id)
+        elif worker is not None:
+            # A worker's main loop records finishes in batches (with its next claim).
+            acks.finish_later(job_id, process_id)
         else:
-            self.process.finish(job_id, process_id)
+            acks.finish(job_id, process_id)
 
     def wake(self) -> None:
         """A prefetch slot came free: let a waiting drain_events claim again at once."""
@@ -363,9 +316,10 @@ class Channel(virtual.Channel):
 
     def finish_completed(self) -> None:
         """Queue finishes for early-acked jobs whose task is no longer running."""
-        if worker_terminating is not None and worker_terminating():
+        worker = self.worker
+        if worker is not None and worker.terminating():
             return
-        self.process.finish_completed(running_tags() if running_tags is not None else set())
+        self.process.acks.finish_completed(worker.running_tags() if worker is not None else set())
 
     def _release(self, tag: str) -> None:
         claim = self._take_claim(tag)
@@ -377,7 +331,7 @@ class Channel(virtual.Channel):
                 log.warning("could not release job %s: this process no longer holds it", job_id)
         except sa_exc.SQLAlchemyError as exc:
             log.warning("release of job %s failed (%s); retrying from the heartbeat thread", job_id, exc)
-            self.process.defer_release(job_id, process_id)
+            self.process.acks.defer_release(job_id, process_id)
 
     def _dead_letter(self, tag: str) -> None:
         claim = self._take_claim(tag)
@@ -398,7 +352,7 @@ class Channel(virtual.Channel):
           "accepted" the worker has not read yet, still looks unacked here.
 
         Releasing it now would let another worker run it a second time.  The
-        claim is handed to ``process.adopted`` instead: a later ack records it
+        claim is handed to the process's ack buffer (``adopt``): a later ack records it
         (Celery reads the pool's last messages as the pool drains), and what
         never started is released by deregistration (``lifecycle`` step 5), or
         by ``reconcile`` after its grace period if the process lives on.
@@ -407,7 +361,7 @@ class Channel(virtual.Channel):
         if self.process.managed:
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
-                self.process.adopted[message.delivery_tag] = (*claim, monotonic())
+                self.process.acks.adopt(message.delivery_tag, claim)
             return
         self._release(message.delivery_tag)
 
@@ -515,43 +469,27 @@ class Transport(virtual.Transport):
         super().close_connection(connection)
 
     def drain_events(self, connection, timeout=None):
-        """Claim and deliver; between empty polls, wait for whichever can change that.
-
-        * too few prefetch slots are free (``_claim_limit``): wait for an ack
-          (``_wake``) rather than the polling interval, or a busy worker idles
-          a slot per poll;
-        * slots are free but the queues are empty: wait for NOTIFY (PostgreSQL)
-          or the polling interval.
-        """
+        """Celery's blocking loop: claim rounds until one delivers; between empty rounds, wait for
+        whichever can change that (an ack, or NOTIFY or the poll: ``claim_round.wait_for_work``)."""
         start = monotonic()
         interval = self.options.polling_interval
         waiter = None
         while True:
             self._wake.clear()
-            if self.channels:     # (every channel of a connection shares one process)
-                self.channels[0].finish_completed()
-            try:
-                self.cycle.get(self._deliver, timeout=timeout)
+            round_ = claim_round(self, "loop", self._deliver_batch)
+            if round_.claimed:
                 return
-            except Empty:
-                pass
             remaining = None if timeout is None else timeout - (monotonic() - start)
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError
             wait = interval if remaining is None else min(interval, remaining)
             if waiter is None and self.channels:
                 waiter = waiter_for(self.channels[0].store)
-            # (Broadcast-only channels, such as remote control, never hold a slot.)
-            claimable = [ch for ch in self.channels if ch._consumers and not ch._broadcast_only(ch._active_queues)]
-            self._wait_for_work(waiter, any(ch._claim_limit() > 0 for ch in claimable),
-                                claimable[0].process if claimable else None, wait)
+            acks = round_.channels[0].process.acks if round_.channels else None
+            wait_for_work(self._wake, waiter, round_.slots_free, acks, wait)
 
-    def _wait_for_work(self, waiter, slots_free: bool, process, wait: float) -> None:
-        """Between empty polls (both loops): with prefetch slots free, wait for
-        NOTIFY or the poll; with none, for an ack (``_wake``).  Acks that no
-        claim carries meanwhile are written by the writer thread (``loop_away``)."""
-        with process.loop_away() if process is not None else contextlib.nullcontext():
-            if waiter is not None and slots_free:
-                waiter.wait(wait)
-            else:
-                self._wake.wait(wait)
+    def _deliver_batch(self, channel: Channel, messages: Messages) -> None:
+        log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
+        with channel.process.acks.loop_away():
+            for payload, queue in messages:
+                self._deliver(payload, queue)

@@ -192,9 +192,9 @@ def test_the_same_job_claimed_again_under_a_new_id_is_not_finished_by_the_old_de
     new = lp.id
     assert new not in (None, old)
     assert claim(store, new) == [job]          # redelivered to the same OS process
-    assert not lp.finish(job, old)             # the old delivery completes: fenced
+    assert not lp.acks.finish(job, old)        # the old delivery completes: fenced
     assert job_states(store) == {job: "claimed"}
-    assert lp.finish(job, new)
+    assert lp.acks.finish(job, new)
     assert job_states(store) == {job: "finished"}
     lp.deregister()
 
@@ -205,14 +205,14 @@ def test_early_acked_jobs_are_finished_under_the_id_they_were_claimed_with(store
     lp.stop()
     [job] = enqueue(store)
     claim(store, first)
-    lp.started("tag-1", job)
-    assert lp.running_jobs == [job]
+    lp.acks.started("tag-1", job)
+    assert lp.acks.running_jobs == [job]
     set_heartbeat_age(store, first, 10)
     pruner.prune(store)                        # acked: failed
     assert not lp.beat() and lp.id != first
-    lp.finish_completed(running=set())         # the task returns: must not finish
+    lp.acks.finish_completed(running=set())    # the task returns: must not finish
     assert job_states(store) == {job: "failed"}
-    assert lp.running_jobs == []
+    assert lp.acks.running_jobs == []
     lp.deregister()
 
 
@@ -315,7 +315,7 @@ def test_deregister_gives_back_claims_and_deletes_the_row_together(store):
     pid = lp.register()
     early, late = enqueue(store, 2)
     claim(store, pid, 2)
-    lp.started("t1", early)
+    lp.acks.started("t1", early)
     lp.stop()
     lp.deregister(reason="WorkerShutdownError: cold")
     assert process_ids(store) == set()

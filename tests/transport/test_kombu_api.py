@@ -191,8 +191,7 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
     """Fewer, larger claim transactions: with deliveries still waiting to start, a claim waits
     until half the prefetch is free; deliveries already running (acks_late) are not waiting."""
     from kombu import Consumer
-    from celery_sqlbackend import transport
-    monkeypatch.setattr(transport, "running_tags", None)
+    from celery_sqlbackend.worker_hooks import WorkerHooks
     _publish(conn, n=20)
     got = []
     consumer = Consumer(conn.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(m)], accept=["json"])
@@ -212,7 +211,10 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
         assert len(got) == 6
         got[2].ack()                         # one free; the other three are running, none waiting
         running = {m.delivery_tag for m in got[3:6]}
-        monkeypatch.setattr(transport, "running_tags", lambda: running)
+        # What a Celery worker would tell the channel (``lifecycle``): these three are running.
+        monkeypatch.setattr(consumer.channel.process, "worker",
+                            WorkerHooks(running_tags=lambda: running, stopping=lambda: False,
+                                        terminating=lambda: False))
         conn.drain_events(timeout=2)
         assert len(got) == 7
     assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)]

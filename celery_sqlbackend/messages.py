@@ -1,0 +1,63 @@
+"""A kombu message as the store keeps it, and as a delivery hands it back.
+
+Why apart from the channel: what a message *means* to the store (when it is
+due, when it expires) and what a redelivery must change in it (a fresh
+delivery tag, the ``redelivered`` flag) are rules about the message, true
+whichever loop claims it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from kombu.utils.uuid import uuid
+
+from . import fanout
+
+
+def utc_naive(value: str | None) -> datetime | None:
+    """An ISO timestamp from a Celery header as naive UTC (the store's time), or None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The columns a published message fills besides its queue and priority."""
+    payload: str
+    task_name: str | None
+    task_id: str | None
+    eta: datetime | None           # Celery's ETA/countdown: stored as a scheduled execution
+    expires_at: datetime | None    # Celery's ``expires``, else the AMQP ``expiration`` property
+
+
+def to_store(message: dict[str, Any]) -> Stored:
+    headers = message.get("headers") or {}
+    return Stored(
+        payload=json.dumps(message), task_name=headers.get("task"), task_id=headers.get("id"),
+        eta=utc_naive(headers.get("eta")),
+        expires_at=utc_naive(headers.get("expires")) or fanout.expiry_of(message))
+
+
+def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int) -> dict[str, Any]:
+    """Mark a decoded stored message for this delivery (in place; returns it).
+
+    Every delivery gets its own tag: the stored one was minted at publish and
+    would repeat on redelivery.
+    """
+    props = payload["properties"]
+    props["delivery_tag"] = uuid()
+    info = props.setdefault("delivery_info", {})
+    info["sqlq_job_id"] = job_id
+    info["redelivered"] = deliveries > 1
+    payload["redelivered"] = deliveries > 1
+    return payload
