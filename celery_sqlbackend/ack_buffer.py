@@ -24,7 +24,7 @@ from typing import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .store import Store, queries, utcnow
+from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.processes")
 
@@ -131,7 +131,7 @@ class AckBuffer:
         if self.batched:
             self._to_mark.append((job_id, process_id))
             self._wake_writer_if_loop_away()
-        elif not self.store.q("mark_acked", job_id=job_id, process_id=process_id, now=utcnow()):
+        elif not self.store.claims.mark_acked(job_id=job_id, process_id=process_id, now=utcnow()):
             log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
                       "here anyway and will not be marked finished", job_id, self._name(), process_id)
 
@@ -140,7 +140,7 @@ class AckBuffer:
         process_id = self._default(process_id)
         keep = self.store.options.keep_finished > 0
         try:
-            done = self.store.q("finish", job_id=job_id, process_id=process_id, now=utcnow(), keep=keep)
+            done = self.store.claims.finish(job_id=job_id, process_id=process_id, now=utcnow(), keep=keep)
         except SQLAlchemyError as exc:
             # The database is away: the job did finish, so keep trying from the
             # heartbeat thread rather than leaving it claimed forever.
@@ -181,7 +181,7 @@ class AckBuffer:
     def flush(self, claim: dict | None = None) -> list:
         """Write the queued started-marks and finishes in one transaction, with the next claim if asked.
 
-        The claim loop passes its claim (``queries.claim``'s ``queues``,
+        The claim loop passes its claim (``store.claims.claim``'s ``queues``,
         ``limit`` and ``process_id``), so that a busy worker writes once per
         loop for everything: the acks since the last loop and the next batch
         of jobs.  On PostgreSQL that is one statement, sent without BEGIN and
@@ -190,18 +190,14 @@ class AckBuffer:
         marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
         if not marks and not finishes and claim is None:
             return []
-        store = self.store
-        keep = store.options.keep_finished > 0
-        t, d = store.t, store.dialect
-
-        def write(conn):
-            if claim is None:
-                return queries.record_acks(conn, t, d, marks=marks, finishes=finishes, now=utcnow(), keep=keep), []
-            return queries.acks_and_claim(conn, t, d, marks=marks, finishes=finishes, keep=keep, now=utcnow(),
-                                          **claim)
-
+        claims = self.store.claims
+        keep = self.store.options.keep_finished > 0
         try:
-            done, claimed = store.run(write, single=queries.one_statement(d, marks, finishes))
+            if claim is None:
+                done, claimed = claims.record_acks(marks=marks, finishes=finishes, now=utcnow(), keep=keep), []
+            else:
+                done, claimed = claims.acks_and_claim(marks=marks, finishes=finishes, keep=keep, now=utcnow(),
+                                                      **claim)
         except SQLAlchemyError as exc:
             if marks or finishes:
                 log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
@@ -232,7 +228,7 @@ class AckBuffer:
                 self.finish(job_id, process_id)   # re-defers itself if the database is still away
             else:
                 # Fenced like every release: a no-op if a pruner took the claim meanwhile.
-                self.store.q("release", job_id=job_id, process_id=process_id, now=utcnow())
+                self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow())
                 self._deferred.pop(job_id, None)
 
     def adopt(self, tag: str, claim: Claim) -> None:

@@ -39,7 +39,7 @@ def promote_due(store: Store) -> int:
     batch = store.options.clear_batch_size
     total = 0
     while True:
-        n = store.q("dispatch_due", now=utcnow(), limit=batch)
+        n = store.executions.dispatch_due(now=utcnow(), limit=batch)
         total += n
         if n < batch:
             return total
@@ -51,7 +51,7 @@ def clear_finished(store: Store, before: datetime, *, batch_size: int | None = N
     batch = batch_size or store.options.clear_batch_size
     total = batches = 0
     while max_batches is None or batches < max_batches:
-        n = store.q("clear_finished", before=before, limit=batch)
+        n = store.jobs.clear_finished(before=before, limit=batch)
         batches += 1
         total += n
         if on_progress and n:

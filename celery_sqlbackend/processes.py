@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import pruner
 from .ack_buffer import AckBuffer
 from .maintenance import Maintenance
-from .store import Store, queries, utcnow
+from .store import Store, utcnow
 from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.processes")
@@ -99,8 +99,8 @@ class LocalProcess:
         return self.id
 
     def _insert_row(self) -> int:
-        return self.store.q(
-            "register_process", kind=self.kind, name=self.name, hostname=socket.gethostname(),
+        return self.store.processes.register(
+            kind=self.kind, name=self.name, hostname=socket.gethostname(),
             pid=self.pid, pool=self.pool, concurrency=self.concurrency,
             queues=json.dumps(self.queues), now=utcnow())
 
@@ -115,7 +115,7 @@ class LocalProcess:
     def update_queues(self, queues: Iterable[str]) -> None:
         self.queues = sorted(set(self.queues) | set(queues))
         if self.id is not None:
-            self.store.q("update_process", process_id=self.id, queues=json.dumps(self.queues))
+            self.store.processes.set_queues(process_id=self.id, queues=json.dumps(self.queues))
 
     def stop(self) -> None:
         """Stop heartbeating (and the ack writer): call only when this process holds no running job."""
@@ -176,7 +176,7 @@ class LocalProcess:
             return False
         try:
             # One statement: on PostgreSQL one round trip, on this thread's own connection.
-            alive = self.store.q("heartbeat", process_id=process_id, now=utcnow(), single=True)
+            alive = self.store.processes.heartbeat(process_id=process_id, now=utcnow())
         except Exception as exc:  # never let a DB hiccup kill the thread
             self.last_beat_error = exc
             log.warning("heartbeat of %s failed (%s); retrying in %gs", self.name, exc,
@@ -225,8 +225,7 @@ class LocalProcess:
         """
         if self.id is None:
             return []
-        held = set(self.store.read(queries.claims_of, self.store.t, process_id=self.id,
-                                   before=utcnow() - timedelta(seconds=grace)))
+        held = set(self.store.claims.held_since(process_id=self.id, before=utcnow() - timedelta(seconds=grace)))
         if not held:
             return []
         # Channels first: a claim moves from a channel to the ack buffer, never back.
@@ -236,7 +235,7 @@ class LocalProcess:
         known |= self.acks.known_job_ids(grace)
         lost = sorted(held - known)
         for job_id in lost:
-            self.store.q("release", job_id=job_id, process_id=self.id, now=utcnow())
+            self.store.claims.release(job_id=job_id, process_id=self.id, now=utcnow())
         if lost:
             log.warning("released %d job(s) claimed by %s that it never received (a claim whose reply "
                         "was lost): %s", len(lost), self.name, lost)

@@ -11,17 +11,18 @@ are deleted and each job is
   early-ack task), because running it again could repeat its side effects;
 
 and the process row is deleted.  Because finishing a job deletes the very
-same claim row (``queries.finish``), a pruned job can never also be marked
+same claim row (``store.claims.finish``), a pruned job can never also be marked
 finished: whichever transaction deletes the claim first wins.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 
-from .errors import ProcessPrunedError
-from .store import Store, queries, utcnow
+from .errors import ProcessMissingError, ProcessPrunedError, WorkerShutdownError
+from .store import Store, utcnow
+from .store.processes import dead, delete_process as delete_process_row, recover, take_claims
 
 log = logging.getLogger("celery_sqlbackend.pruner")
 
@@ -42,8 +43,7 @@ def prune(store: Store, exclude: int | None = None) -> PruneReport:
     cutoff = utcnow() - timedelta(seconds=store.options.alive_threshold)
     # The common case is "nobody is dead": find that out with a read, so that on
     # SQLite a live worker's routine check never takes the write lock.
-    if not store.read(queries.dead_processes, store.t, replace(store.dialect, skip_locked=False),
-                      cutoff=cutoff, exclude=exclude):
+    if not store.processes.any_dead(cutoff=cutoff, exclude=exclude):
         return report
     while True:
         pruned = store.run(_prune_one, store, cutoff, exclude)
@@ -59,30 +59,30 @@ def prune(store: Store, exclude: int | None = None) -> PruneReport:
 
 def _prune_one(conn, store: Store, cutoff, exclude):
     t, d = store.t, store.dialect
-    dead = queries.dead_processes(conn, t, d, cutoff=cutoff, exclude=exclude)
-    if not dead:
+    found = dead(conn, t, d, cutoff=cutoff, exclude=exclude)
+    if not found:
         return None
-    proc = dead[0]
+    proc = found[0]
     name = f"{proc.name} (pid {proc.pid} on {proc.hostname}, process id {proc.id})"
     error = (f"{ProcessPrunedError.__name__}: process {name} was pruned: last heartbeat at "
              f"{proc.last_heartbeat_at.isoformat()}Z is older than alive_threshold "
              f"({store.options.alive_threshold:g}s)")
-    orphans = queries.take_claims(conn, t, d, process_ids=[proc.id])
-    released, failed = queries.recover(
+    orphans = take_claims(conn, t, d, process_ids=[proc.id])
+    released, failed = recover(
         conn, t, d, orphans=orphans, max_releases=store.options.max_releases,
         error_class=ProcessPrunedError.__name__, error=error, now=utcnow())
-    queries.delete_process(conn, t, process_id=proc.id)
+    delete_process_row(conn, t, process_id=proc.id)
     return name, released, failed
 
 
 def sweep_orphans(store: Store) -> PruneReport:
     """Recover claims whose process row no longer exists (a crash between steps)."""
     def _sweep(conn):
-        orphans = queries.take_claims(conn, store.t, store.dialect, process_ids=None)
-        return queries.recover(conn, store.t, store.dialect, orphans=orphans,
+        orphans = take_claims(conn, store.t, store.dialect, process_ids=None)
+        return recover(conn, store.t, store.dialect, orphans=orphans,
                                max_releases=store.options.max_releases,
-                               error_class="ProcessMissingError",
-                               error="ProcessMissingError: the job was claimed by a process that is no "
+                               error_class=ProcessMissingError.__name__,
+                               error=f"{ProcessMissingError.__name__}: the job was claimed by a process that is no "
                                      "longer registered", now=utcnow())
     released, failed = store.run(_sweep)
     if released or failed:
@@ -100,11 +100,11 @@ def release_own_claims(store: Store, process_id: int, reason: str,
     claim can ever name a process that is no longer registered.
     """
     def _release(conn):
-        orphans = queries.take_claims(conn, store.t, store.dialect, process_ids=[process_id])
-        result = queries.recover(conn, store.t, store.dialect, orphans=orphans,
+        orphans = take_claims(conn, store.t, store.dialect, process_ids=[process_id])
+        result = recover(conn, store.t, store.dialect, orphans=orphans,
                                  max_releases=None,
-                                 error_class="WorkerShutdownError", error=reason, now=utcnow())
+                                 error_class=WorkerShutdownError.__name__, error=reason, now=utcnow())
         if delete_process:
-            queries.delete_process(conn, store.t, process_id=process_id)
+            delete_process_row(conn, store.t, process_id=process_id)
         return result
     return store.run(_release)

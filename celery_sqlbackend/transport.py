@@ -56,13 +56,13 @@ from sqlalchemy import exc as sa_exc
 
 from . import fanout, maintenance
 from .claim_round import Messages, claim_round, wait_for_work
-from .errors import UndecodableMessageError
+from .errors import RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options
 from .processes import LocalProcess, local_process
-from .store import Store, queries, store_for, utcnow
+from .store import Store, store_for, utcnow
 from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.transport")
@@ -136,8 +136,8 @@ class Channel(virtual.Channel):
 
     def _put(self, queue, message, **kwargs):
         stored = to_store(message)
-        self.store.q(
-            "enqueue", queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
+        self.store.jobs.enqueue(
+            queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
             priority=self._get_message_priority(message), now=utcnow(), eta=stored.eta,
             expires_at=stored.expires_at,
         )
@@ -234,7 +234,7 @@ class Channel(virtual.Channel):
         # Idle SQLite polls stay reads; only pending acks need the write lock.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.read(queries.has_ready, store.t, store.dialect, queues=queues):
+        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
@@ -255,8 +255,8 @@ class Channel(virtual.Channel):
                 self._claims[tag] = (job.job_id, process_id)
             messages.append((payload, job.queue_name))
         if finished_no_ack:   # broadcasts: delivered is done; one transaction for all
-            self.store.q("finish_many", claims=[(job_id, process_id) for job_id in finished_no_ack],
-                         now=utcnow(), keep=False)
+            self.store.claims.finish_many(claims=[(job_id, process_id) for job_id in finished_no_ack],
+                                          now=utcnow(), keep=False)
         return messages
 
     def _decode(self, job, process_id: int) -> dict | None:
@@ -270,8 +270,8 @@ class Channel(virtual.Channel):
                       f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
                       "it was moved to failed and the worker went on")
             log.error(reason)
-            self.store.q("fail", job_id=job.job_id, process_id=process_id,
-                         error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
             return None
         return for_delivery(payload, job.job_id, job.deliveries)
 
@@ -327,7 +327,7 @@ class Channel(virtual.Channel):
             return
         job_id, process_id = claim
         try:
-            if not self.store.q("release", job_id=job_id, process_id=process_id, now=utcnow()):
+            if not self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow()):
                 log.warning("could not release job %s: this process no longer holds it", job_id)
         except sa_exc.SQLAlchemyError as exc:
             log.warning("release of job %s failed (%s); retrying from the heartbeat thread", job_id, exc)
@@ -338,9 +338,9 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.q("fail", job_id=job_id, process_id=process_id, error_class="RejectedError",
-                     error="RejectedError: the consumer rejected the message without requeue "
-                           "(unregistered task, or Reject(requeue=False))", now=utcnow())
+        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
+                               error=f"{RejectedError.__name__}: the consumer rejected the message without "
+                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
@@ -371,10 +371,10 @@ class Channel(virtual.Channel):
     # ------------------------------------------------------------------ queues
 
     def _purge(self, queue):
-        return self.store.q("purge", queue=queue)
+        return self.store.queues.purge(queue)
 
     def _size(self, queue):
-        return self.store.q("ready_count", queue=queue)
+        return self.store.executions.ready_count(queue)
 
     def _new_queue(self, queue, **kwargs):
         fanout.declared(self, queue, kwargs)

@@ -357,17 +357,18 @@ def test_a_failed_beat_is_retried_and_leaves_nothing_behind(store, monkeypatch):
     lp = LocalProcess(store)
     pid = lp.register()
     lp.stop()
-    real_q = store.q
+    gateway = type(store.processes)
+    real_beat = gateway.heartbeat
     calls = {"n": 0}
 
-    def flaky(statement, /, **kw):
-        if statement == "heartbeat" and calls["n"] == 0:
+    def flaky(self, **kw):
+        if calls["n"] == 0:
             calls["n"] += 1
             from sqlalchemy.exc import OperationalError
             raise OperationalError("UPDATE", {}, Exception("database is away"))
-        return real_q(statement, **kw)
+        return real_beat(self, **kw)
 
-    monkeypatch.setattr(store, "q", flaky)
+    monkeypatch.setattr(gateway, "heartbeat", flaky)
     assert not lp.beat()
     assert lp.id == pid and lp.last_beat_error is not None
     assert lp.beat() and lp.id == pid
