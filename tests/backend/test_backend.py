@@ -126,7 +126,7 @@ def test_compression(backend_db):
     app = make(backend_db[1], result_compression="zlib")
     t = tid()
     app.backend.store_result(t, "x" * 10000, states.SUCCESS)
-    row = app.backend._db(__import__("celery_sqlbackend.store.results", fromlist=["x"]).get_result, task_id=t)
+    row = app.backend.store.results.get(t)
     assert len(bytes(row.payload)) < 1000
     assert make(backend_db[1]).AsyncResult(t).get(timeout=1) == "x" * 10000
 

@@ -71,7 +71,7 @@ def test_get_results_only_ready_in_one_query(store):
             statements.append(statement)
     event.listen(store.engine, "before_cursor_execute", count)
     try:
-        rows = store.results.get_many(task_ids=ready + [started, tid()], read_only=True)
+        rows = store.results.get_many(task_ids=ready + [started, tid()])
     finally:
         event.remove(store.engine, "before_cursor_execute", count)
     assert {r.task_id for r in rows} == set(ready)
