@@ -414,8 +414,12 @@ def iterative_jobs(conn: Connection, t: Tables, *, states: Sequence[str] | None,
             counters = json.loads(r.counters or "{}")
         except ValueError:
             counters = {}
+        seconds = float(counters.get("total_time") or 0.0)
+        if not seconds and r.started_at is not None:
+            # A first run adds its time to total_time only when it stops: until then, its age.
+            seconds = max(0.0, (r.updated_at - r.started_at).total_seconds())
         out.append(IterativeRow(r.task_id, r.task_name, r.state, int(r.iterations or 0), r.total, r.cursor,
-                                float(counters.get("total_time") or 0.0), int(counters.get("times_interrupted") or 0),
+                                seconds, int(counters.get("times_interrupted") or 0),
                                 r.error, r.started_at, r.updated_at))
     return out
 

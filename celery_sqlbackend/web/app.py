@@ -74,7 +74,8 @@ def create_app(source: Any, *, read_only: bool = False, token: str | None = None
     app = Starlette(routes=routes, middleware=[Middleware(Guard)],
                     exception_handlers={HTTPException: _http_error})
     app.state.dashboard = Dashboard(store=store, settings=options, templates=_templates(),
-                                    reads=DashboardReads(store), bulk=BulkRuns())
+                                    reads=DashboardReads(store), bulk=BulkRuns(),
+                                    areas=[m.AREA for m in PAGE_MODULES if hasattr(m, "AREA")])
     return app
 
 

@@ -1,10 +1,10 @@
 """The navigation: one area (a page and its actions) per feature, shown when the feature exists.
 
-Why a registry: recurring tasks, concurrency limits and unique jobs land
-later, each in its own page module.  Such a module defines ``AREA`` (with an
+Why areas: recurring tasks, concurrency limits and unique jobs land later,
+each in its own page module.  Such a module defines ``AREA`` (with an
 ``available`` check, e.g. "the recurring tasks table exists") and ``routes``,
-and is listed in ``PAGE_MODULES`` of :mod:`.app`; the nav shows it only
-where ``available`` says so.
+and is listed in ``PAGE_MODULES`` of :mod:`.app`, whose order is the nav's;
+the nav shows an area only where ``available`` says so.
 """
 from __future__ import annotations
 
@@ -27,15 +27,6 @@ class Area:
     available: Callable[["Dashboard"], bool] = always
 
 
-_AREAS: list[Area] = []
-
-
-def register(area: Area) -> Area:
-    if all(a.key != area.key for a in _AREAS):
-        _AREAS.append(area)
-    return area
-
-
 def nav(dashboard: "Dashboard") -> list[Area]:
-    """The areas to link to on this dashboard, in registration order."""
-    return [a for a in _AREAS if a.available is always or dashboard.available(a.key, a.available)]
+    """The areas to link to on this dashboard, in ``PAGE_MODULES`` order."""
+    return [a for a in dashboard.areas if a.available is always or dashboard.available(a.key, a.available)]

@@ -1,7 +1,8 @@
 """``celery -A proj sqlq web``: serve the dashboard with uvicorn.
 
-The socket is bound before the address is printed, so that ``--port 0``
-prints the port the system chose (tests and scripts read it from stdout).
+The socket is bound and listening before the address is printed, so that
+``--port 0`` prints the port the system chose and a client may connect at
+once (tests and scripts read the address from stdout).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def web(ctx, host: str, port: int, read_only: bool, log_level: str) -> None:
         sock.bind((host, port))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)        # connections wait in the backlog from the moment the address is printed
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     notes = [n for n, on in (("read-only", read_only), (f"token from {TOKEN_ENV}", bool(os.environ.get(TOKEN_ENV))))

@@ -48,6 +48,8 @@ class Dashboard:
     templates: Jinja2Templates
     reads: DashboardReads
     bulk: BulkRuns
+    #: The nav's areas, in order (see :mod:`.areas`).
+    areas: list = field(default_factory=list)
     #: Cached availability of optional areas: key -> (checked at, available).
     _available: dict[str, tuple[float, bool]] = field(default_factory=dict)
 

@@ -7,12 +7,12 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ... import admin
-from ..areas import Area, register
+from ..areas import Area
 from ..context import dashboard_of
 from ..security import checked_form
 from .common import int_param, redirect, text_param
 
-AREA = register(Area("failed", "Failed", "/failed"))
+AREA = Area("failed", "Failed", "/failed")
 FILTERS = ("queue", "task_name", "error_class")
 ACTIONS = {"retry": (admin.retry_failed, admin.retry_failed_all),
            "discard": (admin.discard_failed, admin.discard_failed_all)}

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Route
 
-from ..areas import Area, register
+from ..areas import Area
 from ..context import Dashboard, dashboard_of
 from .common import refresh_param, text_param
 
@@ -21,7 +21,7 @@ def _available(dash: Dashboard) -> bool:
     return dash.reads.has_checkpoints()
 
 
-AREA = register(Area("iterative", "Iterative jobs", "/iterative", available=_available))
+AREA = Area("iterative", "Iterative jobs", "/iterative", available=_available)
 
 
 def iterative_page(request: Request):

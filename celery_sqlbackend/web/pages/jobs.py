@@ -18,11 +18,11 @@ from starlette.routing import Route
 
 from ... import admin
 from ...store.dashboard import STATES, JobFilter, JobPage
-from ..areas import Area, register
+from ..areas import Area
 from ..context import Dashboard, dashboard_of
 from .common import int_param, refresh_param, text_param, time_param
 
-AREA = register(Area("jobs", "Jobs", "/jobs"))
+AREA = Area("jobs", "Jobs", "/jobs")
 
 
 def search(dash: Dashboard, flt: JobFilter, before: int | None) -> JobPage:

@@ -6,12 +6,12 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ... import admin
-from ..areas import Area, register
+from ..areas import Area
 from ..context import dashboard_of
 from ..security import checked_form
 from .common import redirect, refresh_param, text_param
 
-AREA = register(Area("processes", "Processes", "/processes"))
+AREA = Area("processes", "Processes", "/processes")
 
 
 def processes_page(request: Request):

@@ -7,12 +7,12 @@ from starlette.routing import Route
 
 from ... import admin
 from ...store import utcnow
-from ..areas import Area, register
+from ..areas import Area
 from ..context import dashboard_of
 from ..security import checked_form
 from .common import redirect, refresh_param
 
-AREA = register(Area("queues", "Queues", "/queues"))
+AREA = Area("queues", "Queues", "/queues")
 
 
 def queues_page(request: Request):

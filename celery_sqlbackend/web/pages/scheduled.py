@@ -7,11 +7,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Route
 
-from ..areas import Area, register
+from ..areas import Area
 from ..context import dashboard_of
 from .common import text_param
 
-AREA = register(Area("scheduled", "Scheduled", "/scheduled"))
+AREA = Area("scheduled", "Scheduled", "/scheduled")
 
 
 def _after(request: Request) -> tuple[datetime, int] | None:
