@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 from sqlalchemy import inspect, text
 
 from . import failed as _failed
-from . import fanout, pruner
+from . import maintenance
 from .failed import FailedJob, store_for_app
 from .options import Options
 from .store import Store, utcnow
@@ -177,23 +177,13 @@ def clear_queue(store: Store, queue: str) -> int:
 
 # --------------------------------------------------------------------------- maintenance
 
-@dataclass
-class PruneResult:
-    processes: list[str]
-    released: list[int]
-    failed: list[int]
-    expired_queues: list[str]
-    dropped_messages: int
+PruneResult = maintenance.PruneResult
 
 
 def prune(store: Store) -> PruneResult:
     """Now, rather than at the next heartbeat: prune dead processes, recover orphaned claims,
     and expire the transient queues of remote control and events nobody reads."""
-    report = pruner.prune(store)
-    orphans = pruner.sweep_orphans(store)
-    maintenance = fanout.maintain(store)
-    return PruneResult(report.processes, report.released + orphans.released, report.failed + orphans.failed,
-                       maintenance.expired_queues, maintenance.dropped_messages)
+    return maintenance.prune_now(store)
 
 
 def _age_cutoff(older_than: timedelta | float | int | datetime) -> datetime:
@@ -214,16 +204,8 @@ def clear_finished(store: Store, older_than: timedelta | float | int | datetime,
                    batch_size: int | None = None, on_progress: Progress = None) -> int:
     """Delete jobs finished more than ``older_than`` ago (seconds, a timedelta, or a naive-UTC datetime),
     ``batch_size`` rows per transaction. Returns how many were deleted."""
-    before = _age_cutoff(older_than)
-    batch = batch_size or store.options.clear_batch_size
-    total = 0
-    while True:
-        n = store.jobs.clear_finished(before=before, limit=batch)
-        total += n
-        if on_progress and n:
-            on_progress(n)
-        if n < batch:
-            return total
+    return maintenance.clear_finished(store, _age_cutoff(older_than), batch_size=batch_size,
+                                      on_progress=on_progress)
 
 
 # --------------------------------------------------------------------------- failed jobs
