@@ -14,6 +14,8 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # as jobs.id
+
 
 def _prefix() -> str:
     return context.config.attributes.get("table_prefix", "sqlq_")
@@ -21,11 +23,14 @@ def _prefix() -> str:
 
 def upgrade() -> None:
     p = _prefix()
+    # A table SQLite's create path made already (a database adopted by ``migrate``) is left alone.
+    if not context.is_offline_mode() and sa.inspect(op.get_bind()).has_table(f"{p}unique_keys"):
+        return
     op.create_table(
         f"{p}unique_keys",
         sa.Column("key", sa.String(255), primary_key=True),
         sa.Column("task_id", sa.String(255), nullable=False),
-        sa.Column("job_id", sa.BigInteger(), sa.ForeignKey(f"{p}jobs.id", ondelete="CASCADE")),
+        sa.Column("job_id", Id, sa.ForeignKey(f"{p}jobs.id", ondelete="CASCADE")),
         sa.Column("held_until", sa.String(16)),
         sa.Column("expires_at", sa.DateTime()),
         sa.Column("created_at", sa.DateTime(), nullable=False),
