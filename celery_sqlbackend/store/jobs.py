@@ -130,7 +130,13 @@ def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob])
         return []
     j = t.jobs
     rows = [job.row() for job in jobs]
-    if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+    if d.embedded:
+        # SQLite: the driver's executemany (no round trips to save); this transaction is
+        # the only writer, so the rows got the next ids in order (max(rowid) + 1 each).
+        conn.execute(insert(j), rows)
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        ids = list(range(last - len(rows) + 1, last + 1))
+    elif conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         # SQLAlchemy's "insertmanyvalues": multi-row INSERT … RETURNING, pages of 1,000 rows.
         ids = list(conn.execute(insert(j).returning(j.c.id, sort_by_parameter_order=True), rows).scalars())
     else:   # (MySQL: no RETURNING)
@@ -140,12 +146,26 @@ def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob])
     scheduled = [{"job_id": i, "queue_name": job.queue, "priority": job.priority, "scheduled_at": job.eta}
                  for i, job in zip(ids, jobs) if job.scheduled]
     if ready:
-        conn.execute(insert(t.ready).values(ready))
+        _insert_rows(conn, d, t.ready, ready)
         for queue in sorted({row["queue_name"] for row in ready}):
             notify_ready(conn, t, d, queue)
     if scheduled:
-        conn.execute(insert(t.scheduled).values(scheduled))
+        _insert_rows(conn, d, t.scheduled, scheduled)
     return ids
+
+
+def _insert_rows(conn: Connection, d: Dialect, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Multi-row INSERTs of ``rows`` from one compiled statement, whatever their number.
+
+    An executemany with RETURNING is what SQLAlchemy sends as pages of
+    multi-row ``INSERT … VALUES (…), (…)`` ("insertmanyvalues"); without it
+    the driver would run one INSERT per row.  (SQLite: the driver's executemany, one
+    prepared statement in this process; MySQL: PyMySQL's, which it sends as multi-row INSERTs.)
+    """
+    if conn.dialect.insert_executemany_returning and not d.embedded:
+        conn.execute(insert(table).returning(table.c.id), rows).close()
+    else:
+        conn.execute(insert(table), rows)
 
 
 def clear_finished(conn: Connection, t: Tables, *, before: datetime, limit: int) -> int:
