@@ -13,6 +13,7 @@ wherever ``celery`` is, and reads the app like Celery's own commands::
     celery -A proj sqlq clear-finished --older-than 1d
     celery -A proj sqlq migrate                  # --sql prints the DDL instead
     celery -A proj sqlq check
+    celery -A proj sqlq recurring list           # add / pause / resume / remove / run-now (cli_recurring)
 
 Every command takes ``--json`` (one JSON document on stdout, for scripts).
 Tables are drawn with rich; bulk operations show a progress bar on a terminal.
@@ -144,8 +145,9 @@ def status(ctx, json_out, held):
     """Queues (ready, scheduled, claimed, failed, latency, paused) and registered processes."""
     store = _store(ctx)
     st = _run(lambda: admin.status(store, held_limit=held))
+    recurring_tasks = _run(lambda: _recurring_tasks(store))
     if json_out:
-        _emit_json(st)
+        _emit_json({**admin.to_dict(st), "recurring": admin.to_dict(recurring_tasks or [])})
         return
     from rich.table import Table
     console = _console()
@@ -179,6 +181,15 @@ def status(ctx, json_out, held):
     console.print(pt)
     if any(h.started for p in st.processes for h in p.held):
         console.print("[dim]* started (acked) and running[/dim]")
+    if recurring_tasks:
+        from .cli_recurring import print_table
+        print_table(recurring_tasks)
+
+
+def _recurring_tasks(store) -> list | None:
+    """The recurring tasks, or None where their table does not exist (a database not migrated yet)."""
+    from . import recurring
+    return recurring.tasks(store) if store.recurring.table_exists() else None
 
 
 # --------------------------------------------------------------------------- failed
@@ -452,3 +463,5 @@ def check(ctx, json_out):
 
 from .web.command import web as _web  # noqa: E402  (the dashboard: its extra is imported only when it runs)
 sqlq.add_command(_web)
+from .cli_recurring import recurring as _recurring  # noqa: E402
+sqlq.add_command(_recurring)

@@ -49,6 +49,7 @@ from .failed import Failed
 from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
+from .recurring import Recurring
 from .results import Results
 from .schema import tables
 
@@ -83,6 +84,7 @@ class Store:
         self.queues = Queues(self)
         self.bindings = Bindings(self)
         self.results = Results(self)
+        self.recurring = Recurring(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"
