@@ -55,10 +55,12 @@ def insert_ignore(conn: Connection, table: Any, d: Dialect, values: dict[str, An
     Never raises on the conflict, so the caller's transaction goes on either way.
     """
     if d.insert_on_conflict is not None:
-        stmt = d.insert_on_conflict(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
-    else:
-        stmt = insert(table).prefix_with("IGNORE").values(**values)
-    return conn.execute(stmt).rowcount == 1
+        # RETURNING, not rowcount: psycopg reports no reliable rowcount for a prepared
+        # ``ON CONFLICT DO NOTHING`` (measured: -1 for an inserted row).
+        stmt = (d.insert_on_conflict(table).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
+                .returning(table.c[conflict[0]]))
+        return conn.execute(stmt).first() is not None
+    return conn.execute(insert(table).prefix_with("IGNORE").values(**values)).rowcount == 1
 
 
 def all_tasks(conn: Connection, t: Tables) -> list[RecurringRow]:

@@ -87,7 +87,8 @@ def job_headers(db_url: str) -> list[dict]:
     """Every job's message headers (the recurring key and slot among them)."""
     out = []
     for (payload,) in rows(db_url, "SELECT payload FROM sqlq_jobs ORDER BY id"):
-        out.append(json.loads(payload)["headers"])
+        message = json.loads(payload)
+        out.append(message.get("headers") or {})
     return out
 
 
