@@ -51,7 +51,7 @@ from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
 from .notify import result_notifier_for
-from .options import Options, from_celery_conf
+from .options import Options, from_celery_conf, sqlq_settings
 from .result_codec import chord_error, compress, compression_method, decompress
 from .store import store_for, utcnow
 from .store.dialects import is_disconnect
@@ -111,7 +111,7 @@ class SQLBackend(BaseBackend):
 
     def _options(self) -> tuple[Options, dict]:
         conf = self.app.conf
-        given: dict[str, Any] = {}
+        given: dict[str, Any] = sqlq_settings(conf)   # ``sqlq_<option>``: every process of the app
         if broker_database_url(conf) == self.db_url:
             given.update(from_celery_conf(conf))
         given.update(conf.result_backend_transport_options or {})
