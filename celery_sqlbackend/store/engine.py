@@ -9,6 +9,13 @@
 * After ``fork()`` the child drops the pool it inherited *without closing*
   the parent's sockets (``dispose(close=False)``), so prefork children can
   publish and store results on connections of their own.
+* Before any ``fork()`` (prefork children, Celery's embedded beat, anything
+  else) the parent closes its idle SQLite connections.  SQLite keeps
+  per-process state for every open database file (its locks and WAL index,
+  each tied to a file descriptor); a child inherits that state, and a child
+  that closes the descriptors it inherited, as the embedded beat does, would
+  find it pointing at closed or reused descriptors ("locking protocol").
+  With no SQLite connection open at the fork, the child starts clean.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -76,6 +84,24 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
     return engine
 
 
+#: How long a fork waits for other threads' SQLite transactions (short, bounded) to end.
+FORK_QUIESCE_SECONDS = 1.0
+
+
+def _before_fork() -> None:
+    # Idle pooled SQLite connections are closed (the next use opens new ones).
+    # One checked out by another thread (the heartbeat's transaction, say) is
+    # waited for, briefly: its SQLite state would be inherited too.
+    sqlite = [e for e in list(_engines.values()) if e.dialect.name == "sqlite"]
+    if not sqlite:
+        return
+    deadline = time.monotonic() + FORK_QUIESCE_SECONDS
+    while any(e.pool.checkedout() for e in sqlite) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    for engine in sqlite:
+        engine.dispose()
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
@@ -84,4 +110,4 @@ def _after_fork_in_child() -> None:
         engine.dispose(close=False)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -13,12 +13,13 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture
 def stack(db_url, tmp_path, monkeypatch):
     """(app module, runs file, env for the worker): ``tests/compat/stackapp.py`` imported on ``db_url``."""
-    env = {"STACK_DB": db_url, "STACK_RUNS": str(tmp_path / "runs.txt"), "STACK_PREFIX": "sqlq_",
-           "STACK_BEAT_FILE": str(tmp_path / "celerybeat-schedule")}
-    yield from _import(env, monkeypatch)
+    yield from import_stackapp(db_url, tmp_path, monkeypatch)
 
 
-def _import(env, monkeypatch):
+def import_stackapp(url, tmp_path, monkeypatch, prefix="sqlq_", **more):
+    """Import ``stackapp`` on ``url`` in this process (the producer); yields (module, runs file, env)."""
+    env = {"STACK_DB": url, "STACK_RUNS": str(tmp_path / "runs.txt"), "STACK_PREFIX": prefix,
+           "STACK_BEAT_FILE": str(tmp_path / "celerybeat-schedule"), **more}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.syspath_prepend(str(HERE))
@@ -34,9 +35,7 @@ def _import(env, monkeypatch):
 @pytest.fixture
 def prefixed_stack(db_url, tmp_path, monkeypatch):
     """``stack`` with the table prefix ``pfx_`` given only as the ``sqlq_table_prefix`` setting."""
-    env = {"STACK_DB": db_url, "STACK_RUNS": str(tmp_path / "runs.txt"), "STACK_PREFIX": "pfx_",
-           "STACK_BEAT_FILE": str(tmp_path / "celerybeat-schedule")}
-    yield from _import(env, monkeypatch)
+    yield from import_stackapp(db_url, tmp_path, monkeypatch, prefix="pfx_")
 
 
 def runs(path: Path) -> list[str]:
