@@ -21,12 +21,15 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+
+from ..errors import ConfigurationError
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -52,7 +55,40 @@ def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite(url, busy_timeout)
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    if parsed.get_backend_name() == "postgresql":
+        parsed = _postgres_driver(parsed)
+    try:
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {parsed.render_as_string(hide_password=True)!r} is not installed "
+            f"({exc}); {_INSTALL_HINT.get(parsed.get_backend_name(), 'install the driver the URL names')}") from None
+
+
+#: What to install, by backend, when the driver of a URL is missing.
+_INSTALL_HINT = {
+    "postgresql": "pip install 'celery-sqlbackend[postgres]' (psycopg 3, URL postgresql+psycopg://) or "
+                  "'celery-sqlbackend[postgres2]' (psycopg2, URL postgresql+psycopg2://)",
+    "mysql": "pip install 'celery-sqlbackend[mysql]' (PyMySQL, URL mysql+pymysql://)",
+}
+
+
+def _postgres_driver(parsed: URL) -> URL:
+    """A plain ``postgresql://`` URL with the PostgreSQL driver that is installed.
+
+    Why: SQLAlchemy's default driver for ``postgresql://`` is psycopg2 up to 2.0
+    and psycopg 3 from 2.1, so the same URL would fail on one or the other
+    depending on the SQLAlchemy release.  An explicit ``+driver`` is kept as written.
+    """
+    if "+" in parsed.drivername:
+        return parsed
+    for driver in ("psycopg", "psycopg2"):
+        try:
+            importlib.import_module(driver)
+        except ImportError:
+            continue
+        return parsed.set(drivername=f"postgresql+{driver}")
+    return parsed
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:

@@ -6,11 +6,13 @@ the worker build the same app:
     STACK_DB         SQLAlchemy URL of the store (broker and results)
     STACK_RUNS       file each task appends one line to (O_APPEND: what ran, and how often)
     STACK_PREFIX     table prefix, given as the ``sqlq_table_prefix`` setting (not as a transport option)
+    STACK_POLL       sqlq_polling_interval (default 0.05 s)
     STACK_BEAT_EVERY if set, beat sends ``stack.record("beat")`` every that many seconds
 """
 from __future__ import annotations
 
 import os
+import time
 
 import celery_sqlbackend  # noqa: F401  (registers the sqlq transport)
 from celery import Celery
@@ -23,7 +25,7 @@ app.conf.update(
     # Settings, the way the README documents them (app.conf.sqlq_<option>), for every process of the app.
     sqlq_table_prefix=os.environ.get("STACK_PREFIX", "sqlq_"),
     sqlq_create_tables=True,
-    sqlq_polling_interval=0.05,
+    sqlq_polling_interval=float(os.environ.get("STACK_POLL", "0.05")),
     sqlq_heartbeat_interval=1.0,
     sqlq_alive_threshold=5.0,
     sqlq_dispatch_interval=0.1,
@@ -47,7 +49,7 @@ def _mark(text: str) -> None:
 
 @app.task(name="stack.record")
 def record(label: str) -> str:
-    _mark(f"{label} {os.getpid()}")
+    _mark(f"{label} {os.getpid()} {time.time():.6f}")
     return label
 
 
