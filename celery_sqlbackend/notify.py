@@ -26,18 +26,17 @@ from .urls import mask
 log = logging.getLogger("celery_sqlbackend.notify")
 
 
-def _dsn(store: Store) -> str:
-    """The store's URL as a libpq connection string (with the password: it is never logged, see ``mask``)."""
-    from psycopg.conninfo import make_conninfo
+def _dsn(store: Store) -> dict[str, str]:
+    """The store's URL as libpq connection parameters, for either driver (with the password: never logged)."""
     url = store.engine.url
     args = url.translate_connect_args(username="user", database="dbname")
-    return make_conninfo("", **{k: str(v) for k, v in {**args, **url.query}.items()})
+    return {k: str(v) for k, v in {**args, **url.query}.items()}
 
 
 class NotifyWaiter:
     """A dedicated autocommit connection LISTENing for ready jobs."""
 
-    def __init__(self, dsn: str, channel: str, driver: str = "psycopg"):
+    def __init__(self, dsn: dict[str, str], channel: str, driver: str = "psycopg"):
         self.dsn = dsn
         self.channel = channel
         self.driver = driver
@@ -109,7 +108,7 @@ class ResultNotifier:
 
     WINDOW = 100_000
 
-    def __init__(self, dsn: str, channel: str, driver: str = "psycopg"):
+    def __init__(self, dsn: dict[str, str], channel: str, driver: str = "psycopg"):
         self.dsn = dsn
         self.channel = channel
         self.driver = driver

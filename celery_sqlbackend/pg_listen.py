@@ -33,9 +33,9 @@ class Listener(Protocol):
 class Psycopg3Listener:
     """An autocommit psycopg 3 connection LISTENing on one channel."""
 
-    def __init__(self, dsn: str, channel: str):
+    def __init__(self, params: dict[str, str], channel: str):
         import psycopg
-        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.conn = psycopg.connect(autocommit=True, **params)
         self.conn.execute(f'LISTEN "{channel}"')   # quoted: the prefix keeps its case
 
     def wait(self, timeout: float) -> list[str]:
@@ -55,9 +55,9 @@ class Psycopg2Listener:
     ``poll()`` reads what arrived, and raises if the connection is gone.
     """
 
-    def __init__(self, dsn: str, channel: str):
+    def __init__(self, params: dict[str, str], channel: str):
         import psycopg2
-        self.conn = psycopg2.connect(dsn)
+        self.conn = psycopg2.connect(**params)
         self.conn.autocommit = True
         with self.conn.cursor() as cur:
             cur.execute(f'LISTEN "{channel}"')
@@ -101,6 +101,6 @@ def listener_driver(store_driver: str) -> str | None:
     return None
 
 
-def listen(driver: str, dsn: str, channel: str) -> Any:
-    """A new LISTENing connection through ``driver`` ("psycopg" or "psycopg2")."""
-    return _CLASSES[driver](dsn, channel)
+def listen(driver: str, params: dict[str, str], channel: str) -> Any:
+    """A new LISTENing connection through ``driver`` ("psycopg" or "psycopg2"); ``params``: libpq's keywords."""
+    return _CLASSES[driver](params, channel)
