@@ -67,3 +67,12 @@ def tsum(values: list[int]) -> int:
 @app.task(name="stack.fail")
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+@app.task(name="stack.wait_for")
+def wait_for(path: str, label: str) -> str:
+    """Runs until ``path`` exists (the test opens the gate), then records ``label``."""
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    _mark(f"{label} {os.getpid()} {time.time():.6f}")
+    return label
