@@ -17,7 +17,8 @@ def register() -> None:
     """Register the ``sqlq`` transport alias with kombu (idempotent)."""
     from kombu.transport import TRANSPORT_ALIASES
     TRANSPORT_ALIASES.setdefault(SCHEME, TRANSPORT)
-    from . import lifecycle
+    from . import green, lifecycle
+    green.prepare_psycopg()
     lifecycle.connect_signals()
 
 

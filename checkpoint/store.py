@@ -335,8 +335,8 @@ def table_prefix_for_app(app: Any) -> str:
     prefix = app.conf.get("checkpoint_table_prefix")
     if prefix:
         return prefix
-    options = app.conf.broker_transport_options or {}
-    return options.get("table_prefix") or DEFAULT_PREFIX
+    from celery_sqlbackend.options import from_celery_conf   # sqlq_table_prefix counts too
+    return from_celery_conf(app.conf).get("table_prefix") or DEFAULT_PREFIX
 
 
 def store_for_app(app: Any) -> CursorStore:

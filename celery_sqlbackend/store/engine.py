@@ -9,16 +9,27 @@
 * After ``fork()`` the child drops the pool it inherited *without closing*
   the parent's sockets (``dispose(close=False)``), so prefork children can
   publish and store results on connections of their own.
+* Before any ``fork()`` (prefork children, Celery's embedded beat, anything
+  else) the parent closes its idle SQLite connections.  SQLite keeps
+  per-process state for every open database file (its locks and WAL index,
+  each tied to a file descriptor); a child inherits that state, and a child
+  that closes the descriptors it inherited, as the embedded beat does, would
+  find it pointing at closed or reused descriptors ("locking protocol").
+  With no SQLite connection open at the fork, the child starts clean.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import threading
+import time
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+
+from ..errors import ConfigurationError
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -44,7 +55,40 @@ def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite(url, busy_timeout)
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    if parsed.get_backend_name() == "postgresql":
+        parsed = _postgres_driver(parsed)
+    try:
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {parsed.render_as_string(hide_password=True)!r} is not installed "
+            f"({exc}); {_INSTALL_HINT.get(parsed.get_backend_name(), 'install the driver the URL names')}") from None
+
+
+#: What to install, by backend, when the driver of a URL is missing.
+_INSTALL_HINT = {
+    "postgresql": "pip install 'celery-sqlbackend[postgres]' (psycopg 3, URL postgresql+psycopg://) or "
+                  "'celery-sqlbackend[postgres2]' (psycopg2, URL postgresql+psycopg2://)",
+    "mysql": "pip install 'celery-sqlbackend[mysql]' (PyMySQL, URL mysql+pymysql://)",
+}
+
+
+def _postgres_driver(parsed: URL) -> URL:
+    """A plain ``postgresql://`` URL with the PostgreSQL driver that is installed.
+
+    Why: SQLAlchemy's default driver for ``postgresql://`` is psycopg2 up to 2.0
+    and psycopg 3 from 2.1, so the same URL would fail on one or the other
+    depending on the SQLAlchemy release.  An explicit ``+driver`` is kept as written.
+    """
+    if "+" in parsed.drivername:
+        return parsed
+    for driver in ("psycopg", "psycopg2"):
+        try:
+            importlib.import_module(driver)
+        except ImportError:
+            continue
+        return parsed.set(drivername=f"postgresql+{driver}")
+    return parsed
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:
@@ -76,6 +120,24 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
     return engine
 
 
+#: How long a fork waits for other threads' SQLite transactions (short, bounded) to end.
+FORK_QUIESCE_SECONDS = 1.0
+
+
+def _before_fork() -> None:
+    # Idle pooled SQLite connections are closed (the next use opens new ones).
+    # One checked out by another thread (the heartbeat's transaction, say) is
+    # waited for, briefly: its SQLite state would be inherited too.
+    sqlite = [e for e in list(_engines.values()) if e.dialect.name == "sqlite"]
+    if not sqlite:
+        return
+    deadline = time.monotonic() + FORK_QUIESCE_SECONDS
+    while any(e.pool.checkedout() for e in sqlite) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    for engine in sqlite:
+        engine.dispose()
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
@@ -84,4 +146,4 @@ def _after_fork_in_child() -> None:
         engine.dispose(close=False)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
