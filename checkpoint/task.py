@@ -90,6 +90,9 @@ class IterativeTask(Task):
             ``max_job_runtime`` re-enqueues without delay.
     """
 
+    #: What :func:`checkpoint.housekeeping.iterative_tasks` recognises iterative tasks by.
+    checkpoint_iterative = True
+
     acks_late = True
     reject_on_worker_lost = True
     max_job_runtime: Optional[float] = None

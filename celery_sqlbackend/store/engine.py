@@ -10,12 +10,14 @@
   the parent's sockets (``dispose(close=False)``), so prefork children can
   publish and store results on connections of their own.
 * Before any ``fork()`` (prefork children, Celery's embedded beat, anything
-  else) the parent closes its idle SQLite connections.  SQLite keeps
+  else) the parent waits until no other thread has a SQLite connection
+  checked out, and closes the idle ones (:mod:`.fork_gate`).  SQLite keeps
   per-process state for every open database file (its locks and WAL index,
-  each tied to a file descriptor); a child inherits that state, and a child
-  that closes the descriptors it inherited, as the embedded beat does, would
-  find it pointing at closed or reused descriptors ("locking protocol").
-  With no SQLite connection open at the fork, the child starts clean.
+  each tied to a file descriptor); a child inherits that state: a write lock
+  another thread held at the fork blocks every write of the child, and a
+  child that closes the descriptors it inherited, as the embedded beat does,
+  would find it pointing at closed or reused descriptors ("locking
+  protocol").  With no SQLite connection open at the fork, the child starts clean.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
@@ -24,12 +26,12 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-import time
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
 from ..errors import ConfigurationError
+from . import fork_gate
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -117,25 +119,7 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    return engine
-
-
-#: How long a fork waits for other threads' SQLite transactions (short, bounded) to end.
-FORK_QUIESCE_SECONDS = 1.0
-
-
-def _before_fork() -> None:
-    # Idle pooled SQLite connections are closed (the next use opens new ones).
-    # One checked out by another thread (the heartbeat's transaction, say) is
-    # waited for, briefly: its SQLite state would be inherited too.
-    sqlite = [e for e in list(_engines.values()) if e.dialect.name == "sqlite"]
-    if not sqlite:
-        return
-    deadline = time.monotonic() + FORK_QUIESCE_SECONDS
-    while any(e.pool.checkedout() for e in sqlite) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    for engine in sqlite:
-        engine.dispose()
+    return fork_gate.guard(engine)
 
 
 def _after_fork_in_child() -> None:
@@ -146,4 +130,4 @@ def _after_fork_in_child() -> None:
         engine.dispose(close=False)
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
