@@ -4,7 +4,8 @@
 statement inside a bounded, retried transaction: a transaction
 that loses a lock race (SQLite busy, PostgreSQL deadlock or serialization
 failure, MySQL 1213) is rolled back and run again with jittered backoff, a
-fixed number of times.  Nothing half-done survives a failed attempt, because
+fixed number of times, and counted (``lock_retries``: DEBUG per retry, a
+WARNING when a minute has many).  Nothing half-done survives a failed attempt, because
 each attempt is its own transaction.
 
 Statements live in one module per table family, as plain functions taking
@@ -42,7 +43,8 @@ from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
 from .claims import Claimed, Claims
-from .dialects import dialect_of, is_retryable
+from . import lock_retries
+from .dialects import dialect_of, retry_cause
 from .engine import READ_ONLY, get_engine
 from .executions import Executions
 from .failed import Failed
@@ -113,11 +115,11 @@ class Store:
             except Exception as exc:
                 if own:
                     self.close_own_connection()
-                if attempt == attempts or not is_retryable(exc):
+                cause = retry_cause(exc)
+                if attempt == attempts or cause is None:
                     raise
                 delay = min(1.0, 0.01 * 2 ** attempt) * (0.5 + random.random())
-                log.debug("transaction %s lost a lock race (%s); retry %d in %.3fs",
-                          getattr(fn, "__name__", fn), exc.__class__.__name__, attempt, delay)
+                lock_retries.record(cause, getattr(fn, "__name__", str(fn)), attempt, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -61,12 +61,7 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     else:
         if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
             return []
-        r = t.ready
-        ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
-        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
-        if rows:
-            conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
-        taken = [(row.job_id, row.queue_name) for row in rows]
+        taken = _take_by_queue(conn, t, d, queues, limit)
     if not taken:
         return []
 
@@ -106,6 +101,42 @@ def _claim_candidates(t: Tables, d: Dialect):
         .limit(bindparam("limit", type_=Integer(), literal_execute=d.server_prepared))
     )
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
+
+
+def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str],
+                   limit: int) -> list[tuple[int, str]]:
+    """Lock the next ready rows one queue at a time, then delete the best ``limit`` by primary key (MySQL).
+
+    Why one queue at a time: InnoDB locks every row a locking read examines,
+    and ``queue_name IN (a, b) ORDER BY priority, job_id`` cannot come out of
+    the poll index in order, so it would read, sort and lock every ready row
+    of those queues (and a second worker's SKIP LOCKED would then find
+    nothing).  ``queue_name = :queue`` walks the index in its own order and
+    stops after ``limit`` rows.  Queues go in name order and rows in index
+    order, the same for every worker, and the rows are deleted by primary key,
+    never by a range (the rule of rails/solid_queue #162, #240).  Rows locked
+    beyond the best ``limit`` (several queues) are let go at commit.  Paused
+    queues are read first, so the locking reads touch no other table.
+    """
+    r, wanted = t.ready, sorted(set(queues))
+    paused = set(conn.execute(prebuilt(t, d, "claim_paused", lambda: select(t.pauses.c.queue_name).where(
+        t.pauses.c.queue_name.in_(bindparam("queues", expanding=True)))), {"queues": wanted}).scalars())
+    stmt = prebuilt(t, d, "claim_queue", lambda: (
+        select(r.c.id, r.c.job_id, r.c.queue_name, r.c.priority)
+        .where(r.c.queue_name == bindparam("queue"))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        .limit(bindparam("limit", type_=Integer()))
+        .with_for_update(skip_locked=d.skip_locked)))
+    rows = []
+    for queue in wanted:
+        if queue not in paused:
+            rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
+    if len(wanted) > 1:
+        rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
+    if rows:
+        conn.execute(prebuilt(t, d, "claim_delete", lambda: delete(r).where(r.c.id.in_(bindparam("ids", expanding=True)))),
+                     {"ids": sorted(row.id for row in rows)})
+    return [(row.job_id, row.queue_name) for row in rows]
 
 
 def _claim_take(t: Tables, d: Dialect):
