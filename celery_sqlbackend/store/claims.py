@@ -115,22 +115,20 @@ def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str
     stops after ``limit`` rows.  Queues go in name order and rows in index
     order, the same for every worker, and the rows are deleted by primary key,
     never by a range (the rule of rails/solid_queue #162, #240).  Rows locked
-    beyond the best ``limit`` (several queues) are let go at commit.  Paused
-    queues are read first, so the locking reads touch no other table.
+    beyond the best ``limit`` (several queues) are let go at commit.  A paused
+    queue is a primary-key look at ``pauses`` inside the same statement.
     """
-    r, wanted = t.ready, sorted(set(queues))
-    paused = set(conn.execute(prebuilt(t, d, "claim_paused", lambda: select(t.pauses.c.queue_name).where(
-        t.pauses.c.queue_name.in_(bindparam("queues", expanding=True)))), {"queues": wanted}).scalars())
+    r, p, wanted = t.ready, t.pauses, sorted(set(queues))
     stmt = prebuilt(t, d, "claim_queue", lambda: (
         select(r.c.id, r.c.job_id, r.c.queue_name, r.c.priority)
         .where(r.c.queue_name == bindparam("queue"))
+        .where(~exists(select(p.c.queue_name).where(p.c.queue_name == bindparam("queue"))))
         .order_by(r.c.priority.desc(), r.c.job_id)
         .limit(bindparam("limit", type_=Integer()))
         .with_for_update(skip_locked=d.skip_locked)))
     rows = []
     for queue in wanted:
-        if queue not in paused:
-            rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
+        rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
     if len(wanted) > 1:
         rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
     if rows:
@@ -406,7 +404,7 @@ class Claims(Gateway):
         """The claim loop's write (see ``acks_and_claim``); one round trip on PostgreSQL."""
         return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
                               queues=queues, limit=limit, process_id=process_id, now=now,
-                              single=one_statement(self.d, marks, finishes))
+                              single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
         return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,

@@ -108,6 +108,7 @@ def test_closing_a_channel_restores_unacked_deliveries_in_place(db_url):
 
 
 def test_a_future_eta_is_stored_as_scheduled_and_delivered_when_due(conn, db_url):
+    store_for(db_url, Options(**OPTS)).ensure_schema()   # (DDL on a fresh MariaDB can take longer than the ETA)
     eta = datetime.now(timezone.utc) + timedelta(seconds=1.5)
     _publish(conn, headers={"eta": eta.isoformat(), "id": "t-1", "task": "x.y"})
     assert rows(db_url, "select count(*) from sqlq_scheduled_executions") == [(1,)]
