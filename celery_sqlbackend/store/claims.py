@@ -61,7 +61,15 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     else:
         if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
             return []
-        taken = _take_by_queue(conn, t, d, queues, limit)
+        rows = _take_by_queue(conn, t, d, queues, limit)
+        if not rows:
+            return []
+        job_ids = [row.job_id for row in rows]
+        conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+                     {"ids": job_ids, "pid": process_id, "now": now})
+        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
+        # (The jobs' rows came with the locking read: no SELECT after the UPDATE.)
+        return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
     if not taken:
         return []
 
@@ -103,9 +111,10 @@ def _claim_candidates(t: Tables, d: Dialect):
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
 
 
-def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str],
-                   limit: int) -> list[tuple[int, str]]:
-    """Lock the next ready rows one queue at a time, then delete the best ``limit`` by primary key (MySQL).
+def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str], limit: int) -> list:
+    """Lock the next ready rows (and their jobs) one queue at a time, delete the best ``limit`` by primary key (MySQL).
+
+    Returns rows of (id, job_id, queue_name, priority, payload, deliveries), best first.
 
     Why one queue at a time: InnoDB locks every row a locking read examines,
     and ``queue_name IN (a, b) ORDER BY priority, job_id`` cannot come out of
@@ -119,8 +128,11 @@ def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str
     queue is a primary-key look at ``pauses`` inside the same statement.
     """
     r, p, wanted = t.ready, t.pauses, sorted(set(queues))
+    j = t.jobs
     stmt = prebuilt(t, d, "claim_queue", lambda: (
-        select(r.c.id, r.c.job_id, r.c.queue_name, r.c.priority)
+        # The job rows are locked too (by primary key, after their ready row): the claim updates them next.
+        select(r.c.id, r.c.job_id, r.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+        .join(j, j.c.id == r.c.job_id)
         .where(r.c.queue_name == bindparam("queue"))
         .where(~exists(select(p.c.queue_name).where(p.c.queue_name == bindparam("queue"))))
         .order_by(r.c.priority.desc(), r.c.job_id)
@@ -129,12 +141,11 @@ def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str
     rows = []
     for queue in wanted:
         rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
-    if len(wanted) > 1:
-        rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
+    rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
     if rows:
         conn.execute(prebuilt(t, d, "claim_delete", lambda: delete(r).where(r.c.id.in_(bindparam("ids", expanding=True)))),
                      {"ids": sorted(row.id for row in rows)})
-    return [(row.job_id, row.queue_name) for row in rows]
+    return rows
 
 
 def _claim_take(t: Tables, d: Dialect):
