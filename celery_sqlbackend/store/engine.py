@@ -9,6 +9,14 @@
 * After ``fork()`` the child drops the pool it inherited *without closing*
   the parent's sockets (``dispose(close=False)``), so prefork children can
   publish and store results on connections of their own.
+* MySQL/MariaDB connections run at READ COMMITTED, with the lock wait bounded
+  by the busy timeout.  Why: at InnoDB's default REPEATABLE READ every locking
+  read and DELETE also locks the *gaps* of the index ranges it walks, so a
+  claim's range lock on the poll index blocks the INSERT of a newly enqueued
+  job behind it, the lock-order deadlock of Solid Queue's MySQL reports
+  (rails/solid_queue #162, #229, #531).  READ COMMITTED takes record locks
+  only; every statement here reads the rows it changes by primary key or
+  under SKIP LOCKED, so it needs no gap locks.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
@@ -64,7 +72,23 @@ def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite(url, busy_timeout)
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        return _create_mysql(url, busy_timeout)
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _create_mysql(url: str, busy_timeout: float) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                           isolation_level="READ COMMITTED")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        # (Whole seconds, at least 1: InnoDB's own unit.)
+        cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(busy_timeout))}")
+        cur.close()
+
+    return engine
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:

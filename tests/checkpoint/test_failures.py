@@ -62,7 +62,11 @@ def test_a_killed_pool_child_resumes_from_the_last_durable_checkpoint(workers, b
     wait_until(lambda: _gone(child), 10, message="the killed child gone")
     done_before_kill = items.count()
 
-    assert result.get(timeout=90) == {"iterations": 4000, "times_interrupted": 0}, "not failed: WorkerLostError"
+    try:
+        outcome = result.get(timeout=90)
+    except Exception as exc:
+        raise AssertionError(f"{exc!r}; runs: {items.runs()}\n{worker.output()}") from None
+    assert outcome == {"iterations": 4000, "times_interrupted": 0}, "not failed: WorkerLostError"
     assert worker.alive()
     resume = [e for e in _events(items, result.id) if e[0] == "resume"]
     assert len(resume) == 1
