@@ -20,6 +20,8 @@ called through the store's typed gateways, one per module::
     store.queues.pause(queue, now=…)                            (queues)
     store.bindings.bind(exchange=…, queue=…, …)                (bindings)
     store.results.store_result(task_id=…, …) -> bool           (results)
+    store.jobs.add(NewJob(…)) -> Enqueued                      (jobs; one round trip on PostgreSQL)
+    store.unique_keys.clear_expired(now=…, limit=…) -> int     (unique_keys)
 
 The worker's hot writes (a claim loop, a heartbeat) are one statement each;
 on PostgreSQL they go in autocommit on a connection their thread keeps, so
@@ -53,6 +55,7 @@ from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
 from .schema import tables
+from .unique_keys import UniqueKeys
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
 
@@ -85,6 +88,7 @@ class Store:
         self.queues = Queues(self)
         self.bindings = Bindings(self)
         self.results = Results(self)
+        self.unique_keys = UniqueKeys(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"

@@ -59,6 +59,26 @@ def get_engine(url: str, busy_timeout: float = 30.0) -> Engine:
     return engine
 
 
+def get_autocommit_engine(url: str) -> Engine:
+    """The cached autocommit engine for ``url``, whose pool does not ping on checkout.
+
+    For one-statement publishes (``store.jobs.add`` on PostgreSQL): a ping is a
+    round trip, as long as the statement itself.  A connection found dead
+    fails the publish with a connection error; SQLAlchemy then drops the
+    pool's older connections, and kombu's publish retry (Celery's
+    ``task_publish_retry``) sends it again on a fresh one.
+    """
+    key = (url, -1.0)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _engines[key] = create_engine(url, pool_size=5, max_overflow=10,
+                                                       isolation_level="AUTOCOMMIT")
+    return engine
+
+
 def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
