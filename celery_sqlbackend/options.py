@@ -20,12 +20,12 @@ option                      default   meaning
 ``keep_finished``           86400 s   how long finished jobs are kept (0: delete at once)
 ``clear_batch_size``        500       rows deleted per maintenance batch
 ``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
-``busy_timeout``            30 s      SQLite busy timeout / lock wait
+``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
+                                      the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on
-                                      PostgreSQL and SQLite; False: Celery's blocking
-                                      loop everywhere)
+``event_loop``              auto      deliver through Celery's event loop (default: on,
+                                      every engine; False: Celery's blocking loop)
 ==========================  ========  ==================================================
 """
 from __future__ import annotations

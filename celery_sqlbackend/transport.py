@@ -54,7 +54,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance
+from . import fanout, maintenance, publishing, unique
 from .claim_round import Messages, claim_round, wait_for_work
 from .errors import RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
@@ -63,6 +63,7 @@ from .notify import waiter_for
 from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
+from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.transport")
@@ -135,12 +136,17 @@ class Channel(virtual.Channel):
     # ------------------------------------------------------------------ publish
 
     def _put(self, queue, message, **kwargs):
-        stored = to_store(message)
-        self.store.jobs.enqueue(
-            queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
-            priority=self._get_message_priority(message), now=utcnow(), eta=stored.eta,
-            expires_at=stored.expires_at,
-        )
+        """Store a message kombu has built: in its own transaction, the caller's (``enqueue_in``)
+        or a batch's (``enqueue_many``, groups): see ``publishing``."""
+        stored, now = to_store(message), utcnow()
+        job = NewJob(queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
+                     priority=self._get_message_priority(message), created_at=now, eta=stored.eta,
+                     expires_at=stored.expires_at, unique=unique.unique_key(message.get("headers") or {}, now))
+        done = publishing.put(self.store, job)
+        if done.holder is not None:
+            log.info("task %s not enqueued: unique key %r is held by task %s", job.task_id, job.unique.key,
+                     done.holder)
+            unique.report_duplicate(job.task_id, done.holder)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in fanout.bound_queues(self.store, exchange):

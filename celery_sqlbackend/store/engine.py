@@ -18,6 +18,14 @@
   child that closes the descriptors it inherited, as the embedded beat does,
   would find it pointing at closed or reused descriptors ("locking
   protocol").  With no SQLite connection open at the fork, the child starts clean.
+* MySQL/MariaDB connections run at READ COMMITTED, with the lock wait bounded
+  by the busy timeout.  Why: at InnoDB's default REPEATABLE READ every locking
+  read and DELETE also locks the *gaps* of the index ranges it walks, so a
+  claim's range lock on the poll index blocks the INSERT of a newly enqueued
+  job behind it, the lock-order deadlock of Solid Queue's MySQL reports
+  (rails/solid_queue #162, #229, #531).  READ COMMITTED takes record locks
+  only; every statement here reads the rows it changes by primary key or
+  under SKIP LOCKED, so it needs no gap locks.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
@@ -53,6 +61,26 @@ def get_engine(url: str, busy_timeout: float = 30.0) -> Engine:
     return engine
 
 
+def get_autocommit_engine(url: str) -> Engine:
+    """The cached autocommit engine for ``url``, whose pool does not ping on checkout.
+
+    For one-statement publishes (``store.jobs.add`` on PostgreSQL): a ping is a
+    round trip, as long as the statement itself.  A connection found dead
+    fails the publish with a connection error; SQLAlchemy then drops the
+    pool's older connections, and kombu's publish retry (Celery's
+    ``task_publish_retry``) sends it again on a fresh one.
+    """
+    key = (url, -1.0)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _engines[key] = create_engine(url, pool_size=5, max_overflow=10,
+                                                       isolation_level="AUTOCOMMIT")
+    return engine
+
+
 def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -60,6 +88,8 @@ def _create(url: str, busy_timeout: float) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         parsed = _postgres_driver(parsed)
     try:
+        if parsed.get_backend_name() in ("mysql", "mariadb"):
+            return _create_mysql(url, busy_timeout)
         return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
     except ImportError as exc:
         raise ConfigurationError(
@@ -91,6 +121,20 @@ def _postgres_driver(parsed: URL) -> URL:
             continue
         return parsed.set(drivername=f"postgresql+{driver}")
     return parsed
+
+
+def _create_mysql(url: str, busy_timeout: float) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                           isolation_level="READ COMMITTED")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        # (Whole seconds, at least 1: InnoDB's own unit.)
+        cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(busy_timeout))}")
+        cur.close()
+
+    return engine
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:

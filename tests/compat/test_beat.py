@@ -39,7 +39,7 @@ def test_worker_with_embedded_beat_on_sqlite(beat_stack, sqlite_url, tmp_path, s
     assert "locking protocol" not in log and "database is locked" not in log, worker.output()
 
     worker.term()
-    assert worker.wait_exit(30) == 0, worker.output()
+    assert worker.wait_exit(60) == 0, worker.output()
     wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10,
                message=f"the beat and pool processes {children} to end with the worker")
     assert os.path.exists(env["STACK_BEAT_FILE"]) or any(p.name.startswith("celerybeat") for p in tmp_path.iterdir())
