@@ -321,7 +321,11 @@ class IterativeTask(Task):
             headers = dict(extra_options.get("headers") or getattr(request, "headers", None) or {})
             headers[HEADER] = progress.to_json()
             extra_options["headers"] = headers
-        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        signature = super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        send = _send_again.get()
+        if send is not None:  # checkpoint.testing: a retry's message is captured, not sent
+            signature.apply_async = lambda *a, **kw: send(signature)
+        return signature
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's retry; the retry message resumes at the item that failed (see signature_from_request)."""
@@ -419,17 +423,21 @@ def _pair(pair: Any, task_name: str) -> tuple:
 def _check_build_enumerator(cls: type) -> None:
     """A build_enumerator that cannot take ``cursor=`` is an error when the class is defined."""
     method = cls.__dict__.get("build_enumerator")
-    if method is None:
-        return
+    if method is not None:
+        check_takes_cursor(method, f"{cls.__qualname__}.build_enumerator",
+                           "def build_enumerator(self, ..., *, cursor=None)")
+
+
+def check_takes_cursor(function: Callable[..., Any], shown: str, example: str) -> None:
+    """Raise TypeError unless ``function`` accepts a ``cursor`` keyword argument."""
     try:
-        params = inspect.signature(method).parameters
+        params = inspect.signature(function).parameters
     except (TypeError, ValueError):
         return
     if "cursor" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    raise TypeError(f"{cls.__qualname__}.build_enumerator must accept a `cursor` keyword argument "
-                    "(the position to resume after; None on the first run): def build_enumerator(self, ..., *, "
-                    "cursor=None)")
+    raise TypeError(f"{shown} must accept a `cursor` keyword argument "
+                    f"(the position to resume after; None on the first run): {example}")
 
 
 def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:
