@@ -229,3 +229,26 @@ def watch_flag(limit=30.0):
             return True
         time.sleep(0.001)
     return False
+
+
+class PartitionedCount(CountTo):
+    """CountTo over this run's share of range(n) (checkpoint.partition)."""
+
+    name = "ck.partitioned_count"
+
+    def build_enumerator(self, n, *, cursor=None):
+        lo, hi = self.partition.range(0, n)
+        return self.enumerate.integers(lo, hi, cursor=cursor)
+
+    def on_complete(self, n, *args):
+        self._record("complete")
+        return {"partition": self.partition.to_message(), "iterations": self.progress.iterations}
+
+
+partitioned_count = app.register_task(PartitionedCount())
+
+
+@app.task(name="ck.sum_partitions")
+def sum_partitions(results):
+    return {"partitions": sorted(r["partition"][0] for r in results),
+            "iterations": sum(r["iterations"] for r in results)}
