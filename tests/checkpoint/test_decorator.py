@@ -68,7 +68,8 @@ def test_an_enumerator_without_cursor_is_an_error_at_decoration():
 def test_a_simulated_crash_resumes_from_the_last_durable_checkpoint(app):
     seen = []
 
-    @iterative_task(app=app, enumerator=_integers, checkpoint_every=5, cursor_store=MemoryStore())
+    @iterative_task(app=app, enumerator=_integers, name=f"count.{uuid.uuid4().hex[:6]}", checkpoint_every=5,
+                    cursor_store=MemoryStore())
     def count(item, n):
         seen.append(item)
 
@@ -81,7 +82,7 @@ def test_a_simulated_crash_resumes_from_the_last_durable_checkpoint(app):
 def test_a_simulated_crash_without_a_durable_store_starts_over(app):
     seen = []
 
-    @iterative_task(app=app, enumerator=_integers)
+    @iterative_task(app=app, enumerator=_integers, name=f"count.{uuid.uuid4().hex[:6]}")
     def count(item, n):
         seen.append(item)
 
@@ -92,7 +93,8 @@ def test_a_simulated_crash_without_a_durable_store_starts_over(app):
 def test_a_simulated_failure_retries_at_the_item_that_failed(app):
     seen, events = [], []
 
-    @iterative_task(app=app, enumerator=_integers, checkpoint_every=100, cursor_store=MemoryStore(),
+    @iterative_task(app=app, enumerator=_integers, name=f"count.{uuid.uuid4().hex[:6]}", checkpoint_every=100,
+                    cursor_store=MemoryStore(),
                     on_start=lambda task, n: events.append(("start", task.request.retries)),
                     on_resume=lambda task, n: events.append(("resume", task.progress.cursor, task.request.retries)))
     def count(item, n):
