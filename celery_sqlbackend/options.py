@@ -24,8 +24,9 @@ option                      default   meaning
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on,
-                                      every engine; False: Celery's blocking loop)
+``event_loop``              auto      deliver through Celery's event loop (default: on
+                                      PostgreSQL and SQLite; False: Celery's blocking
+                                      loop, MySQL/MariaDB's default)
 ==========================  ========  ==================================================
 """
 from __future__ import annotations

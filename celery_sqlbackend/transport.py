@@ -27,8 +27,9 @@ Loops
 =====
 On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
+or with ``event_loop=False`` Celery runs its blocking loop, which calls
+:meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -231,10 +232,10 @@ class Channel(virtual.Channel):
         proc.claiming(self)
         process_id = proc.ensure_registered()
         store = self.store
-        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
+        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
