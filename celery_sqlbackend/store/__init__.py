@@ -174,7 +174,8 @@ class Store:
     def ping(self) -> None:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+            conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
 
     # ------------------------------------------------------------------ schema
 
@@ -192,7 +193,8 @@ class Store:
             if self._schema_ready:
                 return
             if self.creates_tables:
-                self._run(lambda conn: self.t.metadata.create_all(conn))
+                if not self._all_tables_exist():
+                    self._run(lambda conn: self.t.metadata.create_all(conn))
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -200,6 +202,13 @@ class Store:
                     "`celery -A yourapp sqlq migrate` (or set broker_transport_options="
                     "{'create_tables': True})")
             self._schema_ready = True
+
+    def _all_tables_exist(self) -> bool:
+        """A read-only look first: creating nothing still takes SQLite's write lock, which a caller's
+        open transaction may hold (``enqueue_in``)."""
+        with self.engine.connect() as conn:
+            present = set(inspect(conn.execution_options(**READ_ONLY)).get_table_names())
+        return all(table.name in present for table in self.t.metadata.sorted_tables)
 
     def create_all(self) -> None:
         self._run(lambda conn: self.t.metadata.create_all(conn))
