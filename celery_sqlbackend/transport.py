@@ -60,7 +60,7 @@ from .errors import RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
-from .options import Options
+from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
 from .store.jobs import NewJob
@@ -114,7 +114,7 @@ class Channel(virtual.Channel):
 
     @cached_property
     def options(self) -> Options:
-        return Options.from_mapping(self.connection.client.transport_options)
+        return self.connection.options   # the Transport's (``sqlq_*`` settings included)
 
     @cached_property
     def store(self) -> Store:
@@ -432,7 +432,7 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
-        self.options = Options.from_mapping(client.transport_options)
+        self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
         event_loop = self.options.event_loop
