@@ -20,6 +20,8 @@ called through the store's typed gateways, one per module::
     store.queues.pause(queue, now=…)                            (queues)
     store.bindings.bind(exchange=…, queue=…, …)                (bindings)
     store.results.store_result(task_id=…, …) -> bool           (results)
+    store.jobs.add(NewJob(…)) -> Enqueued                      (jobs; one round trip on PostgreSQL)
+    store.unique_keys.clear_expired(now=…, limit=…) -> int     (unique_keys)
 
 The worker's hot writes (a claim loop, a heartbeat) are one statement each;
 on PostgreSQL they go in autocommit on a connection their thread keeps, so
@@ -53,6 +55,7 @@ from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
 from .schema import tables
+from .unique_keys import UniqueKeys
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
 
@@ -85,6 +88,7 @@ class Store:
         self.queues = Queues(self)
         self.bindings = Bindings(self)
         self.results = Results(self)
+        self.unique_keys = UniqueKeys(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"
@@ -170,7 +174,8 @@ class Store:
     def ping(self) -> None:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+            conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
 
     # ------------------------------------------------------------------ schema
 
@@ -188,7 +193,8 @@ class Store:
             if self._schema_ready:
                 return
             if self.creates_tables:
-                self._run(lambda conn: self.t.metadata.create_all(conn))
+                if not self._all_tables_exist():
+                    self._run(lambda conn: self.t.metadata.create_all(conn))
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -196,6 +202,13 @@ class Store:
                     "`celery -A yourapp sqlq migrate` (or set broker_transport_options="
                     "{'create_tables': True})")
             self._schema_ready = True
+
+    def _all_tables_exist(self) -> bool:
+        """A read-only look first: creating nothing still takes SQLite's write lock, which a caller's
+        open transaction may hold (``enqueue_in``)."""
+        with self.engine.connect() as conn:
+            present = set(inspect(conn.execution_options(**READ_ONLY)).get_table_names())
+        return all(table.name in present for table in self.t.metadata.sorted_tables)
 
     def create_all(self) -> None:
         self._run(lambda conn: self.t.metadata.create_all(conn))

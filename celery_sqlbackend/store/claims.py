@@ -20,6 +20,7 @@ from typing import Sequence
 from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
+from . import unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
@@ -74,6 +75,7 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
         return []
 
     job_ids = [job_id for job_id, _ in taken]
+    unique_keys.release(conn, t, d, job_ids=job_ids, claimed_only=True)   # keys held "while waiting"
     conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
                  {"ids": job_ids, "pid": process_id, "now": now})
     if d.update_returning:
@@ -171,7 +173,8 @@ def _claim_in_one(t: Tables, d: Dialect):
         WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
              taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)
                        RETURNING job_id, queue_name),
-             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken)
+             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken),
+             unkeyed AS (DELETE FROM unique_keys WHERE held_until = 'claimed' AND job_id IN (SELECT job_id FROM taken))
         UPDATE jobs SET deliveries = deliveries + 1 FROM taken WHERE jobs.id = taken.job_id
         RETURNING <the claimed columns>
     """
@@ -185,8 +188,9 @@ def _claim_in_one(t: Tables, d: Dialect):
         select(taken.c.job_id, bindparam("pid", type_=c.c.process_id.type), taken.c.queue_name,
                bindparam("now", type_=c.c.claimed_at.type)),
     ).cte("recorded")
+    unkeyed = unique_keys.release_cte(t, taken.c.job_id, "unkeyed", claimed_only=True)
     return (update(j).where(j.c.id == taken.c.job_id).values(deliveries=j.c.deliveries + 1)
-            .returning(*_claimed_columns(t)).add_cte(recorded))
+            .returning(*_claimed_columns(t)).add_cte(recorded).add_cte(unkeyed))
 
 
 def _claim_bump(t: Tables, d: Dialect):
@@ -221,7 +225,8 @@ def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: da
         return False
     if keep:
         conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now))
-    else:
+        conn.execute(delete(t.unique_keys).where(t.unique_keys.c.job_id == job_id))
+    else:   # (its unique key goes with the row)
         conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
     return True
 
@@ -250,6 +255,7 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
             stmt = prebuilt(t, d, "finish_keep", lambda: update(j).where(in_ids(j.c.id, d))
                              .values(finished_at=bindparam("now")))
             conn.execute(stmt, {"ids": done, "now": now})
+            unique_keys.release(conn, t, d, job_ids=done)
         else:
             conn.execute(prebuilt(t, d, "finish_drop", lambda: delete(j).where(in_ids(j.c.id, d))), {"ids": done})
     return done
@@ -317,13 +323,15 @@ def _acks_ctes(t: Tables, d: Dialect, keep: bool):
         marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
         done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
         finished AS (UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id)
-                    (or DELETE FROM jobs USING done … when finished jobs are not kept)
+                    (or DELETE FROM jobs USING done … when finished jobs are not kept: unique keys go with the rows)
+        unkeyed_done AS (DELETE FROM unique_keys WHERE job_id IN (SELECT job_id FROM done))   (kept jobs)
     """
     c, j = t.claimed, t.jobs
     marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
     done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
-        record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+        record = (update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+                  .add_cte(unique_keys.release_cte(t, done.c.job_id, "unkeyed_done")))
     else:
         record = delete(j).where(j.c.id == done.c.job_id)
     return marked, record.returning(j.c.id)

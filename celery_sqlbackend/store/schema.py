@@ -220,6 +220,24 @@ class Tables:
             Index(f"ix_{p}chords_created_at", "created_at"),
         )
 
+        # Unique jobs (``sqlq_unique``): one row per key that is held, and by which
+        # task.  The primary key is what makes a second enqueue lose, whatever the
+        # number of producers.  ``held_until``: "claimed" (while waiting) or
+        # "finished" (while waiting or running), released in the transaction
+        # that claims, finishes or fails ``job_id`` (and with the job row);
+        # NULL: held until ``expires_at`` whatever becomes of the job.
+        self.unique_keys = Table(
+            f"{p}unique_keys", md,
+            Column("key", String(255), primary_key=True),
+            Column("task_id", String(255), nullable=False),
+            Column("job_id", Id, ForeignKey(f"{p}jobs.id", ondelete="CASCADE")),
+            Column("held_until", String(16)),
+            _ts("expires_at"),
+            _ts("created_at", nullable=False),
+            Index(f"ix_{p}unique_keys_job", "job_id"),
+            Index(f"ix_{p}unique_keys_expires", "expires_at"),
+        )
+
         # checkpoint (resumable iterative tasks): one row per iterative job, its
         # durable cursor and the progress a dashboard shows.  Defined here so the
         # migrations and checkpoint.store share it; see checkpoint/store.py.
