@@ -50,6 +50,7 @@ def connect_signals() -> None:
     _connected = True
     signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
+    signals.celeryd_after_setup.connect(on_after_setup, weak=False, dispatch_uid="sqlq.celeryd_after_setup")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
 
 
@@ -80,7 +81,9 @@ def on_worker_init(sender=None, **_):
         return
     pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
-    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
+    # ``-c auto`` is resolved only after this signal: the integer is recorded by ``on_after_setup``.
+    concurrency = worker.concurrency if isinstance(worker.concurrency, int) else None
+    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=concurrency, queues=queues)
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
                                    terminating=worker_terminating))
@@ -88,6 +91,16 @@ def on_worker_init(sender=None, **_):
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
     proc.register()
+
+
+def on_after_setup(sender=None, instance=None, **_):
+    """Step 1b: the worker is set up (``-c auto`` resolved); record its concurrency if it was not known."""
+    worker = instance
+    if worker is None or not isinstance(worker.concurrency, int):
+        return
+    proc = worker_process(worker.app)
+    if proc is not None and proc.id is not None and proc.concurrency != worker.concurrency:
+        proc.set_concurrency(worker.concurrency)
 
 
 def running_tags() -> set[str]:

@@ -117,6 +117,12 @@ class LocalProcess:
         if self.id is not None:
             self.store.processes.set_queues(process_id=self.id, queues=json.dumps(self.queues))
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """Record the pool size once the worker knows it (``-c auto`` is resolved after registration)."""
+        self.concurrency = concurrency
+        if self.id is not None:
+            self.store.processes.set_concurrency(process_id=self.id, concurrency=concurrency)
+
     def stop(self) -> None:
         """Stop heartbeating (and the ack writer): call only when this process holds no running job."""
         self._stop.set()

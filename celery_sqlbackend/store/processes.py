@@ -50,6 +50,11 @@ def set_queues(conn: Connection, t: Tables, *, process_id: int, queues: str | No
     conn.execute(update(t.processes).where(t.processes.c.id == process_id).values(queues=queues))
 
 
+def set_concurrency(conn: Connection, t: Tables, *, process_id: int, concurrency: int | None) -> None:
+    """Record the pool size (known only after registration with ``-c auto``)."""
+    conn.execute(update(t.processes).where(t.processes.c.id == process_id).values(concurrency=concurrency))
+
+
 def dead(conn: Connection, t: Tables, d: Dialect, *, cutoff: datetime, exclude: int | None) -> list[Row]:
     """Processes whose heartbeat is older than ``cutoff``, locked (where the dialect can) so only one pruner takes each."""
     p = t.processes
@@ -158,6 +163,9 @@ class Processes(Gateway):
 
     def set_queues(self, *, process_id: int, queues: str | None) -> None:
         self.store.run(set_queues, self.t, process_id=process_id, queues=queues)
+
+    def set_concurrency(self, *, process_id: int, concurrency: int | None) -> None:
+        self.store.run(set_concurrency, self.t, process_id=process_id, concurrency=concurrency)
 
     def any_dead(self, *, cutoff: datetime, exclude: int | None) -> bool:
         return self.store.read(any_dead, self.t, cutoff=cutoff, exclude=exclude)
