@@ -26,12 +26,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import inspect, text
 
 from . import failed as _failed
-from . import maintenance
+from . import failure_results, maintenance
 from .failed import FailedJob, store_for_app
 from .options import Options
 from .store import Store, utcnow
@@ -41,7 +41,7 @@ from .urls import database_url, mask
 __all__ = [
     "QueueStatus", "ProcessStatus", "Status", "CheckResult", "store_for_app",
     "status", "queues", "processes", "pause", "resume", "clear_queue", "paused",
-    "prune", "clear_finished", "list_failed", "show_job", "count_failed",
+    "prune", "processes_named", "clear_finished", "list_failed", "show_job", "count_failed",
     "retry_failed", "discard_failed", "retry_failed_all", "discard_failed_all",
     "migrate", "migrate_store", "current_revision", "head_revision", "check",
 ]
@@ -180,10 +180,18 @@ def clear_queue(store: Store, queue: str) -> int:
 PruneResult = maintenance.PruneResult
 
 
-def prune(store: Store) -> PruneResult:
-    """Now, rather than at the next heartbeat: prune dead processes, recover orphaned claims,
-    and expire the transient queues of remote control and events nobody reads."""
-    return maintenance.prune_now(store)
+def prune(store: Store, app: Any = None, force: Sequence[int] = ()) -> PruneResult:
+    """Now, rather than at the next heartbeat: prune dead processes (and the process ids in ``force``,
+    whatever their heartbeat), recover orphaned claims, and expire the transient queues of remote
+    control and events nobody reads.  With ``app``, the jobs it fails get FAILURE in the app's
+    result backend (``failure_results``)."""
+    report = failure_results.reporter(app, store) if app is not None else None
+    return maintenance.prune_now(store, force=force, report_failed=report)
+
+
+def processes_named(store: Store, name: str) -> list[Any]:
+    """Registered processes whose name (``worker@host``) or id is ``name`` (for ``prune --process``)."""
+    return store.processes.named(name)
 
 
 def _age_cutoff(older_than: timedelta | float | int | datetime) -> datetime:

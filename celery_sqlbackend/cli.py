@@ -356,12 +356,35 @@ def queue_clear(ctx, name, force, json_out):
 # --------------------------------------------------------------------------- maintenance
 
 @sqlq.command()
+@click.option("--process", "process_name", metavar="NAME",
+              help="Also force out this registered process (its name, e.g. worker1@host, or its id), "
+                   "whatever its heartbeat says.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (with --process).")
 @json_option
 @click.pass_context
-def prune(ctx, json_out):
-    """Prune dead processes (and expired remote-control/event queues) now."""
+def prune(ctx, process_name, yes, json_out):
+    """Prune dead processes (and expired remote-control/event queues) now.
+
+    A process is dead when its heartbeat is older than alive_threshold, or when it
+    was registered from this host and its PID no longer runs it (checked with the
+    process start time, so a reused PID is not mistaken for it).  Jobs it had
+    started fail with ProcessPrunedError (their results too); the others go back
+    to ready.
+    """
     store = _store(ctx)
-    r = _run(lambda: admin.prune(store))
+    force: list[int] = []
+    if process_name is not None:
+        found = _run(lambda: admin.processes_named(store, process_name))
+        if not found:
+            raise click.ClickException(f"no registered process is named {process_name!r}; "
+                                       "`celery sqlq status` lists them")
+        for p in found:
+            if not yes:
+                click.confirm(f"Force out process {p.name} (pid {p.pid} on {p.hostname}, process id {p.id})? "
+                              "Jobs it started fail; the others go back to ready", abort=True)
+            force.append(p.id)
+    app = _app(ctx)
+    r = _run(lambda: admin.prune(store, app=app, force=force))
     if json_out:
         _emit_json(r)
         return

@@ -31,6 +31,7 @@ import logging
 
 from celery import signals
 
+from . import failure_results
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -87,6 +88,8 @@ def on_worker_init(sender=None, **_):
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
                                    terminating=worker_terminating))
+    # Jobs the store fails in this process (pruned, undecodable, ...) reach their results.
+    proc.report_failed = failure_results.reporter(worker.app, proc.store)
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)

@@ -50,7 +50,7 @@ from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
-from .schema import tables
+from .schema import add_missing_columns, tables
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
 
@@ -188,7 +188,7 @@ class Store:
             if self._schema_ready:
                 return
             if self.creates_tables:
-                self._run(lambda conn: self.t.metadata.create_all(conn))
+                self._run(self._create_tables)
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -198,8 +198,14 @@ class Store:
             self._schema_ready = True
 
     def create_all(self) -> None:
-        self._run(lambda conn: self.t.metadata.create_all(conn))
+        self._run(self._create_tables)
         self._schema_ready = True
+
+    def _create_tables(self, conn) -> None:
+        """Create missing tables, and add the nullable columns later versions added to existing ones
+        (a database this store created itself has no migrations to do it; see ``schema.add_missing_columns``)."""
+        self.t.metadata.create_all(conn)
+        add_missing_columns(conn, self.t)
 
 
 _stores: dict[tuple, Store] = {}

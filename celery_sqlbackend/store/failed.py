@@ -74,6 +74,14 @@ def count_failed(conn: Connection, t: Tables, *, queue: str | None = None, task_
     return conn.execute(q).scalar_one()
 
 
+def failed_messages(conn: Connection, t: Tables, *, job_ids: Sequence[int]) -> list[Row]:
+    """For recording results: job_id, task_id, task_name, payload, error_class, error of failed ``job_ids``."""
+    f, j = t.failed, t.jobs
+    return list(conn.execute(
+        select(f.c.job_id, j.c.task_id, j.c.task_name, j.c.payload, f.c.error_class, f.c.error)
+        .select_from(f.join(j, j.c.id == f.c.job_id)).where(f.c.job_id.in_(list(job_ids))).order_by(f.c.job_id)).all())
+
+
 def retry_failed(conn: Connection, t: Tables, d: Dialect, *, job_ids: Sequence[int], now: datetime) -> int:
     """Failed → ready, with the same job (and so the same task id); returns how many."""
     f = t.failed
@@ -116,6 +124,9 @@ class Failed(Gateway):
               failed_before: datetime | None = None) -> int:
         return self.store.read(count_failed, self.t, queue=queue, task_name=task_name, error_class=error_class,
                                failed_before=failed_before)
+
+    def messages(self, *, job_ids: Sequence[int]) -> list[Row]:
+        return self.store.read(failed_messages, self.t, job_ids=job_ids)
 
     def retry(self, *, job_ids: Sequence[int], now: datetime) -> int:
         return self.store.run(retry_failed, self.t, self.d, job_ids=job_ids, now=now)

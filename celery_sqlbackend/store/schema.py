@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from sqlalchemy import inspect as inspect_db
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
@@ -130,6 +132,9 @@ class Tables:
             Column("name", String(255), nullable=False),
             Column("hostname", String(255), nullable=False),
             Column("pid", Integer, nullable=False),
+            # What identifies this run of ``pid`` (boot, PID namespace, start time; see
+            # ``pid_identity``), so a pruner on the same host can see at once that it is gone.
+            Column("pid_identity", String(255)),
             Column("pool", String(32)),
             Column("concurrency", Integer),
             Column("queues", Text),
@@ -236,3 +241,25 @@ class Tables:
 def tables(prefix: str = DEFAULT_PREFIX) -> Tables:
     """One shared ``Tables`` per prefix (table objects are immutable once built)."""
     return Tables(prefix)
+
+
+def add_missing_columns(conn, t: Tables) -> list[str]:
+    """Add to existing tables the nullable columns this version defines and they lack; returns them.
+
+    Why: tables created at run time (SQLite's default) get no migrations, yet a
+    newer version may add a column (``processes.pid_identity``).  Only nullable
+    columns are ever added this way; anything else needs a migration.
+    """
+    inspector = inspect_db(conn)
+    added = []
+    for table in t.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not column.nullable or column.primary_key:
+                continue
+            ddl = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(table)} ADD COLUMN {ddl}")
+            added.append(f"{table.name}.{column.name}")
+    return added
