@@ -9,7 +9,8 @@ wherever ``celery`` is, and reads the app like Celery's own commands::
     celery -A proj sqlq failed retry 1234 1235   # or --all [filters]
     celery -A proj sqlq failed discard --all --older-than 7d
     celery -A proj sqlq queue pause emails       # resume / clear
-    celery -A proj sqlq prune
+    celery -A proj sqlq scheduled                # ETA/countdown jobs waiting in the database
+    celery -A proj sqlq prune                    # --process NAME forces one out
     celery -A proj sqlq clear-finished --older-than 1d
     celery -A proj sqlq migrate                  # --sql prints the DDL instead
     celery -A proj sqlq check
@@ -179,6 +180,46 @@ def status(ctx, json_out, held):
     console.print(pt)
     if any(h.started for p in st.processes for h in p.held):
         console.print("[dim]* started (acked) and running[/dim]")
+    if st.scheduled is not None and st.scheduled.total:
+        console.print(_scheduled_table(st.scheduled, title="Scheduled (ETA/countdown, soonest first)"))
+
+
+def _scheduled_table(sched, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for col in ("job", "task", "task id", "queue", "priority", "due at (UTC)", "due in"):
+        table.add_column(col, justify="right" if col in ("job", "priority") else "left", overflow="fold")
+    for job in sched.jobs:
+        due_in = f"in {_fmt_age(job.due_in)}" if job.due_in > 0 else f"due {_fmt_age(-job.due_in)} ago"
+        table.add_row(str(job.job_id), escape(job.task_name or "?"), escape(job.task_id or "-"), escape(job.queue),
+                      str(job.priority), _ts(job.due_at), due_in)
+    if sched.total > len(sched.jobs):
+        table.caption = f"{len(sched.jobs)} of {sched.total} scheduled job(s)"
+    if not sched.jobs:
+        table.add_row("", "(no scheduled jobs)", "", "", "", "", "")
+    return table
+
+
+@sqlq.command()
+@click.option("--queue", "-Q", help="Only jobs of this queue.")
+@click.option("--limit", type=click.IntRange(min=0, max=100_000), default=50, show_default=True,
+              help="How many of the soonest jobs to list.")
+@json_option
+@click.pass_context
+def scheduled(ctx, queue, limit, json_out):
+    """ETA/countdown jobs waiting in the database for their time, soonest first.
+
+    `celery inspect scheduled` lists none of these: it asks each worker for the
+    ETA tasks it holds in memory, and with this broker a job waits in the
+    database until it is due; only then does a worker receive it.
+    """
+    store = _store(ctx)
+    sched = _run(lambda: admin.scheduled(store, queue=queue, limit=limit))
+    if json_out:
+        _emit_json(sched)
+        return
+    _console().print(_scheduled_table(sched, title=f"Scheduled jobs ({store!r})"))
 
 
 # --------------------------------------------------------------------------- failed
