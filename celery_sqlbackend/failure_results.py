@@ -33,16 +33,10 @@ from celery import states
 from celery.app.task import Context
 from kombu.serialization import loads, prepare_accept_content
 
-from .errors import (MaxReleasesExceeded, ProcessMissingError, ProcessPrunedError, RejectedError, SQLQError,
-                     UndecodableMessageError, WorkerShutdownError)
+from .errors import STORE_DECISIONS
 from .store import Store
 
 log = logging.getLogger("celery_sqlbackend.failure_results")
-
-#: The error classes a failed row may name that stand for the store's own decision.
-RECORDED: dict[str, type[SQLQError]] = {cls.__name__: cls for cls in (
-    ProcessPrunedError, ProcessMissingError, WorkerShutdownError, MaxReleasesExceeded, RejectedError,
-    UndecodableMessageError)}
 
 #: ``report(job_ids)``: record the Celery results of jobs the store has just failed.
 Reporter = Callable[[Sequence[int]], int]
@@ -82,7 +76,7 @@ def _backend_disabled(app: Any) -> bool:
 
 
 def _record(app: Any, row: Any) -> int:
-    cls = RECORDED.get(row.error_class)
+    cls = STORE_DECISIONS.get(row.error_class)
     if cls is None or not row.task_id:
         return 0      # a task's own exception: Celery wrote that result itself
     backend = app.backend

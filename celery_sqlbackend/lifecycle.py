@@ -31,7 +31,7 @@ import logging
 
 from celery import signals
 
-from . import failure_results
+from . import failure_results, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -53,6 +53,7 @@ def connect_signals() -> None:
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
     signals.celeryd_after_setup.connect(on_after_setup, weak=False, dispatch_uid="sqlq.celeryd_after_setup")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+    signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
 
 
 def broker_store(app):
@@ -104,6 +105,15 @@ def on_after_setup(sender=None, instance=None, **_):
     proc = worker_process(worker.app)
     if proc is not None and proc.id is not None and proc.concurrency != worker.concurrency:
         proc.set_concurrency(worker.concurrency)
+
+
+def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):
+    """A task raised with no retries left (in the process that ran it): keep its job as failed."""
+    if sender is None or exception is None or task_failures.delivered_claim(sender.request) is None:
+        return
+    store = broker_store(sender.app)
+    if store is not None:
+        task_failures.record(store, sender, task_id, exception, einfo)
 
 
 def running_tags() -> set[str]:

@@ -274,7 +274,7 @@ class Channel(virtual.Channel):
                                       error_class=UndecodableMessageError.__name__, error=reason, now=utcnow()):
                 self.process.record_failed([job.job_id])
             return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
