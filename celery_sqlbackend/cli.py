@@ -226,7 +226,13 @@ def scheduled(ctx, queue, limit, json_out):
 
 @sqlq.group()
 def failed():
-    """Failed jobs: list, show, retry, discard."""
+    """Failed jobs: list, show, retry, discard.
+
+    A job is failed when its task raised with no retries left (unless
+    record_task_failures is off), when the consumer rejected it, when its payload
+    could not be decoded, or when its worker died after starting it.  Retry runs
+    it again under the same task id.
+    """
 
 
 def _filter_options(fn):
