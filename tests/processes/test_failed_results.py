@@ -168,3 +168,23 @@ def test_celery_sqlq_prune_right_after_a_kill_fails_the_job_and_its_result(tmp_p
     finally:
         a.close()
         producer.close()
+
+
+def test_a_cold_shutdown_fails_the_running_job_and_its_result(tmp_path, db_url):
+    """SIGQUIT kills the running task; the worker fails its job on the way out, and its result."""
+    from celery_sqlbackend.errors import WorkerShutdownError
+    producer = _app(tmp_path, db_url, "sqlq://")
+    a = CeleryWorker(tmp_path, hostname="a@%h", concurrency=1, queues="main")
+    try:
+        a.wait_ready(60)
+        lone = producer.send_task("t.slow", args=[str(tmp_path / "lone")], queue="main")
+        wait_until((tmp_path / "lone").exists, 30, 0.05, "the task to start")
+        _wait_started(db_url, 1)
+        a.quit()
+        a.wait_exit(30)
+        assert rows(db_url, "SELECT error_class FROM sqlq_failed_executions") == [("WorkerShutdownError",)]
+        with pytest.raises(WorkerShutdownError, match="shut down"):
+            lone.get(timeout=10)
+    finally:
+        a.close()
+        producer.close()
