@@ -96,3 +96,28 @@ def validate(url: str) -> str:
             "an in-memory SQLite database cannot be shared between a producer and a worker; "
             "give it a file: 'sqlq+sqlite:///jobs.sqlite3'")
     return url
+
+
+_LOCAL_HOSTS = {None, "", "localhost", "127.0.0.1", "::1"}
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+
+
+def same_database(a: Any, b: Any) -> bool:
+    """True when SQLAlchemy URLs ``a`` and ``b`` name the same database (drivers may differ).
+
+    SQLite: the same file (resolved path; an in-memory database is never the
+    same as another).  Servers: the same backend, database, port and host,
+    the local names of this machine counting as one.
+    """
+    import os
+    a, b = make_url(a), make_url(b)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        paths = [u.database for u in (a, b)]
+        if any(p in (None, "", ":memory:") for p in paths):
+            return False
+        return os.path.realpath(paths[0]) == os.path.realpath(paths[1])
+    hosts = [None if u.host in _LOCAL_HOSTS else u.host.lower() for u in (a, b)]
+    default = _DEFAULT_PORTS.get(a.get_backend_name())
+    return a.database == b.database and hosts[0] == hosts[1] and (a.port or default) == (b.port or default)

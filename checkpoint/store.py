@@ -24,11 +24,13 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Optional, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from celery_sqlbackend.store import fork_gate
 from celery_sqlbackend.store.schema import DEFAULT_PREFIX, tables
 from celery_sqlbackend.urls import broker_database_url, database_url
 
@@ -182,6 +184,7 @@ class SQLCursorStore:
         self._engine: Optional[sa.Engine] = None
         self._pid = 0
         self._lock = threading.Lock()
+        _instances.add(self)
 
     @property
     def engine(self) -> sa.Engine:
@@ -199,6 +202,8 @@ class SQLCursorStore:
         if self.url.startswith("sqlite"):
             # Several worker processes write here; wait for the lock instead of failing.
             options.setdefault("connect_args", {"timeout": 30})
+            # The main process forks pool children at any time: none may inherit a transaction of ours.
+            return fork_gate.guard(sa.create_engine(self.url, **options))
         return sa.create_engine(self.url, **options)
 
     def _ensure_table(self, engine: sa.Engine) -> None:
@@ -303,6 +308,23 @@ def _merge(cursor_json: Optional[str], counters_json: str) -> str:
 
 _stores: dict[tuple, SQLCursorStore] = {}
 _stores_lock = threading.Lock()
+_instances: "weakref.WeakSet[SQLCursorStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The worker's housekeeping thread may hold a lock (creating an engine,
+    # expiring rows) at the moment the pool forks: the child would inherit it
+    # locked and hang at its first checkpoint.  Fresh locks, no inherited pool.
+    global _stores_lock
+    _stores_lock = threading.Lock()
+    for store in list(_instances):
+        store._lock = threading.Lock()
+        if store._engine is not None:
+            store._engine.dispose(close=False)
+            store._engine = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def store_url_for_app(app: Any) -> Optional[str]:
@@ -316,8 +338,8 @@ def table_prefix_for_app(app: Any) -> str:
     prefix = app.conf.get("checkpoint_table_prefix")
     if prefix:
         return prefix
-    options = app.conf.broker_transport_options or {}
-    return options.get("table_prefix") or DEFAULT_PREFIX
+    from celery_sqlbackend.options import from_celery_conf   # sqlq_table_prefix counts too
+    return from_celery_conf(app.conf).get("table_prefix") or DEFAULT_PREFIX
 
 
 def store_for_app(app: Any) -> CursorStore:

@@ -1,7 +1,7 @@
 """processes.pid_identity: what identifies a registered process's run of its PID.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-02
 
 A pruner on the same host prunes a process whose PID no longer runs (or runs
@@ -15,8 +15,8 @@ Frozen: later schema changes get a new revision, never an edit here.
 from alembic import context, op
 import sqlalchemy as sa
 
-revision = "0003"
-down_revision = "0002"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
