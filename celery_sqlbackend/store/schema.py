@@ -271,6 +271,18 @@ def tables(prefix: str = DEFAULT_PREFIX) -> Tables:
     return Tables(prefix)
 
 
+def missing_columns(inspector, t: Tables) -> list:
+    """The nullable columns this version defines that existing tables lack, as ``(table, column)``."""
+    missing = []
+    for table in t.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing += [(table, column) for column in table.columns
+                    if column.name not in present and column.nullable and not column.primary_key]
+    return missing
+
+
 def add_missing_columns(conn, t: Tables) -> list[str]:
     """Add to existing tables the nullable columns this version defines and they lack; returns them.
 
@@ -278,16 +290,9 @@ def add_missing_columns(conn, t: Tables) -> list[str]:
     newer version may add a column (``processes.pid_identity``).  Only nullable
     columns are ever added this way; anything else needs a migration.
     """
-    inspector = inspect_db(conn)
     added = []
-    for table in t.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present or not column.nullable or column.primary_key:
-                continue
-            ddl = CreateColumn(column).compile(dialect=conn.dialect)
-            conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(table)} ADD COLUMN {ddl}")
-            added.append(f"{table.name}.{column.name}")
+    for table, column in missing_columns(inspect_db(conn), t):
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(table)} ADD COLUMN {ddl}")
+        added.append(f"{table.name}.{column.name}")
     return added
