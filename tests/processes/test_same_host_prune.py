@@ -155,3 +155,15 @@ def test_pid_identity_tells_a_gone_or_reused_pid_from_a_live_one():
     wait_until(lambda: pid_identity.is_gone(child.pid, recorded), 5, 0.01, "the killed child to be a zombie")
     child.wait()
     assert pid_identity.is_gone(child.pid, recorded)      # no such PID
+
+
+def test_an_sqlite_store_created_before_pid_identity_gains_the_column(sqlite_url):
+    """SQLite creates its own tables (no migrations): a file from an older version gets the column."""
+    from celery_sqlbackend.options import Options
+    from celery_sqlbackend.store import Store
+    Store(sqlite_url, Options()).ensure_schema()
+    rows(sqlite_url, "ALTER TABLE sqlq_processes DROP COLUMN pid_identity")
+    store = Store(sqlite_url, Options())
+    store.ensure_schema()
+    assert "pid_identity" in [r[1] for r in rows(sqlite_url, "PRAGMA table_info(sqlq_processes)")]
+    store.engine.dispose()
