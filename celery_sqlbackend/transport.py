@@ -277,10 +277,11 @@ class Channel(virtual.Channel):
                       f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
                       "it was moved to failed and the worker went on")
             log.error(reason)
-            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                      error_class=UndecodableMessageError.__name__, error=reason, now=utcnow()):
+                self.process.record_failed([job.job_id])
             return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -345,9 +346,10 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
+        if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
                                error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
+                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow()):
+            self.process.record_failed([job_id])
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
