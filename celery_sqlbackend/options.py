@@ -24,6 +24,9 @@ option                      default   meaning
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
+``event_loop``              auto      deliver through Celery's event loop (default: on
+                                      PostgreSQL and SQLite; False: Celery's blocking
+                                      loop, MySQL/MariaDB's default)
 ``record_task_failures``    True      a task that raised with no retries left keeps its
                                       job as a failed execution (class, message,
                                       traceback) for ``celery sqlq failed``; False: the
