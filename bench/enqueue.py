@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/enqueue.py                    # sqlq+sqlite, sqlq+postgresql, redis
     .venv/bin/python bench/enqueue.py --singles 3000 --group 10000 --repeat 3
+    .venv/bin/python bench/enqueue.py --baseline /path/to/a/checkout/of/main   # "before" beside "after"
 
 No worker runs: this measures the producer only (what ``apply_async`` costs the
 application).  Each target is measured in a fresh ``python`` process, the
@@ -13,6 +14,10 @@ otherwise; Redis is ``--redis-url`` (default: the shared dev server).
 * **single/s**: sequential ``noop.apply_async((i,))`` on one producer.
 * **group/s**: ``group(noop.s(i) for i in range(N)).apply_async()``, tasks per second.
 * **enqueue_many/s** (sqlq only): ``celery_sqlbackend.enqueue_many`` of the same N signatures.
+
+``--baseline DIR`` adds ``sqlq+… (before)`` targets that import ``celery_sqlbackend``
+from another checkout (e.g. a ``git worktree`` of the commit before a change), so
+that before and after are measured in the same minutes, taking turns.
 """
 from __future__ import annotations
 
@@ -57,17 +62,22 @@ if {many} and hasattr(celery_sqlbackend, "enqueue_many"):
     t = time.perf_counter()
     celery_sqlbackend.enqueue_many(sigs, app=app)
     out["enqueue_many_per_s"] = {group} / (time.perf_counter() - t)
+out["code"] = celery_sqlbackend.__file__
 print(json.dumps(out))
 """
 
 
-def measure(broker: str, queue: str, args, many: bool) -> dict:
+def measure(broker: str, queue: str, args, many: bool, code_root: Path = ROOT) -> dict:
     code = MEASURE.format(broker=broker, queue=queue, singles=args.singles, group=args.group, many=many)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code_root), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([PY, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(f"{broker.split(':')[0]}: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    where = Path(figures.pop("code")).resolve()
+    if not where.is_relative_to(code_root.resolve()):
+        raise RuntimeError(f"measured {where}, not the code in {code_root}")
+    return figures
 
 
 def clear_redis(url: str, queue: str) -> None:
@@ -92,6 +102,8 @@ def main() -> None:
     ap.add_argument("--pg-url", default=None, help="a server URL (default: a private durable server)")
     ap.add_argument("--redis-url", default=os.environ.get("SQLQ_TEST_REDIS_URL", "redis://127.0.0.1:56379/0"))
     ap.add_argument("--only", default="", help="comma-separated target names")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of the code to compare with (its sqlq targets run as '… (before)')")
     args = ap.parse_args()
 
     sys.path.insert(0, str(HERE))
@@ -100,17 +112,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sqlq-enqbench-"))
     queue = f"enqbench{os.getpid()}"
     pg = pg_base_url(args.pg_url)
-    targets = {
-        "sqlq+sqlite": (lambda: (_remove_sqlite(work / "e.sqlite3"), f"sqlq+sqlite:///{work}/e.sqlite3")[1], True),
-        "sqlq+postgresql": (lambda: f"sqlq+{fresh_pg_db(pg, 'bench_enqueue')}", True),
-        "redis": (lambda: (clear_redis(args.redis_url, queue), args.redis_url)[1], False),
-    }
+    sqlite = lambda: (_remove_sqlite(work / "e.sqlite3"), f"sqlq+sqlite:///{work}/e.sqlite3")[1]  # noqa: E731
+    postgres = lambda: f"sqlq+{fresh_pg_db(pg, 'bench_enqueue')}"  # noqa: E731
+    targets = {"sqlq+sqlite": (sqlite, True, ROOT), "sqlq+postgresql": (postgres, True, ROOT)}
+    if args.baseline:
+        targets.update({"sqlq+sqlite (before)": (sqlite, False, args.baseline),
+                        "sqlq+postgresql (before)": (postgres, False, args.baseline)})
+    targets["redis"] = (lambda: (clear_redis(args.redis_url, queue), args.redis_url)[1], False, ROOT)
     if args.only:
         targets = {k: v for k, v in targets.items() if k in args.only.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in targets}
     for run in range(args.repeat):
-        for name, (fresh, many) in targets.items():
-            figures = measure(fresh(), queue, args, many)
+        for name, (fresh, many, code_root) in targets.items():
+            figures = measure(fresh(), queue, args, many, code_root)
             runs[name].append(figures)
             print(f"--- run {run + 1}/{args.repeat} {name}: " +
                   ", ".join(f"{k} {v:,.0f}" for k, v in figures.items()), flush=True)
@@ -126,6 +140,11 @@ def main() -> None:
         for name, m in medians.items():
             if name != "redis":
                 print(f"  group rate {name}/redis: {m['group_per_s'] / redis_group:.1f}x")
+    for db in ("sqlite", "postgresql"):
+        after, before = medians.get(f"sqlq+{db}"), medians.get(f"sqlq+{db} (before)")
+        if after and before:
+            print(f"  single rate sqlq+{db} after/before: {after['single_per_s'] / before['single_per_s']:.2f}x, "
+                  f"group {after['group_per_s'] / before['group_per_s']:.1f}x")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "enqueue.json").write_text(json.dumps({"runs": runs, "medians": medians, "singles": args.singles,

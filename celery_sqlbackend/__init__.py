@@ -22,7 +22,8 @@ def register() -> None:
     """Register the ``sqlq`` transport alias with kombu (idempotent)."""
     from kombu.transport import TRANSPORT_ALIASES
     TRANSPORT_ALIASES.setdefault(SCHEME, TRANSPORT)
-    from . import bulk, lifecycle, unique
+    from . import bulk, green, lifecycle, unique
+    green.prepare_psycopg()
     lifecycle.connect_signals()
     unique.install()
     bulk.install()

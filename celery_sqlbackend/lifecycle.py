@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 
 from celery import signals
 
+from . import failure_results, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -41,6 +43,8 @@ log = logging.getLogger("celery_sqlbackend.lifecycle")
 
 _connected = False
 _worker = None   # the WorkController of this process, once worker_init has run
+#: Set by our wrapper of Celery's SIGQUIT handler, before that handler cancels the running tasks.
+_cold_shutdown = threading.Event()
 
 
 def connect_signals() -> None:
@@ -50,7 +54,10 @@ def connect_signals() -> None:
     _connected = True
     signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
+    signals.celeryd_after_setup.connect(on_after_setup, weak=False, dispatch_uid="sqlq.celeryd_after_setup")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+    signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
+    signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
 
 
 def broker_store(app):
@@ -80,14 +87,65 @@ def on_worker_init(sender=None, **_):
         return
     pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
-    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
+    # ``-c auto`` is resolved only after this signal: the integer is recorded by ``on_after_setup``.
+    concurrency = worker.concurrency if isinstance(worker.concurrency, int) else None
+    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=concurrency, queues=queues)
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
                                    terminating=worker_terminating))
+    # Jobs the store fails in this process (pruned, undecodable, ...) reach their results.
+    proc.report_failed = failure_results.reporter(worker.app, proc.store)
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
     proc.register()
+
+
+def on_after_setup(sender=None, instance=None, **_):
+    """Step 1b: the worker is set up (``-c auto`` resolved); record its concurrency if it was not known."""
+    worker = instance
+    if worker is None or not isinstance(worker.concurrency, int):
+        return
+    proc = worker_process(worker.app)
+    if proc is not None and proc.id is not None and proc.concurrency != worker.concurrency:
+        proc.set_concurrency(worker.concurrency)
+
+
+def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):
+    """A task raised with no retries left (in the process that ran it): keep its job as failed."""
+    if sender is None or exception is None or task_failures.delivered_claim(sender.request) is None:
+        return
+    store = broker_store(sender.app)
+    if store is not None:
+        task_failures.record(store, sender, task_id, exception, einfo)
+
+
+def on_worker_ready(sender=None, **_):
+    """Know that a cold shutdown began before Celery's SIGQUIT handler kills the running tasks.
+
+    Celery's handler cancels the running tasks (they leave ``active_requests``)
+    and only then sets ``state.should_terminate``; on Celery 5.5 the pool is
+    stopped in between.  A claim thread looking in that window would take the
+    killed tasks for finished ones.  Our wrapper sets a flag first, then runs
+    Celery's handler.  With ``worker_soft_shutdown_timeout`` set, tasks may
+    still finish normally during the soft wait, so there Celery's own flag rules.
+    """
+    from celery import platforms
+    app = getattr(sender, "app", None)
+    if app is None or broker_database_url(app.conf) is None or not platforms.signals.supported("SIGQUIT"):
+        return
+    if (app.conf.get("worker_soft_shutdown_timeout") or 0) > 0:
+        return
+    celery_handler = platforms.signals["SIGQUIT"]
+    if not callable(celery_handler) or getattr(celery_handler, "sqlq_wrapped", False):
+        return
+
+    def on_sigquit(*args):
+        _cold_shutdown.set()
+        return celery_handler(*args)
+
+    on_sigquit.sqlq_wrapped = True
+    platforms.signals["SIGQUIT"] = on_sigquit
 
 
 def running_tags() -> set[str]:
@@ -110,6 +168,8 @@ def worker_stopping() -> bool:
 def worker_terminating() -> bool:
     """True in a cold shutdown (SIGQUIT, a second Ctrl-C): Celery kills running tasks."""
     from celery.worker import state
+    if _cold_shutdown.is_set():
+        return True
     return state.should_terminate is not None and state.should_terminate is not False
 
 

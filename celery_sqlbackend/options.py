@@ -20,12 +20,17 @@ option                      default   meaning
 ``keep_finished``           86400 s   how long finished jobs are kept (0: delete at once)
 ``clear_batch_size``        500       rows deleted per maintenance batch
 ``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
-``busy_timeout``            30 s      SQLite busy timeout / lock wait
+``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
+                                      the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
 ``event_loop``              auto      deliver through Celery's event loop (default: on
                                       PostgreSQL and SQLite; False: Celery's blocking
-                                      loop everywhere)
+                                      loop, MySQL/MariaDB's default)
+``record_task_failures``    True      a task that raised with no retries left keeps its
+                                      job as a failed execution (class, message,
+                                      traceback) for ``celery sqlq failed``; False: the
+                                      job is finished, as with other brokers
 ==========================  ========  ==================================================
 """
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Options:
     use_notify: bool = True
     retry_attempts: int = 8
     event_loop: bool | None = None
+    record_task_failures: bool = True
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any] | None) -> "Options":
@@ -107,13 +113,41 @@ def from_celery_conf(conf) -> dict:
     ``broker_transport_options = {"heartbeat_interval": 10}``; an explicit
     transport option wins.
     """
+    merged = sqlq_settings(conf)
+    merged.update(conf.get("broker_transport_options") or {})
+    return merged
+
+
+def sqlq_settings(conf) -> dict:
+    """Only the ``sqlq_<option>`` settings of a Celery config, as transport options."""
     merged = {}
     for f in fields(Options):
         value = conf.get(f"sqlq_{f.name}")
         if value is not None:
             merged[f.name] = value
-    merged.update(conf.get("broker_transport_options") or {})
     return merged
+
+
+def for_connection(client) -> dict:
+    """The transport options of a kombu connection to ``client.hostname``, ``sqlq_*`` settings included.
+
+    Why: Celery hands a connection only ``broker_transport_options``, and it
+    opens connections in every process that uses the app (producers, beat,
+    ``celery sqlq``, the worker), not only in a worker whose startup hook could
+    fold the settings in.  The settings are read from the current Celery app
+    when its broker is this database; the connection's own options win.
+    """
+    from celery import current_app
+
+    from .urls import broker_database_url, database_url
+    given = dict(client.transport_options or {})
+    try:
+        conf = current_app.conf
+        if broker_database_url(conf) == database_url(client.hostname or ""):
+            return {**sqlq_settings(conf), **given}
+    except Exception:   # no usable app (a plain kombu program): the connection's options alone
+        pass
+    return given
 
 
 def _coerce(value: Any, default: Any) -> Any:

@@ -232,9 +232,10 @@ def from_celery(schedule: Any, tz: str | None = None) -> Slots:
         return Every(schedule.total_seconds())
     if isinstance(schedule, crontab):
         zone = tz or _zone_name(schedule.tz)
-        return Cron(minute=schedule._orig_minute, hour=schedule._orig_hour,
-                    day_of_month=schedule._orig_day_of_month, month_of_year=schedule._orig_month_of_year,
-                    day_of_week=schedule._orig_day_of_week, tz=zone)
+        return Cron(minute=_fields(schedule._orig_minute), hour=_fields(schedule._orig_hour),
+                    day_of_month=_fields(schedule._orig_day_of_month),
+                    month_of_year=_fields(schedule._orig_month_of_year),
+                    day_of_week=_fields(schedule._orig_day_of_week), tz=zone)
     if isinstance(schedule, solar):
         return Solar(schedule.event, float(schedule.lat), float(schedule.lon))
     if isinstance(schedule, interval):
@@ -249,7 +250,11 @@ def _zone_name(tz: Any) -> str:
 
 
 def _fields(value: Any) -> str:
-    return value if isinstance(value, str) else ",".join(str(v) for v in sorted(value))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return ",".join(str(v) for v in sorted(value))
 
 
 def from_spec(spec: dict[str, Any] | str) -> Slots:

@@ -27,8 +27,9 @@ Loops
 =====
 On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
+or with ``event_loop=False`` Celery runs its blocking loop, which calls
+:meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -60,7 +61,7 @@ from .errors import RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
-from .options import Options
+from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
 from .store.jobs import NewJob
@@ -114,7 +115,7 @@ class Channel(virtual.Channel):
 
     @cached_property
     def options(self) -> Options:
-        return Options.from_mapping(self.connection.client.transport_options)
+        return self.connection.options   # the Transport's (``sqlq_*`` settings included)
 
     @cached_property
     def store(self) -> Store:
@@ -237,10 +238,10 @@ class Channel(virtual.Channel):
         proc.claiming(self)
         process_id = proc.ensure_registered()
         store = self.store
-        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
+        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
@@ -276,10 +277,11 @@ class Channel(virtual.Channel):
                       f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
                       "it was moved to failed and the worker went on")
             log.error(reason)
-            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                      error_class=UndecodableMessageError.__name__, error=reason, now=utcnow()):
+                self.process.record_failed([job.job_id])
             return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -344,9 +346,10 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
+        if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
                                error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
+                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow()):
+            self.process.record_failed([job_id])
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
@@ -432,7 +435,7 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
-        self.options = Options.from_mapping(client.transport_options)
+        self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
         event_loop = self.options.event_loop

@@ -37,7 +37,9 @@ from . import interruption, limits, revocation
 from .cursor import HEADER, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
+from .partition import PARTITION_KWARG, WHOLE, Partition
 from .store import Checkpointer, CursorStore, store_for_app
+from .throttling import THROTTLE_MARK
 
 __all__ = ["IterativeTask"]
 
@@ -90,6 +92,9 @@ class IterativeTask(Task):
             ``max_job_runtime`` re-enqueues without delay.
     """
 
+    #: What :func:`checkpoint.housekeeping.iterative_tasks` recognises iterative tasks by.
+    checkpoint_iterative = True
+
     acks_late = True
     reject_on_worker_lost = True
     max_job_runtime: Optional[float] = None
@@ -104,6 +109,11 @@ class IterativeTask(Task):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_build_enumerator(cls)
+        declared = tuple((method, backoff) for method, backoff in
+                         ((value, getattr(value, THROTTLE_MARK, None)) for value in cls.__dict__.values())
+                         if backoff is not None)
+        if declared:
+            cls._throttles = tuple(cls._throttles) + declared
 
     # -- user hooks ------------------------------------------------------
 
@@ -144,6 +154,11 @@ class IterativeTask(Task):
         """The running job's progress (cursor, counters); ``None`` outside a run."""
         return getattr(self.request, "checkpoint_progress", None)
 
+    @property
+    def partition(self) -> Partition:
+        """This run's share of a job split with :func:`checkpoint.partition.in_partitions` (else the whole)."""
+        return getattr(self.request, "checkpoint_partition", None) or WHOLE
+
     @classmethod
     def throttle_on(cls, condition: Callable[..., bool], backoff: float = 30.0) -> Callable[..., bool]:
         """Pause the job while ``condition`` holds: it re-enqueues itself ``backoff`` seconds later.
@@ -153,6 +168,8 @@ class IterativeTask(Task):
         Applies to the class it is called on and its subclasses::
 
             Backfill.throttle_on(lambda: replica_lag() > 5, backoff=60)
+
+        In the class body, decorate a method with :func:`checkpoint.throttle_on` instead.
         """
         cls._throttles = tuple(cls._throttles) + ((condition, float(backoff)),)
         return condition
@@ -167,6 +184,8 @@ class IterativeTask(Task):
     def run(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         initial_cursor = kwargs.pop("cursor", None)
+        partition = Partition.from_message(kwargs.pop(PARTITION_KWARG, None))
+        request.checkpoint_partition = partition
         store = self._store()
         progress, resumed, stored_state = self._load_progress(request, initial_cursor, store)
         request.checkpoint_progress = progress
@@ -181,6 +200,8 @@ class IterativeTask(Task):
             raise Ignore()
         if stored_state == "revoked" or (request.id and not request.is_eager and revocation.is_revoked(request.id)):
             self._end_revoked(request, saver)
+        if not request.is_eager:
+            self._hand_back_if_stopping(request, args, kwargs, progress, initial_cursor)
         run_started = time.monotonic()
 
         if resumed:
@@ -308,7 +329,11 @@ class IterativeTask(Task):
             headers = dict(extra_options.get("headers") or getattr(request, "headers", None) or {})
             headers[HEADER] = progress.to_json()
             extra_options["headers"] = headers
-        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        signature = super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        send = _send_again.get()
+        if send is not None:  # checkpoint.testing: a retry's message is captured, not sent
+            signature.apply_async = lambda *a, **kw: send(signature)
+        return signature
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's retry; the retry message resumes at the item that failed (see signature_from_request)."""
@@ -342,8 +367,7 @@ class IterativeTask(Task):
             raise RuntimeError("checkpoint: refusing to re-enqueue the same run twice")
         request.checkpoint_reenqueued = True
         saver.save("interrupted")
-        if initial_cursor is not None:
-            kwargs = {**kwargs, "cursor": initial_cursor}
+        kwargs = _message_kwargs(request, kwargs, initial_cursor)
         options: dict[str, Any] = {"expires": None}
         if stop.backoff:
             options["countdown"] = stop.backoff
@@ -362,11 +386,43 @@ class IterativeTask(Task):
                            "cursor": progress.cursor, "times_interrupted": progress.times_interrupted})
         raise Ignore()
 
+    def _hand_back_if_stopping(self, request: Any, args: tuple, kwargs: dict, progress: Progress,
+                               initial_cursor: Any) -> None:
+        """A job received while the worker is already stopping (a solo or threads worker
+        drains its prefetched messages after TERM) is sent back before it starts: no
+        hooks, no enumerator built, no interruption counted, its row untouched."""
+        if "celery" not in self.interruption_adapters or not interruption.stopping():
+            return
+        kwargs = _message_kwargs(request, kwargs, initial_cursor)
+        options: dict[str, Any] = {"expires": None}
+        if self.interruption_backoff:
+            options["countdown"] = self.interruption_backoff
+        request.checkpoint_progress = progress if progress.iterations or progress.cursor is not None else None
+        signature = self.signature_from_request(request, args, kwargs, **options)
+        send = _send_again.get()
+        if send is None:
+            signature.apply_async()
+        else:
+            send(signature)
+        logger.info("checkpoint: %s[%s] not started: the worker is stopping; handed back", self.name, request.id,
+                    extra={"action": "handed_back", "task_id": request.id})
+        raise Ignore()
+
     def _store(self) -> CursorStore:
         store = self.cursor_store
         if store is None:
             store = store_for_app(self.app)
         return store
+
+
+def _message_kwargs(request: Any, kwargs: dict, initial_cursor: Any) -> dict:
+    """The keyword arguments a run sends itself again with: its own, plus what run() took out."""
+    if initial_cursor is not None:
+        kwargs = {**kwargs, "cursor": initial_cursor}
+    partition = getattr(request, "checkpoint_partition", None)
+    if partition is not None:
+        kwargs = {**kwargs, PARTITION_KWARG: partition.to_message()}
+    return kwargs
 
 
 def _describe(exc: BaseException) -> str:
@@ -383,17 +439,21 @@ def _pair(pair: Any, task_name: str) -> tuple:
 def _check_build_enumerator(cls: type) -> None:
     """A build_enumerator that cannot take ``cursor=`` is an error when the class is defined."""
     method = cls.__dict__.get("build_enumerator")
-    if method is None:
-        return
+    if method is not None:
+        check_takes_cursor(method, f"{cls.__qualname__}.build_enumerator",
+                           "def build_enumerator(self, ..., *, cursor=None)")
+
+
+def check_takes_cursor(function: Callable[..., Any], shown: str, example: str) -> None:
+    """Raise TypeError unless ``function`` accepts a ``cursor`` keyword argument."""
     try:
-        params = inspect.signature(method).parameters
+        params = inspect.signature(function).parameters
     except (TypeError, ValueError):
         return
     if "cursor" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    raise TypeError(f"{cls.__qualname__}.build_enumerator must accept a `cursor` keyword argument "
-                    "(the position to resume after; None on the first run): def build_enumerator(self, ..., *, "
-                    "cursor=None)")
+    raise TypeError(f"{shown} must accept a `cursor` keyword argument "
+                    f"(the position to resume after; None on the first run): {example}")
 
 
 def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:

@@ -62,12 +62,15 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     else:
         if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
             return []
-        r = t.ready
-        ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
-        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
-        if rows:
-            conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
-        taken = [(row.job_id, row.queue_name) for row in rows]
+        rows = _take_by_queue(conn, t, d, queues, limit)
+        if not rows:
+            return []
+        job_ids = [row.job_id for row in rows]
+        conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+                     {"ids": job_ids, "pid": process_id, "now": now})
+        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
+        # (The jobs' rows came with the locking read: no SELECT after the UPDATE.)
+        return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
     if not taken:
         return []
 
@@ -108,6 +111,43 @@ def _claim_candidates(t: Tables, d: Dialect):
         .limit(bindparam("limit", type_=Integer(), literal_execute=d.server_prepared))
     )
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
+
+
+def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str], limit: int) -> list:
+    """Lock the next ready rows (and their jobs) one queue at a time, delete the best ``limit`` by primary key (MySQL).
+
+    Returns rows of (id, job_id, queue_name, priority, payload, deliveries), best first.
+
+    Why one queue at a time: InnoDB locks every row a locking read examines,
+    and ``queue_name IN (a, b) ORDER BY priority, job_id`` cannot come out of
+    the poll index in order, so it would read, sort and lock every ready row
+    of those queues (and a second worker's SKIP LOCKED would then find
+    nothing).  ``queue_name = :queue`` walks the index in its own order and
+    stops after ``limit`` rows.  Queues go in name order and rows in index
+    order, the same for every worker, and the rows are deleted by primary key,
+    never by a range (the rule of rails/solid_queue #162, #240).  Rows locked
+    beyond the best ``limit`` (several queues) are let go at commit.  A paused
+    queue is a primary-key look at ``pauses`` inside the same statement.
+    """
+    r, p, wanted = t.ready, t.pauses, sorted(set(queues))
+    j = t.jobs
+    stmt = prebuilt(t, d, "claim_queue", lambda: (
+        # The job rows are locked too (by primary key, after their ready row): the claim updates them next.
+        select(r.c.id, r.c.job_id, r.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+        .join(j, j.c.id == r.c.job_id)
+        .where(r.c.queue_name == bindparam("queue"))
+        .where(~exists(select(p.c.queue_name).where(p.c.queue_name == bindparam("queue"))))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        .limit(bindparam("limit", type_=Integer()))
+        .with_for_update(skip_locked=d.skip_locked)))
+    rows = []
+    for queue in wanted:
+        rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
+    rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
+    if rows:
+        conn.execute(prebuilt(t, d, "claim_delete", lambda: delete(r).where(r.c.id.in_(bindparam("ids", expanding=True)))),
+                     {"ids": sorted(row.id for row in rows)})
+    return rows
 
 
 def _claim_take(t: Tables, d: Dialect):
@@ -383,7 +423,7 @@ class Claims(Gateway):
         """The claim loop's write (see ``acks_and_claim``); one round trip on PostgreSQL."""
         return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
                               queues=queues, limit=limit, process_id=process_id, now=now,
-                              single=one_statement(self.d, marks, finishes))
+                              single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
         return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,

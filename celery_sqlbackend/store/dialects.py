@@ -64,6 +64,11 @@ class Dialect:
     #: Deliver through Celery's event loop (see ``eventloop``), which runs the
     #: prefork pool as ``AsynPool``: no pool threads in the worker's main process.
     event_loop: bool = False
+    #: An idle poll reads before it claims (one plain SELECT): SQLite, where a
+    #: claim takes the write lock, and MySQL/MariaDB, where idle workers poll (no
+    #: NOTIFY) and a claim is a locking read, a fence and a commit.  Not PostgreSQL:
+    #: NOTIFY wakes idle workers, and its claim is one round trip anyway.
+    look_before_claim: bool = False
     #: In the event loop, claim on a thread of its own: where a claim is mostly a
     #: wait on a server (PostgreSQL).  Otherwise the hub's thread claims (SQLite,
     #: where a claim is CPU in this process, and a thread would only compete for the GIL).
@@ -80,14 +85,33 @@ def dialect_of(engine: Engine) -> Dialect:
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
-        return Dialect(name=name, delete_returning=True, update_returning=True, embedded=True,
+        return Dialect(name=name, delete_returning=True, update_returning=True, embedded=True, look_before_claim=True,
                        insert_on_conflict=sqlite.insert, event_loop=True,
                        id_list="json" if _sqlite_has_json() else "expanding")
     if name in ("mysql", "mariadb"):
-        mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
+        mariadb = _is_mariadb(engine)
+        # Celery's blocking loop: it drained 1.7-2x faster than the event loop's claim thread here
+        # (a claim is eight or nine round trips, each parsed by the driver in Python, on a thread
+        # competing with the hub for the GIL); see bench/README.md.
         return Dialect(name="mariadb" if mariadb else "mysql", skip_locked=True, delete_returning=mariadb,
-                       delete_in_limited_subquery=False)
-    return Dialect(name=name)
+                       delete_in_limited_subquery=False, look_before_claim=True)
+    return Dialect(name=name, look_before_claim=True)
+
+
+def _is_mariadb(engine: Engine) -> bool:
+    """MariaDB (``DELETE … RETURNING``) or MySQL: the driver knows only once it has connected.
+
+    A URL spelled ``mariadb+…`` says so at once; otherwise one connection is
+    opened to ask.  If the server cannot be reached now, MySQL's statements
+    are used (they run on both).
+    """
+    if getattr(engine.dialect, "is_mariadb", None) is None or engine.dialect.server_version_info is None:
+        try:
+            with engine.connect():
+                pass
+        except DBAPIError:
+            return engine.dialect.name == "mariadb"
+    return bool(getattr(engine.dialect, "is_mariadb", False))
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,24 +128,31 @@ def _sqlite_has_json() -> bool:
         conn.close()
 
 
-# Driver error codes that mean "the transaction lost a race; run it again".
-_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}   # serialization, deadlock, lock not available
-_RETRYABLE_MYSQL_CODES = {1205, 1213}                 # lock wait timeout, deadlock
+# Driver error codes that mean "the transaction lost a race; run it again", by cause.
+_RETRYABLE_SQLSTATES = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock not available"}
+_RETRYABLE_MYSQL_CODES = {1205: "lock wait timeout", 1213: "deadlock"}
 _RETRYABLE_SQLITE_TEXT = ("database is locked", "database table is locked", "database is busy")
+
+
+def retry_cause(exc: BaseException) -> str | None:
+    """Why a fresh transaction can win where this one lost (for the retry counts), or None."""
+    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
+        return None
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES:   # (first: 1213 is SQLSTATE 40001)
+        return _RETRYABLE_MYSQL_CODES[args[0]]
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate in _RETRYABLE_SQLSTATES:
+        return _RETRYABLE_SQLSTATES[sqlstate]
+    if isinstance(exc, OperationalError) and any(t in str(orig).lower() for t in _RETRYABLE_SQLITE_TEXT):
+        return "sqlite busy"
+    return None
 
 
 def is_retryable(exc: BaseException) -> bool:
     """True for lock conflicts that a fresh transaction can win."""
-    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
-        return False
-    orig = exc.orig
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if sqlstate in _RETRYABLE_SQLSTATES:
-        return True
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES:
-        return True
-    return isinstance(exc, OperationalError) and any(t in str(orig).lower() for t in _RETRYABLE_SQLITE_TEXT)
+    return retry_cause(exc) is not None
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from sqlalchemy import inspect as inspect_db
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
 )
+from sqlalchemy.dialects import mysql
 
 DEFAULT_PREFIX = "sqlq_"
 
@@ -30,11 +33,20 @@ DEFAULT_PREFIX = "sqlq_"
 #: a column declared exactly ``INTEGER PRIMARY KEY``, hence the variant.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
+#: MySQL/MariaDB types where the generic ones fall short there: a plain DATETIME
+#: keeps whole seconds (heartbeats, claim times and result order need
+#: microseconds), and TEXT/BLOB stop at 64 KiB (a task's arguments and a result
+#: may be megabytes).  Other engines get the generic type.  Revision 0003 moves
+#: a database made by 0001 to these.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+LongBinary = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
 
 def _ts(name: str, **kw) -> Column:
     # Naive UTC everywhere: SQLite has no time zones, and one convention on
     # every engine keeps comparisons (due, expired, dead) trivially right.
-    return Column(name, DateTime(), **kw)
+    return Column(name, Timestamp, **kw)
 
 
 class Tables:
@@ -57,7 +69,7 @@ class Tables:
             Column("task_name", String(255)),
             Column("task_id", String(255)),
             Column("priority", Integer, nullable=False, default=0),
-            Column("payload", Text, nullable=False),
+            Column("payload", LongText, nullable=False),
             _ts("created_at", nullable=False),
             _ts("scheduled_at"),
             _ts("expires_at"),
@@ -117,7 +129,7 @@ class Tables:
             job_fk(),
             Column("queue_name", String(255), nullable=False),
             Column("error_class", String(255), nullable=False),
-            Column("error", Text, nullable=False),
+            Column("error", LongText, nullable=False),
             _ts("failed_at", nullable=False),
             UniqueConstraint("job_id", name=f"uq_{p}failed_job"),
             Index(f"ix_{p}failed_at", "failed_at"),
@@ -130,6 +142,9 @@ class Tables:
             Column("name", String(255), nullable=False),
             Column("hostname", String(255), nullable=False),
             Column("pid", Integer, nullable=False),
+            # What identifies this run of ``pid`` (boot, PID namespace, start time; see
+            # ``pid_identity``), so a pruner on the same host can see at once that it is gone.
+            Column("pid_identity", String(255)),
             Column("pool", String(32)),
             Column("concurrency", Integer),
             Column("queues", Text),
@@ -171,7 +186,7 @@ class Tables:
             Column("status", String(50), nullable=False),
             Column("content_type", String(128), nullable=False),
             Column("content_encoding", String(64), nullable=False),
-            Column("payload", LargeBinary, nullable=False),
+            Column("payload", LongBinary, nullable=False),
             Column("name", String(255)),
             Column("worker", String(255)),
             Column("retries", Integer),
@@ -190,7 +205,7 @@ class Tables:
             Column("group_id", String(255), nullable=False),
             Column("content_type", String(128), nullable=False),
             Column("content_encoding", String(64), nullable=False),
-            Column("payload", LargeBinary, nullable=False),
+            Column("payload", LongBinary, nullable=False),
             _ts("date_done", nullable=False),
             UniqueConstraint("group_id", name=f"uq_{p}groups_group"),
             Index(f"ix_{p}groups_date_done", "date_done"),
@@ -275,12 +290,12 @@ class Tables:
             Column("task_name", String(255)),
             # running | interrupted | done | failed | revoked
             Column("state", String(16), nullable=False, default="running", server_default="running"),
-            Column("cursor", Text),  # JSON
-            Column("counters", Text, nullable=False),  # JSON: times_interrupted, total_time, ...
+            Column("cursor", LongText),  # JSON
+            Column("counters", LongText, nullable=False),  # JSON: times_interrupted, total_time, ...
             Column("iterations", BigInteger, nullable=False, default=0, server_default="0"),
             Column("total", BigInteger),
             Column("fraction", Float),
-            Column("error", Text),
+            Column("error", LongText),
             _ts("started_at"),
             _ts("updated_at", nullable=False),
             _ts("finished_at"),
@@ -292,3 +307,30 @@ class Tables:
 def tables(prefix: str = DEFAULT_PREFIX) -> Tables:
     """One shared ``Tables`` per prefix (table objects are immutable once built)."""
     return Tables(prefix)
+
+
+def missing_columns(inspector, t: Tables) -> list:
+    """The nullable columns this version defines that existing tables lack, as ``(table, column)``."""
+    missing = []
+    for table in t.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing += [(table, column) for column in table.columns
+                    if column.name not in present and column.nullable and not column.primary_key]
+    return missing
+
+
+def add_missing_columns(conn, t: Tables) -> list[str]:
+    """Add to existing tables the nullable columns this version defines and they lack; returns them.
+
+    Why: tables created at run time (SQLite's default) get no migrations, yet a
+    newer version may add a column (``processes.pid_identity``).  Only nullable
+    columns are ever added this way; anything else needs a migration.
+    """
+    added = []
+    for table, column in missing_columns(inspect_db(conn), t):
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(table)} ADD COLUMN {ddl}")
+        added.append(f"{table.name}.{column.name}")
+    return added

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, update
 
 from .dialects import Dialect
+from .gateway import Gateway
 from .schema import Tables
 from .sql import in_ids, prebuilt
 
@@ -115,3 +116,13 @@ def clear_expired(conn: Connection, t: Tables, *, now: datetime, limit: int) -> 
     if keys:
         conn.execute(delete(k).where(k.c.key.in_(keys), k.c.expires_at <= bindparam("now")), {"now": now})
     return len(keys)
+
+
+class UniqueKeys(Gateway):
+    """``store.unique_keys``: the maintenance of keys (taking and releasing them is part of the
+    enqueue, claim, finish and fail transactions: ``jobs``, ``claims``, ``failed``)."""
+
+    __slots__ = ()
+
+    def clear_expired(self, *, now: datetime, limit: int) -> int:
+        return self.store.run(clear_expired, self.t, now=now, limit=limit)

@@ -1,20 +1,22 @@
 """Unique jobs: the table of held keys (``sqlq_unique``).
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-02
 
 Frozen: later schema changes get a new revision, never an edit here.
 """
 from alembic import context, op
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # as jobs.id
+Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")   # as schema.py (0003)
 
 
 def _prefix() -> str:
@@ -32,8 +34,8 @@ def upgrade() -> None:
         sa.Column("task_id", sa.String(255), nullable=False),
         sa.Column("job_id", Id, sa.ForeignKey(f"{p}jobs.id", ondelete="CASCADE")),
         sa.Column("held_until", sa.String(16)),
-        sa.Column("expires_at", sa.DateTime()),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", Timestamp),
+        sa.Column("created_at", Timestamp, nullable=False),
     )
     op.create_index(f"ix_{p}unique_keys_job", f"{p}unique_keys", ["job_id"])
     op.create_index(f"ix_{p}unique_keys_expires", f"{p}unique_keys", ["expires_at"])

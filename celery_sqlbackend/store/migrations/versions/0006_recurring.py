@@ -1,7 +1,7 @@
 """Recurring tasks: their definitions and one row per enqueued slot (celery_sqlbackend.beat).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-02
 
 Frozen: later schema changes get a new revision, never an edit here.
@@ -10,8 +10,8 @@ from alembic import context, op
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-revision = "0004"
-down_revision = "0003"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
