@@ -103,7 +103,7 @@ def test_runtime_add_pause_resume_remove_seen_by_running_schedulers(tmp_path, db
 
 def _paused_for(db_url, seconds: float) -> bool:
     from tests.harness import rows
-    r = rows(db_url, "SELECT paused, updated_at FROM sqlq_recurring_tasks WHERE key = 'dyn'")
+    r = rows(db_url, "SELECT paused, updated_at FROM sqlq_recurring_tasks WHERE task = 'rec.ping'")
     if not (r and r[0][0]):
         return False
     at = r[0][1] if isinstance(r[0][1], datetime) else datetime.fromisoformat(r[0][1])
