@@ -44,3 +44,16 @@ class RejectedError(SQLQError):
 
 class UndecodableMessageError(SQLQError):
     """A stored payload could not be decoded into a kombu message."""
+
+
+class MalformedMessageError(SQLQError):
+    """A claimed message is not something a Celery worker can turn into a task (wrong shape, headers or
+    delivery_info not mappings)."""
+
+
+class RefusedContentError(SQLQError):
+    """A claimed message's content type is not in the worker's ``accept_content``."""
+
+
+class WorkerCrashedError(SQLQError):
+    """The worker exited with an unrecoverable error while holding the job (counts toward ``max_releases``)."""

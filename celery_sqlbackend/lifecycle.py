@@ -30,6 +30,7 @@ import atexit
 import logging
 
 from celery import signals
+from kombu.serialization import prepare_accept_content
 
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
@@ -83,7 +84,8 @@ def on_worker_init(sender=None, **_):
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
-                                   terminating=worker_terminating))
+                                   terminating=worker_terminating,
+                                   accept=prepare_accept_content(worker.app.conf.accept_content)))
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
@@ -121,5 +123,10 @@ def on_worker_shutdown(sender=None, **_):
     if not worker_terminating():             # (a cold shutdown killed, not finished, them)
         proc.acks.finish_completed(running_tags())   # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
+    if getattr(sender, "exitcode", None) not in (None, 0):
+        # "Unrecoverable error": what it held goes back counted, so a crash loop ends in failed.
+        proc.deregister(reason="WorkerCrashedError: the worker exited with an unrecoverable error "
+                               f"(exit code {sender.exitcode}) while holding the job", crashed=True)
+        return
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

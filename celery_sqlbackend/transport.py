@@ -54,9 +54,9 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance
+from . import fanout, maintenance, poison
 from .claim_round import Messages, claim_round, wait_for_work
-from .errors import RejectedError, UndecodableMessageError
+from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
@@ -260,20 +260,38 @@ class Channel(virtual.Channel):
         return messages
 
     def _decode(self, job, process_id: int) -> dict | None:
-        """The stored message with a fresh delivery tag, or None (and the job failed) if unreadable."""
+        """The stored message with a fresh delivery tag, or None (and the job failed) if a worker cannot use it.
+
+        In a Celery worker a task message is checked as Celery will read it (``poison``): what would be
+        acked unread or crash the worker is failed here, with the reason, and the rest of the batch goes on.
+        """
         try:
             payload = json.loads(job.payload)
-            props = payload["properties"]
-            self.decode_body(payload.get("body"), props.get("body_encoding"))
+            problem = poison.envelope_problem(payload)
+            if problem is None:
+                props = payload["properties"]
+                body = self.decode_body(payload.get("body"), props.get("body_encoding"))
         except Exception as exc:
-            reason = (f"{UndecodableMessageError.__name__}: job {job.job_id} in queue {job.queue_name!r} "
-                      f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
-                      "it was moved to failed and the worker went on")
-            log.error(reason)
-            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            self._fail_unusable(job, process_id, UndecodableMessageError.__name__,
+                                f"the payload is not a kombu message ({exc.__class__.__name__}: {exc})")
             return None
+        if problem is not None:
+            self._fail_unusable(job, process_id, MalformedMessageError.__name__, problem)
+            return None
+        worker = self.worker
+        if worker is not None and worker.accept is not None and job.queue_name not in self._no_ack_queues:
+            verdict = poison.task_problem(payload, body, worker.accept)
+            if verdict is not None:
+                self._fail_unusable(job, process_id, *verdict)
+                return None
         return for_delivery(payload, job.job_id, job.deliveries)
+
+    def _fail_unusable(self, job, process_id: int, error_class: str, why: str) -> None:
+        reason = (f"{error_class}: job {job.job_id} in queue {job.queue_name!r}: {why}; "
+                  "it was moved to failed and the worker went on")
+        log.error("%s", reason)
+        self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                               error_class=error_class, error=reason, now=utcnow())
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
