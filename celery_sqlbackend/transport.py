@@ -229,8 +229,13 @@ class Channel(virtual.Channel):
         self._maybe_dispatch_due()
         proc = self.process
         proc.claiming(self)
-        process_id = proc.ensure_registered()
         store = self.store
+        if proc.id is None and self._broadcast_only(queues):
+            # A client reading replies or events (``celery inspect``, Flower) is no registered process.
+            taken = store.claims.take_unowned(queues=queues, limit=limit)
+            return [(payload, job.queue_name) for job in taken
+                    if (payload := self._decode(job, None)) is not None]
+        process_id = proc.ensure_registered()
         # Idle SQLite polls stay reads; only pending acks need the write lock.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
@@ -259,7 +264,7 @@ class Channel(virtual.Channel):
                                           now=utcnow(), keep=False)
         return messages
 
-    def _decode(self, job, process_id: int) -> dict | None:
+    def _decode(self, job, process_id: int | None) -> dict | None:
         """The stored message with a fresh delivery tag, or None (and the job failed) if a worker cannot use it.
 
         In a Celery worker a task message is checked as Celery will read it (``poison``): what would be
@@ -286,7 +291,11 @@ class Channel(virtual.Channel):
                 return None
         return for_delivery(payload, job.job_id, job.deliveries)
 
-    def _fail_unusable(self, job, process_id: int, error_class: str, why: str) -> None:
+    def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
+        """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""
+        if process_id is None:
+            log.error("%s: job %s in queue %r: %s; it was dropped", error_class, job.job_id, job.queue_name, why)
+            return
         reason = (f"{error_class}: job {job.job_id} in queue {job.queue_name!r}: {why}; "
                   "it was moved to failed and the worker went on")
         log.error("%s", reason)
