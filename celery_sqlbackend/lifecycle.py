@@ -30,8 +30,10 @@ import atexit
 import logging
 
 from celery import signals
+from celery._state import connect_on_app_finalize
 from kombu.serialization import prepare_accept_content
 
+from . import config_check
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -52,6 +54,13 @@ def connect_signals() -> None:
     signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+    # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
+    connect_on_app_finalize(on_app_finalize)
+
+
+def on_app_finalize(app) -> None:
+    """A producer's first task call: a broken sqlq configuration fails here, saying what to write."""
+    config_check.check(app.conf)
 
 
 def broker_store(app):
@@ -68,7 +77,12 @@ def worker_process(app) -> LocalProcess | None:
 
 
 def on_celeryd_init(sender=None, conf=None, **_):
-    """Step 0: before the worker connects, fold ``sqlq_*`` settings into the transport options."""
+    """Step 0: before the worker connects, stop on a broken configuration (``config_check``: Celery
+    would log an exception raised here and go on, so this exits), then fold ``sqlq_*`` settings into
+    the transport options."""
+    found = config_check.problems(conf) if conf is not None else []
+    if found:
+        raise SystemExit("celery_sqlbackend configuration error:\n  " + "\n  ".join(found))
     if conf is not None and broker_database_url(conf) is not None:
         conf.broker_transport_options = from_celery_conf(conf)
 

@@ -63,6 +63,7 @@ from .notify import waiter_for
 from .options import Options
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
+from .urls import SCHEME, mask as mask_url
 from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.transport")
@@ -461,6 +462,12 @@ class Transport(virtual.Transport):
             event_loop = store_for(client.hostname, self.options).dialect.event_loop
         # Celery picks its event loop (and AsynPool) from this, per connection.
         self.implements = self.implements.extend(asynchronous=event_loop)
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL as Celery shows it (banner, "Connected to", retry lines): password masked by
+        ``urls.mask``, which also copes with passwords kombu's parser gets wrong (``/``, ``@``, ``#``)."""
+        full = f"{SCHEME}+{uri}"
+        return full if include_password else mask_url(full)
 
     def driver_version(self):
         import sqlalchemy
