@@ -145,6 +145,9 @@ json_option = click.option("--json", "json_out", is_flag=True, help="Print one J
 @click.pass_context
 def sqlq(ctx):
     """Operate the SQL broker: status, failed jobs, queues, pruning, migrations."""
+    # Subcommands defined in other modules (the dashboard) find the store here,
+    # so that they need not import this module (which imports them).
+    ctx.meta[STORE_LOOKUP] = lambda: _store(ctx)
 
 
 # --------------------------------------------------------------------------- status
@@ -470,5 +473,5 @@ def check(ctx, json_out):
         ctx.exit(1)
 
 
-from .web.command import web as _web  # noqa: E402  (the dashboard: its extra is imported only when it runs)
+from .web.command import STORE_LOOKUP, web as _web  # noqa: E402  (the dashboard: its extra is imported only when it runs)
 sqlq.add_command(_web)

@@ -34,8 +34,11 @@ def _listen(dsn: str, channel: str) -> Any:
 
 
 def _dsn(store: Store) -> str:
-    """The store's URL as a libpq DSN (the password included: it is never logged, see ``mask``)."""
-    return store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """The store's URL as a libpq connection string (with the password: it is never logged, see ``mask``)."""
+    from psycopg.conninfo import make_conninfo
+    url = store.engine.url
+    args = url.translate_connect_args(username="user", database="dbname")
+    return make_conninfo("", **{k: str(v) for k, v in {**args, **url.query}.items()})
 
 
 class NotifyWaiter:

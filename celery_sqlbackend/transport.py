@@ -182,7 +182,7 @@ class Channel(virtual.Channel):
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
     def _get(self, queue, timeout=None):
-        """One message (``basic_get``); consumers go through ``_get_many``."""
+        """One message (``basic_get``); consumers go through the claim round (``claim_round``)."""
         messages = self._claim([queue], 1)
         if not messages:
             raise Empty()

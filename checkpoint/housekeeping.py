@@ -19,6 +19,8 @@ import threading
 from typing import Any, Optional
 
 from . import limits, revocation
+from sqlalchemy.pool import NullPool
+
 from .store import DEFAULT_EXPIRES, SQLCursorStore, store_for_app
 
 __all__ = ["start", "stop", "startup_warnings", "RELAY_INTERVAL"]
@@ -37,10 +39,22 @@ def iterative_tasks(app: Any) -> list:
     return [t for t in app.tasks.values() if isinstance(t, IterativeTask)]
 
 
+def _own_store(store: Any) -> Any:
+    """A private, unpooled copy of a SQL store for the main process.
+
+    Pool children are forked from the main process at any time (a killed
+    child is replaced): no connection of ours may stay open there, or a
+    child could inherit SQLite lock state it does not hold.
+    """
+    if isinstance(store, SQLCursorStore):
+        return SQLCursorStore(store.url, table_prefix=store.table.name[:-len("checkpoints")], poolclass=NullPool)
+    return store
+
+
 def startup_warnings(app: Any, tasks: list) -> list[str]:
     """Configuration problems worth one log line each when a worker starts."""
     warnings = []
-    stores = {t.cursor_store if t.cursor_store is not None else store_for_app(app) for t in tasks}
+    stores = {_own_store(t.cursor_store if t.cursor_store is not None else store_for_app(app)) for t in tasks}
     if any(not getattr(s, "durable", True) for s in stores):
         warnings.append(
             "checkpoint: no durable cursor store (the broker is not sqlq+ and checkpoint_store_url is unset): "
@@ -81,7 +95,7 @@ class Housekeeper(threading.Thread):
                 self.expire()
 
     def expire(self) -> None:
-        store = store_for_app(self.app)
+        store = _own_store(store_for_app(self.app))
         if not isinstance(store, SQLCursorStore):
             return
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import threading
 from typing import Iterable
 
@@ -31,6 +32,14 @@ _buf = mmap.mmap(-1, 1 + SLOTS * _DIGEST, flags=mmap.MAP_SHARED)
 _next_slot = 0
 _write_lock = threading.Lock()
 _relayed: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    global _write_lock
+    _write_lock = threading.Lock()  # the relay thread may hold it while the pool forks
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _digest(task_id: str) -> bytes:

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Optional, Protocol
 
 import sqlalchemy as sa
@@ -182,6 +183,7 @@ class SQLCursorStore:
         self._engine: Optional[sa.Engine] = None
         self._pid = 0
         self._lock = threading.Lock()
+        _instances.add(self)
 
     @property
     def engine(self) -> sa.Engine:
@@ -303,6 +305,23 @@ def _merge(cursor_json: Optional[str], counters_json: str) -> str:
 
 _stores: dict[tuple, SQLCursorStore] = {}
 _stores_lock = threading.Lock()
+_instances: "weakref.WeakSet[SQLCursorStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The worker's housekeeping thread may hold a lock (creating an engine,
+    # expiring rows) at the moment the pool forks: the child would inherit it
+    # locked and hang at its first checkpoint.  Fresh locks, no inherited pool.
+    global _stores_lock
+    _stores_lock = threading.Lock()
+    for store in list(_instances):
+        store._lock = threading.Lock()
+        if store._engine is not None:
+            store._engine.dispose(close=False)
+            store._engine = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def store_url_for_app(app: Any) -> Optional[str]:

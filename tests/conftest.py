@@ -49,6 +49,11 @@ ENGINE_FIXTURES = {
 ENGINE_PARAMETERS = ("db_url", "backend_db")
 #: Module-scoped fixtures: a module's tests on one engine share them, so they go to one xdist worker.
 MODULE_SCOPED = ("backend_db",)
+#: Modules of long tests (tens of seconds each: fault soaks, whole demos, many CLI processes), started
+#: first so that the xdist workers finish together instead of one of them running these at the end.
+LONG_FIRST = ("processes/test_soak_and_faults.py", "test_demo.py", "ops/test_remote_control.py",
+              "ops/test_sqlq_cli.py", "checkpoint/test_examples.py", "backend/test_workers.py",
+              "processes/test_worker_lifecycle.py", "checkpoint/test_workers.py")
 
 ENGINE_PARAMS = engines.engine_params()
 
@@ -207,7 +212,12 @@ def pytest_collection_modifyitems(config, items):
         keep.append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = sorted(keep, key=_long_first)   # stable: a module's tests stay together and in order
+
+
+def _long_first(item) -> int:
+    path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    return LONG_FIRST.index(path) if path in LONG_FIRST else len(LONG_FIRST)
 
 
 def pytest_report_header(config):

@@ -153,17 +153,6 @@ class Store:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def q(self, statement: str, /, *, single: bool = False, **kwargs: Any) -> Any:
-        """Run the named statement from ``queries`` with this store's tables (and dialect if it takes one).
-
-        ``single``: the statement function runs exactly one statement (see ``run``).
-        """
-        from . import queries   # (temporary: until every caller uses the gateways)
-        fn = getattr(queries, statement)
-        if "d" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-            return self.run(fn, self.t, self.dialect, single=single, **kwargs)
-        return self.run(fn, self.t, single=single, **kwargs)
-
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``run`` for a transaction that only reads (on SQLite it never takes the write lock)."""
         return self.run(fn, *args, read_only=True, **kwargs)

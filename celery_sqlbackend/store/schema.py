@@ -43,7 +43,7 @@ class Tables:
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         self.prefix = prefix
         self.metadata = md = MetaData()
-        #: Hot statements built once (see ``queries._prebuilt``), by (name, dialect name).
+        #: Hot statements built once (see ``sql.prebuilt``), by (name, dialect name).
         self.prebuilt: dict[tuple[str, str], object] = {}
         p = prefix
 
@@ -79,7 +79,7 @@ class Tables:
             Column("priority", Integer, nullable=False, default=0),
             _ts("created_at", nullable=False),
             UniqueConstraint("job_id", name=f"uq_{p}ready_job"),
-            # Must match queries.claim's ORDER BY exactly (higher priority
+            # Must match claims.claim's ORDER BY exactly (higher priority
             # first, FIFO within a priority), or MySQL falls back to a filesort
             # and locks every row it scans.
             Index(f"ix_{p}ready_poll", "queue_name", Column("priority").desc(), "job_id"),

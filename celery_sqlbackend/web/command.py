@@ -10,6 +10,9 @@ import socket
 
 import click
 
+#: ``ctx.meta`` key under which ``celery sqlq`` puts a function returning the app's store.
+STORE_LOOKUP = "celery_sqlbackend.store_lookup"
+
 
 @click.command(name="web")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -33,8 +36,7 @@ def web(ctx, host: str, port: int, read_only: bool, log_level: str) -> None:
                                    f"({exc.name or exc} is missing)") from None
     import os
 
-    from ..cli import _store
-    app = create_app(_store(ctx), read_only=read_only)
+    app = create_app(ctx.meta[STORE_LOOKUP](), read_only=read_only)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

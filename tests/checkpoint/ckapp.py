@@ -9,7 +9,12 @@ Configured by environment variables so one module serves every test:
     CK_CHECKPOINT_EVERY  durable checkpoint cadence in iterations (default 100)
     CK_POOL_START_METHOD  worker_pool_start_method (e.g. "spawn")
     CK_SOFT_SHUTDOWN  worker_soft_shutdown_timeout (seconds)
-    CK_RESULTS    store results (in the broker's database)
+    CK_RESULTS    store results (in the broker's database, or CK_BACKEND)
+    CK_BACKEND    result backend URL (sets CK_RESULTS)
+    CK_STORE      checkpoint_store_url (durable cursors when the broker is not sqlq)
+    CK_QUEUE      task_default_queue (isolates tests sharing one Redis)
+    CK_VISIBILITY Redis visibility_timeout (seconds); restores unacked messages every second
+    CK_DEFAULT_RUNTIME  1: leave max_job_runtime at the library default
 """
 from __future__ import annotations
 
@@ -29,16 +34,27 @@ BROKER = os.environ.get("CK_BROKER") or f"sqlq+sqlite:///{DIR}/jobs.sqlite3"
 ITEMS_DB = os.path.join(DIR, "items.sqlite3")
 
 app = Celery("ckapp", broker=BROKER)
+if BROKER.startswith("sqlq+"):
+    transport_options = {"polling_interval": 0.05, "heartbeat_interval": 0.5, "alive_threshold": 2.0,
+                         "dispatch_interval": 0.2}
+else:
+    transport_options = {"polling_interval": 0.05}
+    if os.environ.get("CK_VISIBILITY"):
+        transport_options.update(visibility_timeout=float(os.environ["CK_VISIBILITY"]),
+                                 unacked_restore_interval=1, unacked_restore_throttle=1)
 app.conf.update(
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"polling_interval": 0.05, "heartbeat_interval": 0.5, "alive_threshold": 2.0,
-                              "dispatch_interval": 0.2},
+    broker_transport_options=transport_options,
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
-if os.environ.get("CK_RESULTS"):
-    app.conf.update(result_backend=BROKER, task_ignore_result=False)
+if os.environ.get("CK_QUEUE"):
+    app.conf.task_default_queue = os.environ["CK_QUEUE"]
+if os.environ.get("CK_STORE"):
+    app.conf.checkpoint_store_url = os.environ["CK_STORE"]
+if os.environ.get("CK_RESULTS") or os.environ.get("CK_BACKEND"):
+    app.conf.update(result_backend=os.environ.get("CK_BACKEND") or BROKER, task_ignore_result=False)
 if os.environ.get("CK_SOFT_SHUTDOWN"):
     app.conf.worker_soft_shutdown_timeout = float(os.environ["CK_SOFT_SHUTDOWN"])
 if os.environ.get("CK_POOL_START_METHOD"):
@@ -84,7 +100,8 @@ class CountTo(IterativeTask):
     name = "ck.count_to"
     checkpoint_every = int(os.environ.get("CK_CHECKPOINT_EVERY", "100"))
     checkpoint_interval = 3600.0
-    max_job_runtime = float(os.environ["CK_MAX_RUNTIME"]) if os.environ.get("CK_MAX_RUNTIME") else None
+    max_job_runtime = (float(os.environ["CK_MAX_RUNTIME"]) if os.environ.get("CK_MAX_RUNTIME")
+                       else None if os.environ.get("CK_DEFAULT_RUNTIME") else float("inf"))
 
     def build_enumerator(self, n, *, cursor=None):
         return self.enumerate.integers(0, n, cursor=cursor)
@@ -103,21 +120,82 @@ class CountTo(IterativeTask):
             (self.request.id, event, os.getpid(), repr(p.cursor), p.iterations, p.times_interrupted,
              self.request.retries, time.time()))
 
-    def on_start(self, n):
+    def on_start(self, n, *args):
         self._record("start")
 
-    def on_resume(self, n):
+    def on_resume(self, n, *args):
         self._record("resume")
 
-    def on_shutdown(self, n):
+    def on_shutdown(self, n, *args):
         self._record("shutdown")
 
-    def on_complete(self, n):
+    def on_complete(self, n, *args):
         self._record("complete")
         return {"iterations": self.progress.iterations, "times_interrupted": self.progress.times_interrupted}
 
 
 count_to = app.register_task(CountTo())
+
+
+class Boom(Exception):
+    """Raised on purpose, once per listed item."""
+
+
+def first_time(name: str) -> bool:
+    """True the first time ``name`` is asked for, across processes and runs."""
+    return db().execute("INSERT OR IGNORE INTO marks VALUES (?, ?, ?)", (name, time.time(), os.getpid())).rowcount == 1
+
+
+class Flaky(CountTo):
+    """CountTo that raises Boom (autoretry) at ``fail_at`` and calls self.retry() at ``retry_at``, once each."""
+
+    name = "ck.flaky"
+    autoretry_for = (Boom,)
+    max_retries = 5
+    default_retry_delay = 0
+    retry_backoff = False
+
+    def build_enumerator(self, n, fail_at, retry_at, *, cursor=None):
+        return self.enumerate.integers(0, n, cursor=cursor)
+
+    def each_iteration(self, item, n, fail_at, retry_at):
+        if item in fail_at and first_time(f"raised:{item}"):
+            raise Boom(f"item {item}")
+        if item in retry_at and first_time(f"retried:{item}"):
+            raise self.retry(countdown=0)
+        super().each_iteration(item, n)
+
+
+flaky = app.register_task(Flaky())
+
+
+class WalkRows(IterativeTask):
+    """Walks typed_rows by the key column(s) named ``key``; records each row id as an item."""
+
+    name = "ck.walk_rows"
+    checkpoint_every = 50
+    checkpoint_interval = 3600.0
+    max_job_runtime = float(os.environ.get("CK_MAX_RUNTIME") or "inf")
+
+    def build_enumerator(self, url, key, offset, *, cursor=None):
+        import typed_rows
+        return self.enumerate.sqlalchemy_rows(typed_rows.select_all(), bind=typed_rows.engine(url), cursor=cursor,
+                                              columns=typed_rows.key_columns(key), batch_size=37)
+
+    def each_iteration(self, row, url, key, offset):
+        CountTo.each_iteration(self, offset + row.id, 0)
+
+    def on_start(self, *args):
+        CountTo._record(self, "start")
+
+    def on_resume(self, *args):
+        CountTo._record(self, "resume")
+
+    def on_complete(self, url, key, offset):
+        CountTo._record(self, "complete")
+
+
+walk_rows = app.register_task(WalkRows())
 
 
 @app.task(name="ck.watch_flag")

@@ -135,3 +135,32 @@ def test_empty_csv(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")
     assert list(en.csv_rows(str(path))) == []
+
+
+def test_cursors_are_validated_against_their_enumerator(tmp_path):
+    from checkpoint import InvalidCursorError
+    for bad in (-5, 10, 3, True, "2"):
+        with pytest.raises(InvalidCursorError):
+            en.integers(0, 10, 2, cursor=bad)
+    assert [c for _, c in en.integers(0, 10, 2, cursor=4)] == [6, 8]
+    assert list(en.integers(0, 10, 2, cursor=8)) == []
+    for bad in (-1, 3, 1.0):
+        with pytest.raises(InvalidCursorError):
+            en.sequence("abc", cursor=bad)
+    path = tmp_path / "x.csv"
+    path.write_text("a\n1\n")
+    with pytest.raises(InvalidCursorError, match="byte offset"):
+        en.csv_rows(str(path), cursor=99)
+
+
+def test_typed_keys_round_trip_through_json():
+    import datetime as dt
+    import decimal
+    import uuid as uuidlib
+    from checkpoint import keyset, validate_cursor
+    cols = sa.table("t", sa.column("a", sa.DateTime), sa.column("b", sa.Date), sa.column("c", sa.Numeric(10, 2)),
+                    sa.column("d", sa.Uuid), sa.column("e", sa.Integer)).c
+    values = [dt.datetime(2024, 2, 29, 23, 59, 59, 123456), dt.date(2024, 2, 29), decimal.Decimal("12.50"),
+              uuidlib.uuid4(), 7]
+    encoded = validate_cursor([keyset.encode_key(v) for v in values])
+    assert [keyset.decode_key(v, c) for v, c in zip(encoded, [cols.a, cols.b, cols.c, cols.d, cols.e])] == values

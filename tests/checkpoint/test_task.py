@@ -326,3 +326,53 @@ def test_run_to_completion_interrupts_every_n_items(app):
     assert [e[0] for e in events].count("resume") == 3
     assert task.interruption_adapters == ()
     assert run_to_completion(task, "y").runs == 1
+
+
+def test_a_copy_of_a_completed_or_revoked_job_does_nothing(app, adapter):
+    adapter(10**9)
+    task, processed, events = make_task(app, n=5)
+    result, _ = run_once(task, "done-1", ("x",))
+    assert result["iterations"] == 5 and processed == [0, 1, 2, 3, 4]
+    with pytest.raises(Ignore):  # a redelivered copy (visibility timeout, lost ack)
+        task.push_request(id="done-1", args=["x"], kwargs={}, headers={}, delivery_info={}, is_eager=False)
+        try:
+            task("x")
+        finally:
+            task.pop_request()
+    assert processed == [0, 1, 2, 3, 4], "nothing ran twice"
+    task.cursor_store.put("revoked-1", Progress(cursor=1, iterations=2), state="revoked")
+    with pytest.raises(Ignore):
+        task.push_request(id="revoked-1", args=["x"], kwargs={}, headers={}, delivery_info={}, is_eager=False)
+        try:
+            task("x")
+        finally:
+            task.pop_request()
+    assert len(processed) == 5 and task.cursor_store.get("revoked-1").state == "revoked"
+
+
+def test_build_enumerator_without_cursor_is_an_error_when_the_class_is_defined():
+    with pytest.raises(TypeError, match="must accept a `cursor` keyword"):
+        class NoCursor(IterativeTask):
+            def build_enumerator(self, account_id):
+                return []
+
+
+def test_items_that_are_not_pairs_are_a_clear_error(app, adapter):
+    adapter(10**9)
+    task, _, _ = make_task(app)
+    type(task).build_enumerator = lambda self, label, *, cursor=None: iter([1, 2])
+    with pytest.raises(TypeError, match=r"must yield \(item, cursor\) pairs, got 1"):
+        run_once(task, "np-1", ("x",))
+
+
+def test_default_max_job_runtime_follows_the_visibility_timeout():
+    from checkpoint import limits
+    redis = Celery("r", broker="redis://localhost:1/0", set_as_current=False)
+    redis.conf.broker_transport_options = {"visibility_timeout": 60}
+    assert limits.max_job_runtime(redis, None) == 30.0
+    assert limits.max_job_runtime(redis, float("inf")) is None
+    assert "not below the broker's visibility timeout (60s)" in limits.configuration_warnings(
+        redis, [type("T", (), {"name": "t", "max_job_runtime": 90})()])[0]
+    sqlq = Celery("s", broker="sqlq+sqlite:///x.db", set_as_current=False)
+    assert limits.max_job_runtime(sqlq, None) == limits.DEFAULT_MAX_JOB_RUNTIME
+    assert limits.configuration_warnings(sqlq, []) == []
