@@ -90,3 +90,31 @@ def test_bad_options_stop_the_worker_and_show_in_check(db_url, make_app, spawn_w
     assert "keep_finished must be >= 0" in json.dumps(cli.json("sqlq", "check", check=False))
     cli = make_app(db_url, transport_options={"polling_interval": "nan"})
     assert "polling_interval must be a finite number" in json.dumps(cli.json("sqlq", "check", check=False))
+
+
+@pytest.mark.parametrize("broker, says", [
+    ("sqlq+", "write 'sqlq+' followed by an SQLAlchemy URL"),
+    ("sqlq:/jobs.db", "(for this file: 'sqlq+sqlite:///jobs.db')"),
+    ("sqlq+postgresql+pg8000://user@127.0.0.1/db", "pip install 'celery-sqlbackend[postgres]'"),
+    ("sqlq+sqlite:////no/such/dir/jobs.db", "its directory '/no/such/dir' does not exist"),
+])
+def test_a_broken_broker_url_stops_the_worker_at_start_and_shows_in_check(tmp_path, broker, says):
+    from tests.harness import CeleryWorker, wait_until, write_app
+    from tests.ops.conftest import Cli
+    write_app(tmp_path, broker)
+    report = Cli(tmp_path).json("sqlq", "check", check=False)
+    assert not report["ok"] and says in json.dumps(report["checks"]), report
+    with CeleryWorker(tmp_path) as worker:
+        wait_until(lambda: not worker.alive(), 30, message="the worker stopped at start")
+        log = worker.log_text()
+    assert worker.returncode != 0 and says in log and "amqp://" not in log, log[-3000:]
+
+
+def test_an_sqlite_directory_it_cannot_write_is_an_error_not_a_reconnect_loop(tmp_path):
+    from tests.harness import CeleryWorker, wait_until, write_app
+    write_app(tmp_path, "sqlq+sqlite:////proc/jobs.sqlite3")   # /proc: no file can be created there, even by root
+    with CeleryWorker(tmp_path) as worker:
+        wait_until(lambda: not worker.alive(), 30, message="the worker stopped at start")
+        log = worker.log_text()
+    assert "SQLite cannot open or create '/proc/jobs.sqlite3'" in log, log[-3000:]
+    assert log.count("unable to open database file") <= 2, log[-3000:]
