@@ -118,3 +118,6 @@ def test_an_sqlite_directory_it_cannot_write_is_an_error_not_a_reconnect_loop(tm
         log = worker.log_text()
     assert "SQLite cannot open or create '/proc/jobs.sqlite3'" in log, log[-3000:]
     assert log.count("unable to open database file") <= 2, log[-3000:]
+    from tests.ops.conftest import Cli
+    report = Cli(tmp_path).json("sqlq", "check", check=False)
+    assert not report["ok"] and "SQLite cannot open or create" in json.dumps(report), report
