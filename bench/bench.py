@@ -214,6 +214,44 @@ def run_drains(targets: list[Target], args, work: Path) -> None:
         target.figures["enqueue_per_s"] = statistics.median(target.figures.pop("enqueue_runs"))
 
 
+ENQUEUE_ONCE = """
+import json
+from benchapp import app, once
+with app.producer_or_acquire() as p:
+    for i in range({n}):
+        once.apply_async((i,), producer=p)
+print(json.dumps({{}}))
+"""
+
+
+def two_workers(target: Target, args, work: Path) -> None:
+    """``--jobs`` numbered jobs drained by two workers at once: duplicates, losses and the rate.
+
+    Every job writes its number; once the count stops growing for a second
+    after the last expected line, the numbers are compared with the jobs sent.
+    """
+    marks = work / f"{target.name}.two.marks"
+    env = _env(target, marks, args.prefetch_multiplier)
+    fresh_database(target)
+    marks.unlink(missing_ok=True)
+    _py(ENQUEUE_ONCE.format(n=args.jobs), env)
+    workers = [Worker(env, work / f"{target.name}.two{i}.log") for i in range(2)]
+    try:
+        first, last = _wait_marks(marks, args.jobs, 600, workers[0])
+        settled, seen = time.monotonic(), _count(marks)
+        while time.monotonic() - settled < 1.0:      # a late duplicate would still show up here
+            time.sleep(0.05)
+            if _count(marks) != seen:
+                settled, seen = time.monotonic(), _count(marks)
+    finally:
+        for worker in workers:
+            worker.stop()
+    numbers = [int(x) for x in marks.read_text().split()]
+    target.figures["two_workers_per_s"] = (args.jobs - 1) / (last - first) if last > first else float("nan")
+    target.figures["two_workers_duplicates"] = len(numbers) - len(set(numbers))
+    target.figures["two_workers_lost"] = len(set(range(args.jobs)) - set(numbers))
+
+
 def run_target(target: Target, args, work: Path) -> None:
     """Latency (an idle worker) and the results run, after the drains."""
     marks = work / f"{target.name}.marks"
@@ -229,6 +267,9 @@ def run_target(target: Target, args, work: Path) -> None:
         target.figures["latency_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     finally:
         worker.stop()
+
+    if args.two_workers:
+        two_workers(target, args, work)
 
     if target.backend and not args.quick:
         env = _env(target, marks, args.prefetch_multiplier, with_backend=True)
@@ -348,6 +389,26 @@ def fresh_pg_db(base_url: str, name: str) -> str:
     return u.set(database=name).render_as_string(hide_password=False)
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def fresh_mysql_db(base_url: str, name: str, driver: str = "pymysql") -> str:
+    """A new, empty database ``name`` on the MariaDB/MySQL server of ``base_url``; its URL with ``driver``."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+    u = make_url(base_url)
+    conn = pymysql.connect(host=u.host, port=u.port or 3306, user=u.username, password=u.password or "")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    finally:
+        conn.close()
+    return u.set(drivername=f"mysql+{driver}", database=name).render_as_string(hide_password=False)
+
+
 # --------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -356,6 +417,10 @@ def main() -> None:
     ap.add_argument("--latency-samples", type=int, default=200)
     ap.add_argument("--claim-scale", type=int, default=1_000_000)
     ap.add_argument("--pg-url", default=None)
+    ap.add_argument("--mysql-url", default=None,
+                    help="a MariaDB/MySQL server whose user may CREATE DATABASE (default: $SQLQ_TEST_MYSQL_URL)")
+    ap.add_argument("--two-workers", action="store_true",
+                    help="also drain --jobs numbered jobs with two workers at once (duplicates, losses)")
     ap.add_argument("--quick", action="store_true", help="skip the results run and the claim-scale run")
     ap.add_argument("--only", default="", help="comma-separated target names")
     ap.add_argument("--no-claims", action="store_true", help="skip the claim-scale run")
@@ -387,6 +452,20 @@ def main() -> None:
                               reset=lambda: fresh_pg_db(pg, "bench_sqla")))
     else:
         print("!!! PostgreSQL not available: PostgreSQL rows are missing from this run", flush=True)
+    my = args.mysql_url or os.environ.get("SQLQ_TEST_MYSQL_URL")
+    if my:
+        # PyMySQL (pure Python) for ours and kombu's alike, and ours again on mysqlclient (C).
+        a, b = fresh_mysql_db(my, "bench_sqlq"), fresh_mysql_db(my, "bench_sqla")
+        targets.append(Target("sqlq+mysql", f"sqlq+{a}", f"sqlq+{a}", "sqlq", sqlq_opts,
+                              reset=lambda: fresh_mysql_db(my, "bench_sqlq")))
+        if _has_module("MySQLdb"):
+            c = fresh_mysql_db(my, "bench_sqlq_c", driver="mysqldb")
+            targets.append(Target("sqlq+mysql(mysqlclient)", f"sqlq+{c}", f"sqlq+{c}", "sqlq", sqlq_opts,
+                                  reset=lambda: fresh_mysql_db(my, "bench_sqlq_c", driver="mysqldb")))
+        targets.append(Target("sqla+mysql", f"sqla+{b}", f"db+{b}", "db+", opts,
+                              reset=lambda: fresh_mysql_db(my, "bench_sqla")))
+    else:
+        print("!!! no MariaDB/MySQL URL (--mysql-url, SQLQ_TEST_MYSQL_URL): MariaDB rows are missing", flush=True)
     if redis_url:
         targets.append(Target("redis", redis_url, redis_url.rsplit("/", 1)[0] + "/1", "redis"))
     else:
@@ -416,7 +495,8 @@ def report(targets: list[Target], claims: dict, args) -> None:
 
     table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c 2, "
                           f"prefetch multiplier {args.prefetch_multiplier}, one machine")
-    cols = [("enqueue_per_s", "enqueue/s"), ("drain_per_s", "drain/s"), ("latency_p50_ms", "p50 ms"),
+    cols = [("enqueue_per_s", "enqueue/s"), ("drain_per_s", "drain/s"), ("two_workers_per_s", "2 workers/s"),
+            ("two_workers_duplicates", "dup"), ("two_workers_lost", "lost"), ("latency_p50_ms", "p50 ms"),
             ("latency_p99_ms", "p99 ms"), ("results_per_s", "results/s"), ("group1000_collect_s", "group(1000) get s")]
     table.add_column("target")
     for _, title in cols:
@@ -430,7 +510,7 @@ def report(targets: list[Target], claims: dict, args) -> None:
         runs = t.figures.get("drain_runs", [])
         console.print(f"drain runs {t.name}: " + " / ".join(f"{r:,.0f}" for r in runs) + " jobs/s (median in the table)")
     by = {t.name: t.figures for t in targets}
-    for db in ("sqlite", "postgresql"):
+    for db in ("sqlite", "postgresql", "mysql"):
         ours, theirs = by.get(f"sqlq+{db}"), by.get(f"sqla+{db}")
         if ours and theirs:
             console.print(f"drain rate sqlq/sqla on {db}: {ours['drain_per_s'] / theirs['drain_per_s']:.1f}x")

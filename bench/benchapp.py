@@ -32,6 +32,12 @@ def noop(i):
     _mark(b"x\n")
 
 
+@app.task(name="bench.once")
+def once(i):
+    # The job's number: the two-worker run counts duplicates and losses from these lines.
+    _mark(f"{i}\n".encode())
+
+
 @app.task(name="bench.latency")
 def latency(sent_at):
     _mark(f"{time.time() - sent_at:.6f}\n".encode())

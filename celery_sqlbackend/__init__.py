@@ -4,6 +4,11 @@
 ``broker_url = "sqlq+sqlite:///jobs.sqlite3"`` (or any ``sqlq+<SQLAlchemy URL>``)
 works; the result backend (``result_backend = "sqlq+…"``) is found through
 Celery's ``celery.result_backends`` entry point.
+
+Enqueueing with the application's data: ``enqueue_in(session_or_connection)``
+(jobs written in the caller's transaction), ``enqueue_many(signatures)`` (one
+transaction, multi-row inserts; groups and chords are batched the same way),
+and unique jobs (``@app.task(sqlq_unique="{0}", sqlq_unique_for=600)``).
 """
 from __future__ import annotations
 
@@ -17,10 +22,18 @@ def register() -> None:
     """Register the ``sqlq`` transport alias with kombu (idempotent)."""
     from kombu.transport import TRANSPORT_ALIASES
     TRANSPORT_ALIASES.setdefault(SCHEME, TRANSPORT)
-    from . import lifecycle
+    from . import bulk, green, lifecycle, unique
+    green.prepare_psycopg()
     lifecycle.connect_signals()
+    unique.install()
+    bulk.install()
 
 
 register()
 
-__all__ = ["register", "SCHEME", "TRANSPORT", "__version__"]
+from .bulk import enqueue_many  # noqa: E402  (after register: the public API)
+from .publishing import WrongDatabaseError, enqueue_in  # noqa: E402
+from .unique import UniqueKeyError  # noqa: E402
+
+__all__ = ["register", "enqueue_in", "enqueue_many", "WrongDatabaseError", "UniqueKeyError", "SCHEME",
+           "TRANSPORT", "__version__"]

@@ -43,8 +43,7 @@ from time import monotonic
 from typing import Any, Callable, ParamSpec, TypeVar
 
 from celery import states
-from celery.backends.base import BaseBackend, _create_chord_error_with_cause, compress_payload, \
-    decompress_payload
+from celery.backends.base import BaseBackend
 from celery.exceptions import ChordError, ImproperlyConfigured, TimeoutError
 from celery.result import GroupResult, allow_join_result, result_from_tuple
 from kombu.exceptions import EncodeError
@@ -52,7 +51,8 @@ from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
 from .notify import result_notifier_for
-from .options import Options, from_celery_conf
+from .options import Options, from_celery_conf, sqlq_settings
+from .result_codec import chord_error, compress, compression_method, decompress
 from .store import store_for, utcnow
 from .store.dialects import is_disconnect
 from .urls import PREFIX, backend_database_url, broker_database_url, mask
@@ -95,6 +95,8 @@ class SQLBackend(BaseBackend):
         self.first_poll_interval = float(own.get("first_poll_interval", self.first_poll_interval))
         self.store = store_for(self.db_url, store_options)
         self.cleanup_batch_size = store_options.clear_batch_size
+        #: ``result_compression`` (Celery 5.7's setting, honoured on every Celery by ``result_codec``).
+        self.result_compression = compression_method(self.app.conf.get("result_compression"))
         if self.content_type not in self.accept:
             raise ImproperlyConfigured(
                 f"result_serializer={self.serializer!r} ({self.content_type}) is not in the accepted "
@@ -109,7 +111,7 @@ class SQLBackend(BaseBackend):
 
     def _options(self) -> tuple[Options, dict]:
         conf = self.app.conf
-        given: dict[str, Any] = {}
+        given: dict[str, Any] = sqlq_settings(conf)   # ``sqlq_<option>``: every process of the app
         if broker_database_url(conf) == self.db_url:
             given.update(from_celery_conf(conf))
         given.update(conf.result_backend_transport_options or {})
@@ -154,12 +156,10 @@ class SQLBackend(BaseBackend):
     def _encode_meta(self, meta: dict) -> bytes:
         _, _, payload = self._encode(meta)
         payload = ensure_bytes(payload)
-        if self.compression:
-            payload = compress_payload(payload, self.compression)
-        return payload
+        return compress(payload, self.result_compression)
 
     def _decode_row(self, row) -> dict:
-        payload = decompress_payload(bytes(row.payload))
+        payload = decompress(row.payload)
         meta = loads(payload, content_type=row.content_type, content_encoding=row.content_encoding,
                      accept=self.accept)
         return self.meta_from_decoded(meta)
@@ -302,7 +302,7 @@ class SQLBackend(BaseBackend):
         row = self._db(self.store.results.get_group, group_id)
         if row is None:
             return None
-        meta = loads(decompress_payload(bytes(row.payload)), content_type=row.content_type,
+        meta = loads(decompress(row.payload), content_type=row.content_type,
                      content_encoding=row.content_encoding, accept=self.accept)
         meta["result"] = result_from_tuple(meta["result"], self.app)
         return meta
@@ -358,14 +358,14 @@ class SQLBackend(BaseBackend):
             culprit = self._first_failed(deps)
             reason = f"Dependency {culprit} raised {exc!r}" if culprit else repr(exc)
             log.exception("Chord %r raised: %r", gid, reason)
-            self.chord_error_from_stack(callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+            self.chord_error_from_stack(callback, chord_error(reason, exc))
         else:
             try:
-                app.amqp._retry_publish(callback.delay, ret)
+                # Celery's publish retry (task_publish_retry_policy) applies, on every Celery.
+                callback.delay(ret)
             except Exception as exc:
                 log.exception("Chord %r raised: %r", gid, exc)
-                self.chord_error_from_stack(
-                    callback, _create_chord_error_with_cause(message=f"Callback error: {exc!r}", original_exc=exc))
+                self.chord_error_from_stack(callback, chord_error(f"Callback error: {exc!r}", exc))
         finally:
             # The counter row stays (fired) until expiry, so a late duplicate
             # part cannot fire the body again; the saved header goes now.

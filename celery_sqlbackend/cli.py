@@ -155,13 +155,16 @@ def sqlq(ctx):
 @sqlq.command()
 @json_option
 @click.option("--held", default=5, show_default=True, type=click.IntRange(0, 1000), help="Jobs listed per process.")
+@click.option("--iterative", "iterative_limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Iterative (checkpoint) jobs listed, most recently updated first.")
 @click.pass_context
-def status(ctx, json_out, held):
-    """Queues (ready, scheduled, claimed, failed, latency, paused) and registered processes."""
+def status(ctx, json_out, held, iterative_limit):
+    """Queues (ready, scheduled, claimed, failed, latency, paused), registered processes and iterative jobs."""
     store = _store(ctx)
     st = _run(lambda: admin.status(store, held_limit=held))
+    jobs = _run(lambda: _iterative_jobs(_app(ctx), iterative_limit))
     if json_out:
-        _emit_json(st)
+        _emit_json(dict(admin.to_dict(st), iterative_jobs=jobs))
         return
     from rich.table import Table
     console = _console()
@@ -196,6 +199,35 @@ def status(ctx, json_out, held):
     console.print(pt)
     if any(h.started for p in st.processes for h in p.held):
         console.print("[dim]* started (acked) and running[/dim]")
+    if jobs:
+        _print_iterative(console, jobs)
+
+
+def _iterative_jobs(app, limit: int) -> list:
+    """checkpoint's progress rows (its store: ``checkpoint_store_url`` or the broker's database)."""
+    from checkpoint.progress import list_progress
+    from checkpoint.store import store_url_for_app, table_prefix_for_app
+    url = store_url_for_app(app)
+    if not url:
+        return []
+    return list_progress(url, limit=limit, table_prefix=table_prefix_for_app(app))
+
+
+def _print_iterative(console, jobs: list) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    it = Table(title="Iterative jobs", title_justify="left")
+    for col in ("task", "id", "state", "items done / total", "fraction", "updated"):
+        it.add_column(col, justify="right" if col in ("items done / total", "fraction") else "left",
+                      overflow="fold")
+    now = admin.utcnow()
+    for j in jobs:
+        done = f"{j.iterations} / {j.total if j.total is not None else '?'}"
+        fraction = f"{j.fraction:.1%}" if j.fraction is not None else "-"
+        # Stored names and ids are shown literally (Text), never read as rich markup.
+        it.add_row(Text(j.task_name or "?"), Text(j.task_id), Text(j.state), done, fraction,
+                   f"{_fmt_age((now - j.updated_at).total_seconds())} ago")
+    console.print(it)
 
 
 # --------------------------------------------------------------------------- failed

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 
 from celery import signals
 from celery._state import connect_on_app_finalize
@@ -44,6 +45,8 @@ log = logging.getLogger("celery_sqlbackend.lifecycle")
 
 _connected = False
 _worker = None   # the WorkController of this process, once worker_init has run
+#: Set by our wrapper of Celery's SIGQUIT handler, before that handler cancels the running tasks.
+_cold_shutdown = threading.Event()
 
 
 def connect_signals() -> None:
@@ -54,6 +57,7 @@ def connect_signals() -> None:
     signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+    signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
     # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
     connect_on_app_finalize(on_app_finalize)
 
@@ -106,6 +110,34 @@ def on_worker_init(sender=None, **_):
     proc.register()
 
 
+def on_worker_ready(sender=None, **_):
+    """Know that a cold shutdown began before Celery's SIGQUIT handler kills the running tasks.
+
+    Celery's handler cancels the running tasks (they leave ``active_requests``)
+    and only then sets ``state.should_terminate``; on Celery 5.5 the pool is
+    stopped in between.  A claim thread looking in that window would take the
+    killed tasks for finished ones.  Our wrapper sets a flag first, then runs
+    Celery's handler.  With ``worker_soft_shutdown_timeout`` set, tasks may
+    still finish normally during the soft wait, so there Celery's own flag rules.
+    """
+    from celery import platforms
+    app = getattr(sender, "app", None)
+    if app is None or broker_database_url(app.conf) is None or not platforms.signals.supported("SIGQUIT"):
+        return
+    if (app.conf.get("worker_soft_shutdown_timeout") or 0) > 0:
+        return
+    celery_handler = platforms.signals["SIGQUIT"]
+    if not callable(celery_handler) or getattr(celery_handler, "sqlq_wrapped", False):
+        return
+
+    def on_sigquit(*args):
+        _cold_shutdown.set()
+        return celery_handler(*args)
+
+    on_sigquit.sqlq_wrapped = True
+    platforms.signals["SIGQUIT"] = on_sigquit
+
+
 def running_tags() -> set[str]:
     """Delivery tags of the Celery requests executing now."""
     from celery.worker import state
@@ -126,6 +158,8 @@ def worker_stopping() -> bool:
 def worker_terminating() -> bool:
     """True in a cold shutdown (SIGQUIT, a second Ctrl-C): Celery kills running tasks."""
     from celery.worker import state
+    if _cold_shutdown.is_set():
+        return True
     return state.should_terminate is not None and state.should_terminate is not False
 
 

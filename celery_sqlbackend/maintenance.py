@@ -11,6 +11,7 @@ once.
 * promote due scheduled (ETA) jobs to ready         ``promote_due`` (the claim
   loop runs it too, every ``dispatch_interval``: see ``Channel._claim``)
 * clear old finished jobs                           ``clear_finished``
+  (and unique keys whose time-limited hold is over: ``store.unique_keys``)
 * expire fanout and reply queues nobody reads       (:func:`.fanout.maintain`)
 
 Result expiry (``result_expires``) stays with the result backend's
@@ -109,3 +110,8 @@ class Maintenance:
         self._last_clear = now
         clear_finished(self.store, utcnow() - timedelta(seconds=opts.keep_finished),
                        max_batches=CLEAR_BATCHES_PER_BEAT)
+        # Time-limited unique keys (``sqlq_unique_for=<seconds>``) past their time: nobody
+        # needs them (an enqueue takes an expired key over anyway); bounded like the rest.
+        for _ in range(CLEAR_BATCHES_PER_BEAT):
+            if self.store.unique_keys.clear_expired(now=utcnow(), limit=opts.clear_batch_size) < opts.clear_batch_size:
+                break

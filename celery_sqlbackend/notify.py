@@ -5,7 +5,8 @@ for ready jobs, ``store.results`` for ready results), so a wake-up is sent
 on commit and never for a rolled-back write.  A notification is only a hint:
 a worker always re-polls, and a result waiter re-reads, and polling remains
 the fallback whenever the listening connection is down.  Other engines have
-no notifications.  Channel names carry the store's ``table_prefix``.
+no notifications.  Channel names carry the store's ``table_prefix``.  The
+listening connections go through psycopg 3 or psycopg2 (``pg_listen``).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import threading
 import time
 from collections import deque
 from time import monotonic
-from typing import Any
 
+from .pg_listen import listen, listener_driver
 from .store import Store
 from .store.executions import ready_channel
 from .store.results import notify_channel as results_channel
@@ -25,34 +26,26 @@ from .urls import mask
 log = logging.getLogger("celery_sqlbackend.notify")
 
 
-def _listen(dsn: str, channel: str) -> Any:
-    """A new autocommit psycopg connection LISTENing on ``channel`` (quoted: the prefix keeps its case)."""
-    import psycopg
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(f'LISTEN "{channel}"')
-    return conn
-
-
-def _dsn(store: Store) -> str:
-    """The store's URL as a libpq connection string (with the password: it is never logged, see ``mask``)."""
-    from psycopg.conninfo import make_conninfo
+def _dsn(store: Store) -> dict[str, str]:
+    """The store's URL as libpq connection parameters, for either driver (with the password: never logged)."""
     url = store.engine.url
     args = url.translate_connect_args(username="user", database="dbname")
-    return make_conninfo("", **{k: str(v) for k, v in {**args, **url.query}.items()})
+    return {k: str(v) for k, v in {**args, **url.query}.items()}
 
 
 class NotifyWaiter:
-    """A dedicated autocommit psycopg connection LISTENing for ready jobs."""
+    """A dedicated autocommit connection LISTENing for ready jobs."""
 
-    def __init__(self, dsn: str, channel: str):
+    def __init__(self, dsn: dict[str, str], channel: str, driver: str = "psycopg"):
         self.dsn = dsn
         self.channel = channel
+        self.driver = driver
         self._conn = None
         self._retry_at = 0.0
         self._lock = threading.Lock()
 
     def _connect(self):
-        return _listen(self.dsn, self.channel)
+        return listen(self.driver, self.dsn, self.channel)
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True if a job became ready meanwhile."""
@@ -69,14 +62,7 @@ class NotifyWaiter:
                     time.sleep(timeout)
                     return False
             try:
-                got = False
-                for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-                    got = True
-                # Drain whatever else arrived so the next wait does not return at once.
-                if got:
-                    for _ in self._conn.notifies(timeout=0):
-                        pass
-                return got
+                return bool(self._conn.wait(timeout))
             except Exception as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", mask(exc))
                 self.close()
@@ -101,7 +87,10 @@ def waiter_for(store: Store) -> NotifyWaiter | None:
     key = (id(store), os.getpid())
     waiter = _waiters.get(key)
     if waiter is None:
-        waiter = _waiters[key] = NotifyWaiter(_dsn(store), ready_channel(store.t))
+        driver = listener_driver(store.engine.url.get_driver_name())
+        if driver is None:
+            return None
+        waiter = _waiters[key] = NotifyWaiter(_dsn(store), ready_channel(store.t), driver)
     return waiter
 
 
@@ -119,9 +108,10 @@ class ResultNotifier:
 
     WINDOW = 100_000
 
-    def __init__(self, dsn: str, channel: str):
+    def __init__(self, dsn: dict[str, str], channel: str, driver: str = "psycopg"):
         self.dsn = dsn
         self.channel = channel
+        self.driver = driver
         self._cond = threading.Condition()
         self._conn = None
         self._reading = False
@@ -134,7 +124,7 @@ class ResultNotifier:
         with self._cond:
             if self._conn is None and monotonic() >= self._retry_at and not self._reading:
                 try:
-                    self._conn = _listen(self.dsn, self.channel)
+                    self._conn = listen(self.driver, self.dsn, self.channel)
                     self._epoch += 1
                 except Exception as exc:
                     log.warning("result LISTEN connection failed (%s); polling for the next 10s", mask(exc))
@@ -188,11 +178,7 @@ class ResultNotifier:
         self._cond.release()
         try:
             try:
-                for n in conn.notifies(timeout=timeout, stop_after=1):
-                    got.append(n.payload)
-                if got:
-                    for n in conn.notifies(timeout=0):
-                        got.append(n.payload)
+                got = conn.wait(timeout)
             except Exception as exc:  # connection lost: reconnect on the next token()
                 error = exc
         finally:
@@ -239,5 +225,8 @@ def result_notifier_for(store: Store) -> ResultNotifier | None:
         with _notifiers_lock:
             notifier = _notifiers.get(key)
             if notifier is None:
-                notifier = _notifiers[key] = ResultNotifier(_dsn(store), results_channel(store.t))
+                driver = listener_driver(store.engine.url.get_driver_name())
+                if driver is None:
+                    return None
+                notifier = _notifiers[key] = ResultNotifier(_dsn(store), results_channel(store.t), driver)
     return notifier

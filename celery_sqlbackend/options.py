@@ -20,12 +20,12 @@ option                      default   meaning
 ``keep_finished``           86400 s   how long finished jobs are kept (0: delete at once)
 ``clear_batch_size``        500       rows deleted per maintenance batch
 ``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
-``busy_timeout``            30 s      SQLite busy timeout / lock wait
+``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
+                                      the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on
-                                      PostgreSQL and SQLite; False: Celery's blocking
-                                      loop everywhere)
+``event_loop``              auto      deliver through Celery's event loop (default: on,
+                                      every engine; False: Celery's blocking loop)
 ==========================  ========  ==================================================
 """
 from __future__ import annotations
@@ -114,6 +114,13 @@ def from_celery_conf(conf) -> dict:
     ``broker_transport_options = {"heartbeat_interval": 10}``; an explicit
     transport option wins.
     """
+    merged = sqlq_settings(conf)
+    merged.update(conf.get("broker_transport_options") or {})
+    return merged
+
+
+def sqlq_settings(conf) -> dict:
+    """Only the ``sqlq_<option>`` settings of a Celery config, as transport options."""
     merged = {}
     known = {f.name for f in fields(Options)}
     for f in fields(Options):
@@ -126,7 +133,6 @@ def from_celery_conf(conf) -> dict:
             "unknown celery_sqlbackend setting(s): "
             f"{', '.join(_with_suggestion(unknown, known, 'sqlq_'))}; "
             f"known settings are sqlq_<option> for: {', '.join(sorted(known))}")
-    merged.update(conf.get("broker_transport_options") or {})
     return merged
 
 
@@ -144,6 +150,28 @@ def _with_suggestion(names: list[str], known, prefix: str = "") -> list[str]:
         close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
         shown.append(f"{prefix}{name} (did you mean {prefix}{close[0]}?)" if close else f"{prefix}{name}")
     return shown
+
+
+def for_connection(client) -> dict:
+    """The transport options of a kombu connection to ``client.hostname``, ``sqlq_*`` settings included.
+
+    Why: Celery hands a connection only ``broker_transport_options``, and it
+    opens connections in every process that uses the app (producers, beat,
+    ``celery sqlq``, the worker), not only in a worker whose startup hook could
+    fold the settings in.  The settings are read from the current Celery app
+    when its broker is this database; the connection's own options win.
+    """
+    from celery import current_app
+
+    from .urls import broker_database_url, database_url
+    given = dict(client.transport_options or {})
+    try:
+        conf = current_app.conf
+        if broker_database_url(conf) == database_url(client.hostname or ""):
+            return {**sqlq_settings(conf), **given}
+    except Exception:   # no usable app (a plain kombu program): the connection's options alone
+        pass
+    return given
 
 
 def _coerce(value: Any, default: Any) -> Any:

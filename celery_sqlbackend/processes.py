@@ -142,9 +142,13 @@ class LocalProcess:
         # One transaction: no moment where the row is gone but claims remain.
         released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True,
                                                      counted=crashed)
-        if released or failed:
-            log.warning("process %s left claims behind at exit: released %s, failed %s",
-                        self.name, released, failed)
+        if failed:
+            log.warning("process %s left started jobs behind at exit: failed %s (%s); released %s",
+                        self.name, failed, reason, released)
+        elif released:
+            # Prefetched jobs that never started go back to the queue: a normal shutdown does this.
+            log.info("process %s returned %d prefetched job(s) to the queue at exit: %s",
+                     self.name, len(released), released)
         log.info("deregistered process %s (id %s)", self.name, process_id)
 
     # ------------------------------------------------------------------ heartbeat thread

@@ -54,16 +54,17 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance, poison
+from . import fanout, maintenance, poison, publishing, unique
 from .claim_round import Messages, claim_round, wait_for_work
 from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
-from .options import Options
+from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
 from .urls import SCHEME, mask as mask_url
+from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
 log = logging.getLogger("celery_sqlbackend.transport")
@@ -114,7 +115,7 @@ class Channel(virtual.Channel):
 
     @cached_property
     def options(self) -> Options:
-        return Options.from_mapping(self.connection.client.transport_options)
+        return self.connection.options   # the Transport's (``sqlq_*`` settings included)
 
     @cached_property
     def store(self) -> Store:
@@ -136,12 +137,17 @@ class Channel(virtual.Channel):
     # ------------------------------------------------------------------ publish
 
     def _put(self, queue, message, **kwargs):
-        stored = to_store(message)
-        self.store.jobs.enqueue(
-            queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
-            priority=self._get_message_priority(message), now=utcnow(), eta=stored.eta,
-            expires_at=stored.expires_at,
-        )
+        """Store a message kombu has built: in its own transaction, the caller's (``enqueue_in``)
+        or a batch's (``enqueue_many``, groups): see ``publishing``."""
+        stored, now = to_store(message), utcnow()
+        job = NewJob(queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
+                     priority=self._get_message_priority(message), created_at=now, eta=stored.eta,
+                     expires_at=stored.expires_at, unique=unique.unique_key(message.get("headers") or {}, now))
+        done = publishing.put(self.store, job)
+        if done.holder is not None:
+            log.info("task %s not enqueued: unique key %r is held by task %s", job.task_id, job.unique.key,
+                     done.holder)
+            unique.report_duplicate(job.task_id, done.holder)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in fanout.bound_queues(self.store, exchange):
@@ -454,7 +460,7 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
-        self.options = Options.from_mapping(client.transport_options)
+        self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
         event_loop = self.options.event_loop

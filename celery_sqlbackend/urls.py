@@ -201,3 +201,28 @@ def broker_url_problem(url: Any) -> str | None:
     guess = f" (for this file: 'sqlq+sqlite:///{rest}')" if rest and "@" not in rest else ""
     return (f"broker_url {mask(url)!r} is not an sqlq URL: write 'sqlq+' followed by an SQLAlchemy URL, "
             f"e.g. {_EXAMPLES}{guess}")
+
+
+_LOCAL_HOSTS = {None, "", "localhost", "127.0.0.1", "::1"}
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+
+
+def same_database(a: Any, b: Any) -> bool:
+    """True when SQLAlchemy URLs ``a`` and ``b`` name the same database (drivers may differ).
+
+    SQLite: the same file (resolved path; an in-memory database is never the
+    same as another).  Servers: the same backend, database, port and host,
+    the local names of this machine counting as one.
+    """
+    import os
+    a, b = make_url(a), make_url(b)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        paths = [u.database for u in (a, b)]
+        if any(p in (None, "", ":memory:") for p in paths):
+            return False
+        return os.path.realpath(paths[0]) == os.path.realpath(paths[1])
+    hosts = [None if u.host in _LOCAL_HOSTS else u.host.lower() for u in (a, b)]
+    default = _DEFAULT_PORTS.get(a.get_backend_name())
+    return a.database == b.database and hosts[0] == hosts[1] and (a.port or default) == (b.port or default)

@@ -34,9 +34,10 @@ from .interruption import register as register_adapter
 from .interruption import unregister as unregister_adapter
 from .store import CheckpointTableMissingError, CursorStore, MemoryStore, NullStore, SQLCursorStore
 from .task import IterativeTask
+from .throttling import throttle_on
 
 __all__ = [
-    "IterativeTask",
+    "IterativeTask", "throttle_on",
     "stopping", "FLAG", "StopFlag",
     "register_adapter", "unregister_adapter", "lookup_adapter",
     "install",

@@ -35,8 +35,13 @@ _lock = threading.Lock()
 
 
 def iterative_tasks(app: Any) -> list:
-    from .task import IterativeTask
-    return [t for t in app.tasks.values() if isinstance(t, IterativeTask)]
+    """The app's iterative tasks, known by their ``checkpoint_iterative`` marker.
+
+    Not ``isinstance(t, IterativeTask)``: checkpoint.task imports the worker
+    integration, which imports this module, so importing the task module here
+    would close an import cycle.
+    """
+    return [t for t in app.tasks.values() if getattr(type(t), "checkpoint_iterative", False) is True]
 
 
 def _own_store(store: Any) -> Any:

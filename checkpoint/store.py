@@ -30,6 +30,7 @@ from typing import Any, Optional, Protocol
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from celery_sqlbackend.store import fork_gate
 from celery_sqlbackend.store.schema import DEFAULT_PREFIX, tables
 from celery_sqlbackend.urls import broker_database_url, database_url
 
@@ -201,6 +202,8 @@ class SQLCursorStore:
         if self.url.startswith("sqlite"):
             # Several worker processes write here; wait for the lock instead of failing.
             options.setdefault("connect_args", {"timeout": 30})
+            # The main process forks pool children at any time: none may inherit a transaction of ours.
+            return fork_gate.guard(sa.create_engine(self.url, **options))
         return sa.create_engine(self.url, **options)
 
     def _ensure_table(self, engine: sa.Engine) -> None:
@@ -335,8 +338,8 @@ def table_prefix_for_app(app: Any) -> str:
     prefix = app.conf.get("checkpoint_table_prefix")
     if prefix:
         return prefix
-    options = app.conf.broker_transport_options or {}
-    return options.get("table_prefix") or DEFAULT_PREFIX
+    from celery_sqlbackend.options import from_celery_conf   # sqlq_table_prefix counts too
+    return from_celery_conf(app.conf).get("table_prefix") or DEFAULT_PREFIX
 
 
 def store_for_app(app: Any) -> CursorStore:

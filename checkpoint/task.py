@@ -38,6 +38,7 @@ from .cursor import HEADER, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
 from .store import Checkpointer, CursorStore, store_for_app
+from .throttling import THROTTLE_MARK
 
 __all__ = ["IterativeTask"]
 
@@ -90,6 +91,9 @@ class IterativeTask(Task):
             ``max_job_runtime`` re-enqueues without delay.
     """
 
+    #: What :func:`checkpoint.housekeeping.iterative_tasks` recognises iterative tasks by.
+    checkpoint_iterative = True
+
     acks_late = True
     reject_on_worker_lost = True
     max_job_runtime: Optional[float] = None
@@ -104,6 +108,11 @@ class IterativeTask(Task):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_build_enumerator(cls)
+        declared = tuple((method, backoff) for method, backoff in
+                         ((value, getattr(value, THROTTLE_MARK, None)) for value in cls.__dict__.values())
+                         if backoff is not None)
+        if declared:
+            cls._throttles = tuple(cls._throttles) + declared
 
     # -- user hooks ------------------------------------------------------
 
@@ -153,6 +162,8 @@ class IterativeTask(Task):
         Applies to the class it is called on and its subclasses::
 
             Backfill.throttle_on(lambda: replica_lag() > 5, backoff=60)
+
+        In the class body, decorate a method with :func:`checkpoint.throttle_on` instead.
         """
         cls._throttles = tuple(cls._throttles) + ((condition, float(backoff)),)
         return condition
@@ -181,6 +192,8 @@ class IterativeTask(Task):
             raise Ignore()
         if stored_state == "revoked" or (request.id and not request.is_eager and revocation.is_revoked(request.id)):
             self._end_revoked(request, saver)
+        if not request.is_eager:
+            self._hand_back_if_stopping(request, args, kwargs, progress, initial_cursor)
         run_started = time.monotonic()
 
         if resumed:
@@ -360,6 +373,29 @@ class IterativeTask(Task):
                     self.name, request.id, stop.reason, progress.cursor, progress.iterations,
                     extra={"action": "interrupted", "task_id": request.id, "reason": stop.reason,
                            "cursor": progress.cursor, "times_interrupted": progress.times_interrupted})
+        raise Ignore()
+
+    def _hand_back_if_stopping(self, request: Any, args: tuple, kwargs: dict, progress: Progress,
+                               initial_cursor: Any) -> None:
+        """A job received while the worker is already stopping (a solo or threads worker
+        drains its prefetched messages after TERM) is sent back before it starts: no
+        hooks, no enumerator built, no interruption counted, its row untouched."""
+        if "celery" not in self.interruption_adapters or not interruption.stopping():
+            return
+        if initial_cursor is not None:
+            kwargs = {**kwargs, "cursor": initial_cursor}
+        options: dict[str, Any] = {"expires": None}
+        if self.interruption_backoff:
+            options["countdown"] = self.interruption_backoff
+        request.checkpoint_progress = progress if progress.iterations or progress.cursor is not None else None
+        signature = self.signature_from_request(request, args, kwargs, **options)
+        send = _send_again.get()
+        if send is None:
+            signature.apply_async()
+        else:
+            send(signature)
+        logger.info("checkpoint: %s[%s] not started: the worker is stopping; handed back", self.name, request.id,
+                    extra={"action": "handed_back", "task_id": request.id})
         raise Ignore()
 
     def _store(self) -> CursorStore:

@@ -4,7 +4,8 @@
 statement inside a bounded, retried transaction: a transaction
 that loses a lock race (SQLite busy, PostgreSQL deadlock or serialization
 failure, MySQL 1213) is rolled back and run again with jittered backoff, a
-fixed number of times.  Nothing half-done survives a failed attempt, because
+fixed number of times, and counted (``lock_retries``: DEBUG per retry, a
+WARNING when a minute has many).  Nothing half-done survives a failed attempt, because
 each attempt is its own transaction.
 
 Statements live in one module per table family, as plain functions taking
@@ -19,6 +20,8 @@ called through the store's typed gateways, one per module::
     store.queues.pause(queue, now=…)                            (queues)
     store.bindings.bind(exchange=…, queue=…, …)                (bindings)
     store.results.store_result(task_id=…, …) -> bool           (results)
+    store.jobs.add(NewJob(…)) -> Enqueued                      (jobs; one round trip on PostgreSQL)
+    store.unique_keys.clear_expired(now=…, limit=…) -> int     (unique_keys)
 
 The worker's hot writes (a claim loop, a heartbeat) are one statement each;
 on PostgreSQL they go in autocommit on a connection their thread keeps, so
@@ -43,7 +46,8 @@ from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
 from .claims import Claimed, Claims
-from .dialects import dialect_of, is_retryable
+from . import lock_retries
+from .dialects import dialect_of, retry_cause
 from .engine import READ_ONLY, get_engine
 from .executions import Executions
 from .failed import Failed
@@ -52,6 +56,7 @@ from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
 from .schema import tables
+from .unique_keys import UniqueKeys
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
 
@@ -84,6 +89,7 @@ class Store:
         self.queues = Queues(self)
         self.bindings = Bindings(self)
         self.results = Results(self)
+        self.unique_keys = UniqueKeys(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"
@@ -91,22 +97,26 @@ class Store:
     # ------------------------------------------------------------------ plumbing
 
     def run(self, fn: Callable[..., T], *args: Any, read_only: bool = False, single: bool = False,
-            **kwargs: Any) -> T:
+            kept: bool = False, **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` in a transaction, retrying lost lock races.
 
         ``single``: ``fn`` runs exactly one statement.  Where the dialect saves
         round trips that way (``autocommit_single``), it is sent on its own, on
         the calling thread's own connection (see ``_own_connection``).
+        ``kept``: a long-lived loop calls (the claim loop): the transaction runs
+        on a connection the thread keeps, so no pool checkout pings the server
+        each time (a round trip in every loop on MySQL).
         """
         self.ensure_schema()
-        return self._run(fn, *args, read_only=read_only, single=single, **kwargs)
+        return self._run(fn, *args, read_only=read_only, single=single, kept=kept, **kwargs)
 
-    def _run(self, fn, *args, read_only=False, single=False, **kwargs):
+    def _run(self, fn, *args, read_only=False, single=False, kept=False, **kwargs):
         attempts = self.options.retry_attempts
-        own = single and self.dialect.autocommit_single
+        autocommit = single and self.dialect.autocommit_single
+        own = autocommit or (kept and not self.dialect.embedded)   # (SQLite: opening one costs no round trip)
         for attempt in range(1, attempts + 1):
             try:
-                with self._own_connection() if own else self.engine.connect() as conn:
+                with self._own_connection(autocommit) if own else self.engine.connect() as conn:
                     if read_only:
                         conn = conn.execution_options(**READ_ONLY)
                     with conn.begin():
@@ -114,17 +124,17 @@ class Store:
             except Exception as exc:
                 if own:
                     self.close_own_connection()
-                if attempt == attempts or not is_retryable(exc):
+                cause = retry_cause(exc)
+                if attempt == attempts or cause is None:
                     raise
                 delay = min(1.0, 0.01 * 2 ** attempt) * (0.5 + random.random())
-                log.debug("transaction %s lost a lock race (%s); retry %d in %.3fs",
-                          getattr(fn, "__name__", fn), exc.__class__.__name__, attempt, delay)
+                lock_retries.record(cause, getattr(fn, "__name__", str(fn)), attempt, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def _own_connection(self):
-        """This thread's long-lived autocommit connection, for one-statement transactions.
+    def _own_connection(self, autocommit: bool = True):
+        """This thread's long-lived connection: in autocommit for one-statement transactions, or not (``kept``).
 
         Why: a pool checkout pings the server (``pool_pre_ping``), which on a
         busy worker's claim loop is a second round trip per statement.  A
@@ -137,9 +147,12 @@ class Store:
         owned = getattr(self._local, "by_pid", None)
         if owned is None:
             owned = self._local.by_pid = {}
-        conn = owned.get(os.getpid())
+        key = (os.getpid(), autocommit)
+        conn = owned.get(key)
         if conn is None or conn.closed or conn.invalidated:
-            conn = owned[os.getpid()] = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            conn = owned[key] = self.engine.connect()
+            if autocommit:
+                conn = owned[key] = conn.execution_options(isolation_level="AUTOCOMMIT")
             if self.dialect.own_connection_settings:
                 for setting in self.dialect.own_connection_settings:
                     conn.exec_driver_sql(setting)
@@ -148,10 +161,12 @@ class Store:
 
     def close_own_connection(self) -> None:
         """Close the calling thread's own connection, if it has one (long-lived threads call it as they end)."""
-        conn = getattr(self._local, "by_pid", {}).pop(os.getpid(), None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        owned = getattr(self._local, "by_pid", {})
+        for key in [(os.getpid(), True), (os.getpid(), False)]:
+            conn = owned.pop(key, None)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``run`` for a transaction that only reads (on SQLite it never takes the write lock)."""
@@ -161,7 +176,8 @@ class Store:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
         try:
             with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
+                # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+                conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
         except OperationalError as exc:
             if self.dialect.embedded and "unable to open database file" in str(exc):
                 # Not a connection to retry: the file cannot be opened until someone fixes it.
@@ -187,7 +203,8 @@ class Store:
             if self._schema_ready:
                 return
             if self.creates_tables:
-                self._run(lambda conn: self.t.metadata.create_all(conn))
+                if not self._all_tables_exist():
+                    self._run(lambda conn: self.t.metadata.create_all(conn))
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -195,6 +212,13 @@ class Store:
                     "`celery -A yourapp sqlq migrate` (or set broker_transport_options="
                     "{'create_tables': True})")
             self._schema_ready = True
+
+    def _all_tables_exist(self) -> bool:
+        """A read-only look first: creating nothing still takes SQLite's write lock, which a caller's
+        open transaction may hold (``enqueue_in``)."""
+        with self.engine.connect() as conn:
+            present = set(inspect(conn.execution_options(**READ_ONLY)).get_table_names())
+        return all(table.name in present for table in self.t.metadata.sorted_tables)
 
     def create_all(self) -> None:
         self._run(lambda conn: self.t.metadata.create_all(conn))

@@ -20,6 +20,7 @@ from typing import Sequence
 from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
+from . import unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
@@ -61,16 +62,20 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     else:
         if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
             return []
-        r = t.ready
-        ids = [row.id for row in conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit})]
-        rows = conn.execute(select(r.c.id, r.c.job_id, r.c.queue_name).where(r.c.id.in_(ids))).all()
-        if rows:
-            conn.execute(delete(r).where(r.c.id.in_([row.id for row in rows])))
-        taken = [(row.job_id, row.queue_name) for row in rows]
+        rows = _take_by_queue(conn, t, d, queues, limit)
+        if not rows:
+            return []
+        job_ids = [row.job_id for row in rows]
+        conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+                     {"ids": job_ids, "pid": process_id, "now": now})
+        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
+        # (The jobs' rows came with the locking read: no SELECT after the UPDATE.)
+        return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
     if not taken:
         return []
 
     job_ids = [job_id for job_id, _ in taken]
+    unique_keys.release(conn, t, d, job_ids=job_ids, claimed_only=True)   # keys held "while waiting"
     conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
                  {"ids": job_ids, "pid": process_id, "now": now})
     if d.update_returning:
@@ -108,6 +113,43 @@ def _claim_candidates(t: Tables, d: Dialect):
     return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
 
 
+def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str], limit: int) -> list:
+    """Lock the next ready rows (and their jobs) one queue at a time, delete the best ``limit`` by primary key (MySQL).
+
+    Returns rows of (id, job_id, queue_name, priority, payload, deliveries), best first.
+
+    Why one queue at a time: InnoDB locks every row a locking read examines,
+    and ``queue_name IN (a, b) ORDER BY priority, job_id`` cannot come out of
+    the poll index in order, so it would read, sort and lock every ready row
+    of those queues (and a second worker's SKIP LOCKED would then find
+    nothing).  ``queue_name = :queue`` walks the index in its own order and
+    stops after ``limit`` rows.  Queues go in name order and rows in index
+    order, the same for every worker, and the rows are deleted by primary key,
+    never by a range (the rule of rails/solid_queue #162, #240).  Rows locked
+    beyond the best ``limit`` (several queues) are let go at commit.  A paused
+    queue is a primary-key look at ``pauses`` inside the same statement.
+    """
+    r, p, wanted = t.ready, t.pauses, sorted(set(queues))
+    j = t.jobs
+    stmt = prebuilt(t, d, "claim_queue", lambda: (
+        # The job rows are locked too (by primary key, after their ready row): the claim updates them next.
+        select(r.c.id, r.c.job_id, r.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+        .join(j, j.c.id == r.c.job_id)
+        .where(r.c.queue_name == bindparam("queue"))
+        .where(~exists(select(p.c.queue_name).where(p.c.queue_name == bindparam("queue"))))
+        .order_by(r.c.priority.desc(), r.c.job_id)
+        .limit(bindparam("limit", type_=Integer()))
+        .with_for_update(skip_locked=d.skip_locked)))
+    rows = []
+    for queue in wanted:
+        rows += conn.execute(stmt, {"queue": queue, "limit": limit}).all()
+    rows = sorted(rows, key=lambda row: (-row.priority, row.job_id))[:limit]
+    if rows:
+        conn.execute(prebuilt(t, d, "claim_delete", lambda: delete(r).where(r.c.id.in_(bindparam("ids", expanding=True)))),
+                     {"ids": sorted(row.id for row in rows)})
+    return rows
+
+
 def _claim_take(t: Tables, d: Dialect):
     """Delete and return the next ready jobs, if process ``pid`` is registered (SQLite: the
     write lock, taken by BEGIN IMMEDIATE, keeps the registry row from going meanwhile)."""
@@ -131,7 +173,8 @@ def _claim_in_one(t: Tables, d: Dialect):
         WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
              taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)
                        RETURNING job_id, queue_name),
-             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken)
+             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken),
+             unkeyed AS (DELETE FROM unique_keys WHERE held_until = 'claimed' AND job_id IN (SELECT job_id FROM taken))
         UPDATE jobs SET deliveries = deliveries + 1 FROM taken WHERE jobs.id = taken.job_id
         RETURNING <the claimed columns>
     """
@@ -145,8 +188,9 @@ def _claim_in_one(t: Tables, d: Dialect):
         select(taken.c.job_id, bindparam("pid", type_=c.c.process_id.type), taken.c.queue_name,
                bindparam("now", type_=c.c.claimed_at.type)),
     ).cte("recorded")
+    unkeyed = unique_keys.release_cte(t, taken.c.job_id, "unkeyed", claimed_only=True)
     return (update(j).where(j.c.id == taken.c.job_id).values(deliveries=j.c.deliveries + 1)
-            .returning(*_claimed_columns(t)).add_cte(recorded))
+            .returning(*_claimed_columns(t)).add_cte(recorded).add_cte(unkeyed))
 
 
 def _claim_bump(t: Tables, d: Dialect):
@@ -181,7 +225,8 @@ def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: da
         return False
     if keep:
         conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now))
-    else:
+        conn.execute(delete(t.unique_keys).where(t.unique_keys.c.job_id == job_id))
+    else:   # (its unique key goes with the row)
         conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
     return True
 
@@ -210,6 +255,7 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
             stmt = prebuilt(t, d, "finish_keep", lambda: update(j).where(in_ids(j.c.id, d))
                              .values(finished_at=bindparam("now")))
             conn.execute(stmt, {"ids": done, "now": now})
+            unique_keys.release(conn, t, d, job_ids=done)
         else:
             conn.execute(prebuilt(t, d, "finish_drop", lambda: delete(j).where(in_ids(j.c.id, d))), {"ids": done})
     return done
@@ -277,13 +323,15 @@ def _acks_ctes(t: Tables, d: Dialect, keep: bool):
         marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
         done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
         finished AS (UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id)
-                    (or DELETE FROM jobs USING done … when finished jobs are not kept)
+                    (or DELETE FROM jobs USING done … when finished jobs are not kept: unique keys go with the rows)
+        unkeyed_done AS (DELETE FROM unique_keys WHERE job_id IN (SELECT job_id FROM done))   (kept jobs)
     """
     c, j = t.claimed, t.jobs
     marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
     done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
-        record = update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+        record = (update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+                  .add_cte(unique_keys.release_cte(t, done.c.job_id, "unkeyed_done")))
     else:
         record = delete(j).where(j.c.id == done.c.job_id)
     return marked, record.returning(j.c.id)
@@ -396,7 +444,7 @@ class Claims(Gateway):
         """The claim loop's write (see ``acks_and_claim``); one round trip on PostgreSQL."""
         return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
                               queues=queues, limit=limit, process_id=process_id, now=now,
-                              single=one_statement(self.d, marks, finishes))
+                              single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
         return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,

@@ -9,16 +9,37 @@
 * After ``fork()`` the child drops the pool it inherited *without closing*
   the parent's sockets (``dispose(close=False)``), so prefork children can
   publish and store results on connections of their own.
+* Before any ``fork()`` (prefork children, Celery's embedded beat, anything
+  else) the parent waits until no other thread has a SQLite connection
+  checked out, and closes the idle ones (:mod:`.fork_gate`).  SQLite keeps
+  per-process state for every open database file (its locks and WAL index,
+  each tied to a file descriptor); a child inherits that state: a write lock
+  another thread held at the fork blocks every write of the child, and a
+  child that closes the descriptors it inherited, as the embedded beat does,
+  would find it pointing at closed or reused descriptors ("locking
+  protocol").  With no SQLite connection open at the fork, the child starts clean.
+* MySQL/MariaDB connections run at READ COMMITTED, with the lock wait bounded
+  by the busy timeout.  Why: at InnoDB's default REPEATABLE READ every locking
+  read and DELETE also locks the *gaps* of the index ranges it walks, so a
+  claim's range lock on the poll index blocks the INSERT of a newly enqueued
+  job behind it, the lock-order deadlock of Solid Queue's MySQL reports
+  (rails/solid_queue #162, #229, #531).  READ COMMITTED takes record locks
+  only; every statement here reads the rows it changes by primary key or
+  under SKIP LOCKED, so it needs no gap locks.
 * Connections are checked out per operation, so acks arriving on billiard's
   result thread never share a connection with the claiming thread.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+
+from ..errors import ConfigurationError
+from . import fork_gate
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -40,11 +61,80 @@ def get_engine(url: str, busy_timeout: float = 30.0) -> Engine:
     return engine
 
 
+def get_autocommit_engine(url: str) -> Engine:
+    """The cached autocommit engine for ``url``, whose pool does not ping on checkout.
+
+    For one-statement publishes (``store.jobs.add`` on PostgreSQL): a ping is a
+    round trip, as long as the statement itself.  A connection found dead
+    fails the publish with a connection error; SQLAlchemy then drops the
+    pool's older connections, and kombu's publish retry (Celery's
+    ``task_publish_retry``) sends it again on a fresh one.
+    """
+    key = (url, -1.0)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _engines[key] = create_engine(url, pool_size=5, max_overflow=10,
+                                                       isolation_level="AUTOCOMMIT")
+    return engine
+
+
 def _create(url: str, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite(url, busy_timeout)
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    if parsed.get_backend_name() == "postgresql":
+        parsed = _postgres_driver(parsed)
+    try:
+        if parsed.get_backend_name() in ("mysql", "mariadb"):
+            return _create_mysql(url, busy_timeout)
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {parsed.render_as_string(hide_password=True)!r} is not installed "
+            f"({exc}); {_INSTALL_HINT.get(parsed.get_backend_name(), 'install the driver the URL names')}") from None
+
+
+#: What to install, by backend, when the driver of a URL is missing.
+_INSTALL_HINT = {
+    "postgresql": "pip install 'celery-sqlbackend[postgres]' (psycopg 3, URL postgresql+psycopg://) or "
+                  "'celery-sqlbackend[postgres2]' (psycopg2, URL postgresql+psycopg2://)",
+    "mysql": "pip install 'celery-sqlbackend[mysql]' (PyMySQL, URL mysql+pymysql://)",
+}
+
+
+def _postgres_driver(parsed: URL) -> URL:
+    """A plain ``postgresql://`` URL with the PostgreSQL driver that is installed.
+
+    Why: SQLAlchemy's default driver for ``postgresql://`` is psycopg2 up to 2.0
+    and psycopg 3 from 2.1, so the same URL would fail on one or the other
+    depending on the SQLAlchemy release.  An explicit ``+driver`` is kept as written.
+    """
+    if "+" in parsed.drivername:
+        return parsed
+    for driver in ("psycopg", "psycopg2"):
+        try:
+            importlib.import_module(driver)
+        except ImportError:
+            continue
+        return parsed.set(drivername=f"postgresql+{driver}")
+    return parsed
+
+
+def _create_mysql(url: str, busy_timeout: float) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                           isolation_level="READ COMMITTED")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        # (Whole seconds, at least 1: InnoDB's own unit.)
+        cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(busy_timeout))}")
+        cur.close()
+
+    return engine
 
 
 def _create_sqlite(url: str, busy_timeout: float) -> Engine:
@@ -73,7 +163,7 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    return engine
+    return fork_gate.guard(engine)
 
 
 def _after_fork_in_child() -> None:

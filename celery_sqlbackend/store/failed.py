@@ -27,6 +27,8 @@ def insert_failed(conn: Connection, t: Tables, job_ids: Sequence[int], error_cla
                literal(now, t.failed.c.failed_at.type))
         .where(j.c.id.in_(job_ids)),
     ))
+    # A failed job no longer holds its unique key (a time-limited one is not the job's).
+    conn.execute(delete(t.unique_keys).where(t.unique_keys.c.job_id.in_(job_ids)))
 
 
 def _filtered(q: Any, t: Tables, *, queue: str | None, task_name: str | None, error_class: str | None,

@@ -23,6 +23,7 @@ from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
 )
+from sqlalchemy.dialects import mysql
 
 DEFAULT_PREFIX = "sqlq_"
 
@@ -30,11 +31,20 @@ DEFAULT_PREFIX = "sqlq_"
 #: a column declared exactly ``INTEGER PRIMARY KEY``, hence the variant.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
+#: MySQL/MariaDB types where the generic ones fall short there: a plain DATETIME
+#: keeps whole seconds (heartbeats, claim times and result order need
+#: microseconds), and TEXT/BLOB stop at 64 KiB (a task's arguments and a result
+#: may be megabytes).  Other engines get the generic type.  Revision 0003 moves
+#: a database made by 0001 to these.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+LongBinary = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
 
 def _ts(name: str, **kw) -> Column:
     # Naive UTC everywhere: SQLite has no time zones, and one convention on
     # every engine keeps comparisons (due, expired, dead) trivially right.
-    return Column(name, DateTime(), **kw)
+    return Column(name, Timestamp, **kw)
 
 
 class Tables:
@@ -57,7 +67,7 @@ class Tables:
             Column("task_name", String(255)),
             Column("task_id", String(255)),
             Column("priority", Integer, nullable=False, default=0),
-            Column("payload", Text, nullable=False),
+            Column("payload", LongText, nullable=False),
             _ts("created_at", nullable=False),
             _ts("scheduled_at"),
             _ts("expires_at"),
@@ -117,7 +127,7 @@ class Tables:
             job_fk(),
             Column("queue_name", String(255), nullable=False),
             Column("error_class", String(255), nullable=False),
-            Column("error", Text, nullable=False),
+            Column("error", LongText, nullable=False),
             _ts("failed_at", nullable=False),
             UniqueConstraint("job_id", name=f"uq_{p}failed_job"),
             Index(f"ix_{p}failed_at", "failed_at"),
@@ -171,7 +181,7 @@ class Tables:
             Column("status", String(50), nullable=False),
             Column("content_type", String(128), nullable=False),
             Column("content_encoding", String(64), nullable=False),
-            Column("payload", LargeBinary, nullable=False),
+            Column("payload", LongBinary, nullable=False),
             Column("name", String(255)),
             Column("worker", String(255)),
             Column("retries", Integer),
@@ -190,7 +200,7 @@ class Tables:
             Column("group_id", String(255), nullable=False),
             Column("content_type", String(128), nullable=False),
             Column("content_encoding", String(64), nullable=False),
-            Column("payload", LargeBinary, nullable=False),
+            Column("payload", LongBinary, nullable=False),
             _ts("date_done", nullable=False),
             UniqueConstraint("group_id", name=f"uq_{p}groups_group"),
             Index(f"ix_{p}groups_date_done", "date_done"),
@@ -210,6 +220,24 @@ class Tables:
             Index(f"ix_{p}chords_created_at", "created_at"),
         )
 
+        # Unique jobs (``sqlq_unique``): one row per key that is held, and by which
+        # task.  The primary key is what makes a second enqueue lose, whatever the
+        # number of producers.  ``held_until``: "claimed" (while waiting) or
+        # "finished" (while waiting or running), released in the transaction
+        # that claims, finishes or fails ``job_id`` (and with the job row);
+        # NULL: held until ``expires_at`` whatever becomes of the job.
+        self.unique_keys = Table(
+            f"{p}unique_keys", md,
+            Column("key", String(255), primary_key=True),
+            Column("task_id", String(255), nullable=False),
+            Column("job_id", Id, ForeignKey(f"{p}jobs.id", ondelete="CASCADE")),
+            Column("held_until", String(16)),
+            _ts("expires_at"),
+            _ts("created_at", nullable=False),
+            Index(f"ix_{p}unique_keys_job", "job_id"),
+            Index(f"ix_{p}unique_keys_expires", "expires_at"),
+        )
+
         # checkpoint (resumable iterative tasks): one row per iterative job, its
         # durable cursor and the progress a dashboard shows.  Defined here so the
         # migrations and checkpoint.store share it; see checkpoint/store.py.
@@ -219,12 +247,12 @@ class Tables:
             Column("task_name", String(255)),
             # running | interrupted | done | failed | revoked
             Column("state", String(16), nullable=False, default="running", server_default="running"),
-            Column("cursor", Text),  # JSON
-            Column("counters", Text, nullable=False),  # JSON: times_interrupted, total_time, ...
+            Column("cursor", LongText),  # JSON
+            Column("counters", LongText, nullable=False),  # JSON: times_interrupted, total_time, ...
             Column("iterations", BigInteger, nullable=False, default=0, server_default="0"),
             Column("total", BigInteger),
             Column("fraction", Float),
-            Column("error", Text),
+            Column("error", LongText),
             _ts("started_at"),
             _ts("updated_at", nullable=False),
             _ts("finished_at"),

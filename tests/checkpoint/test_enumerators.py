@@ -64,7 +64,7 @@ class Order(Base):
     __tablename__ = "orders"
     id: Mapped[int] = mapped_column(primary_key=True)
     account: Mapped[int]
-    placed: Mapped[str]
+    placed: Mapped[str] = mapped_column(sa.String(10))   # (MySQL needs a VARCHAR length)
 
 
 @pytest.fixture

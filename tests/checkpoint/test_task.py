@@ -132,15 +132,28 @@ def test_interrupted_run_reenqueues_itself_and_the_next_run_resumes(app, adapter
     assert task.cursor_store.get(task_id).state == "done", "the checkpoint is kept, marked done, until it expires"
 
 
-def test_the_flag_stops_the_default_adapter(app):
-    task, processed, _ = make_task(app, interruption_adapters=("celery",))
+def test_a_job_received_while_the_worker_stops_is_handed_back_unstarted(app):
+    task, processed, events = make_task(app, interruption_adapters=("celery",), interruption_backoff=3)
     checkpoint.FLAG.set()
     try:
         _, message = run_once(task, str(uuid.uuid4()), ("x",))
     finally:
         checkpoint.FLAG.clear()
-    assert processed == []  # stopped before the first item
-    assert Progress.from_json(message.headers[HEADER]).times_interrupted == 1
+    assert processed == [] and events == [], "no hook ran, no item"
+    assert HEADER not in message.headers, "no progress: the next run is the job's first"
+    assert message.headers.get("eta"), "handed back with the backoff"
+
+
+def test_the_flag_stops_the_default_adapter_mid_run(app):
+    task, processed, _ = make_task(app, interruption_adapters=("celery",))
+    task.each_iteration = lambda item, label: (processed.append(item), checkpoint.FLAG.set() if item == 2 else None)
+    try:
+        _, message = run_once(task, str(uuid.uuid4()), ("x",))
+    finally:
+        checkpoint.FLAG.clear()
+    assert processed == [0, 1, 2]
+    progress = Progress.from_json(message.headers[HEADER])
+    assert (progress.cursor, progress.times_interrupted) == (2, 1)
 
 
 def test_a_stop_after_the_last_item_completes_instead(app, adapter):
@@ -177,6 +190,38 @@ def test_throttle_reenqueues_with_backoff(app, adapter):
     assert calls[0] is task
     assert message.headers["eta"] is not None
     assert Progress.from_json(message.headers[HEADER]).times_interrupted == 1
+
+
+def test_a_throttle_declared_in_the_class_body_applies_to_the_class_and_its_subclasses(app, adapter):
+    adapter(10**9)
+    lag = []
+
+    class Throttled(IterativeTask):
+        name = f"throttled.{uuid.uuid4().hex[:6]}"
+        interruption_adapters = ("test",)
+        cursor_store = MemoryStore()
+
+        def build_enumerator(self, *, cursor=None):
+            return self.enumerate.integers(0, 10, cursor=cursor)
+
+        def each_iteration(self, item):
+            lag.append(item)
+
+        @checkpoint.throttle_on(backoff=45)
+        def replica_lagging(self):
+            return len(lag) >= 4
+
+    class Child(Throttled):
+        name = f"throttled.child.{uuid.uuid4().hex[:6]}"
+
+    assert IterativeTask._throttles == (), "declaring a throttle must not touch the base class"
+    for cls in (Throttled, Child):
+        lag.clear()
+        _, message = run_once(app.register_task(cls()), str(uuid.uuid4()), ())
+        assert lag == [0, 1, 2, 3]
+        assert message.headers["eta"] is not None
+    with pytest.raises(TypeError, match="parentheses"):
+        checkpoint.throttle_on(lambda self: True)
 
 
 def test_stop_reenqueue_uses_the_interruption_backoff(app, adapter):

@@ -189,3 +189,27 @@ def test_async_result_waits_across_interruptions_for_the_final_run(workers):
         assert result.get(timeout=60) == {"iterations": 3000, "times_interrupted": 1}
     finally:
         results.close()
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_jobs_received_after_term_are_handed_back_without_starting(workers, send, pool):
+    """A stopping solo/threads worker drains queued jobs: they go back untouched, no on_start, no empty run."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for task_id in ids:
+        send("ck.count_to", 3000, task_id=task_id)
+    worker = workers.start(pool=pool, env={"CK_ITEM_DELAY": "0.001"})
+    items = worker.items
+    wait_until(lambda: items.count() >= 300, 30, message="300 items of the first job")
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit() == 0, worker.output()
+    started = {r["task_id"] for r in items.runs() if r["event"] in ("start", "resume")}
+    assert len(started) == 1, f"jobs started by the stopping worker: {items.runs()}"
+
+    workers.start(pool=pool)
+    wait_until(lambda: len(_completed(items)) == 3, 90, message="3 jobs completed")
+    assert items.duplicates() == [(i, 3) for i in range(3000)], "each job processes each of its items once"
+    events = {task_id: [r["event"] for r in items.runs() if r["task_id"] == task_id] for task_id in ids}
+    (first,) = started
+    assert events.pop(first) == ["start", "shutdown", "resume", "shutdown", "complete"]
+    assert list(events.values()) == [["start", "shutdown", "complete"]] * 2, events
+    assert all(r["times_interrupted"] == 0 for r in items.runs() if r["task_id"] != first)

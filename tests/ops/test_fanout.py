@@ -71,7 +71,9 @@ def test_topic_and_reply_routing_reach_queues_bound_by_another_connection(connec
 def test_expired_binding_is_removed_with_its_backlog_and_a_live_consumer_rebinds(connect, db_url):
     reader, writer = connect(), connect()
     bc = Exchange("bc", type="fanout", durable=False)
-    queue = Queue("node.bc", bc, expires=0.4)  # not auto-delete: survives its consumer
+    # Not auto-delete: survives its consumer.  (Expired below by hand.  2 s: a poll refreshes it after
+    # a quarter of that, and the rebound binding outlives the last publish even on a slow machine.)
+    queue = Queue("node.bc", bc, expires=2)
     queue(reader.default_channel).declare()
     producer = Producer(writer.default_channel, serializer="json")
     for i in range(3):
@@ -89,7 +91,7 @@ def test_expired_binding_is_removed_with_its_backlog_and_a_live_consumer_rebinds
     assert _ready(db_url, "node.bc") == 0
     with Consumer(reader, [queue], no_ack=True, accept=["json"]):
         try:
-            reader.drain_events(timeout=0.5)
+            reader.drain_events(timeout=1.0)   # (longer than a quarter of the expiry: a refresh is due)
         except TimeoutError:
             pass
     assert _bindings(db_url) == [("bc", "node.bc", "")]

@@ -19,8 +19,8 @@ def populated(db_url, make_app):
     if pg:
         out = cli.run("sqlq", "status", check=False)
         assert out.returncode != 0 and "sqlq migrate" in out.stderr, out.stderr
-        assert "migrated empty database -> 0002" in cli.run("sqlq", "migrate").stdout
-        assert cli.json("sqlq", "migrate") == {"from": "0002", "to": "0002", "prefix": "sqlq_"}
+        assert "migrated empty database -> 0004" in cli.run("sqlq", "migrate").stdout
+        assert cli.json("sqlq", "migrate") == {"from": "0004", "to": "0004", "prefix": "sqlq_"}
     return cli, populate(db_url, create_tables=not pg)
 
 
@@ -40,6 +40,28 @@ def test_status(populated):
     assert (proc["name"], proc["pid"], proc["pool"], proc["claimed"]) == ("ops-test@host", 4242, "prefork", 1)
     assert proc["held"][0]["job_id"] == p.claimed[0] and proc["held"][0]["task_name"] == "testapp.add"
     assert proc["dead"] is False and proc["heartbeat_age"] < 300
+
+
+def test_status_lists_iterative_jobs(populated, db_url):
+    """checkpoint's progress rows, written by its real store, in ``celery sqlq status`` and its JSON."""
+    from checkpoint.cursor import Progress
+    from checkpoint.store import SQLCursorStore
+    cli, _ = populated
+    store = SQLCursorStore(db_url)
+    try:
+        store.put("ck-running", Progress(cursor=299, iterations=300, total=1200), task_name="app.backfill")
+        store.put("ck-done", Progress(cursor=9, iterations=10, total=10), state="done", task_name="[red]x[/red]")
+    finally:
+        store.dispose()
+    out = cli.run("sqlq", "status").stdout
+    assert "Iterative jobs" in out and "app.backfill" in out and "300 / 1200" in out and "25.0%" in out, out
+    assert "[red]x[/red]" in out, "stored names are printed literally"
+    jobs = {j["task_id"]: j for j in cli.json("sqlq", "status")["iterative_jobs"]}
+    assert {k: jobs["ck-running"][k] for k in ("task_name", "state", "iterations", "total", "fraction")} == \
+        {"task_name": "app.backfill", "state": "running", "iterations": 300, "total": 1200, "fraction": 0.25}
+    assert jobs["ck-done"]["state"] == "done" and jobs["ck-done"]["fraction"] == 1.0
+    assert jobs["ck-running"]["updated_at"].endswith("Z")
+    assert len(cli.json("sqlq", "status", "--iterative", "1")["iterative_jobs"]) == 1
 
 
 def test_failed_list_show_retry_discard(populated, db_url):

@@ -47,7 +47,7 @@ def run_hub_until(hub, predicate, timeout=10.0):
         hub.run_once()
 
 
-def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_postgresql_and_on_the_hub_on_sqlite(db_url):
+def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_server_engines_and_on_the_hub_on_sqlite(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=OPTS) as conn:
         assert conn.transport.implements.asynchronous
         hub = Hub()

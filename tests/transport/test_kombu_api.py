@@ -108,14 +108,15 @@ def test_closing_a_channel_restores_unacked_deliveries_in_place(db_url):
 
 
 def test_a_future_eta_is_stored_as_scheduled_and_delivered_when_due(conn, db_url):
-    eta = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    store_for(db_url, Options(**OPTS)).ensure_schema()   # (DDL on a fresh MariaDB can take longer than the ETA)
+    eta = datetime.now(timezone.utc) + timedelta(seconds=3)   # (room for the checks below on a busy machine)
     _publish(conn, headers={"eta": eta.isoformat(), "id": "t-1", "task": "x.y"})
     assert rows(db_url, "select count(*) from sqlq_scheduled_executions") == [(1,)]
     assert rows(db_url, "select count(*) from sqlq_ready_executions") == [(0,)]
     q = conn.SimpleQueue("q")
     with pytest.raises(q.Empty):
         q.get(timeout=0.5)
-    msg = q.get(timeout=5)
+    msg = q.get(timeout=10)
     assert datetime.now(timezone.utc) >= eta - timedelta(milliseconds=50)
     assert msg.headers["id"] == "t-1"
     msg.ack()

@@ -1,0 +1,172 @@
+"""Where a published message is written: its own transaction, the caller's, or a batch.
+
+``Channel._put`` hands every message here (``put``), after kombu and Celery
+have built it (headers, serialisation, routing).  What happens depends on
+the scope the publishing code is in, kept in a context variable (so each
+thread and each asyncio task has its own):
+
+* no scope: one transaction per message (``store.jobs.add``: on PostgreSQL one
+  round trip);
+* ``enqueue_in(session_or_connection)``: through the caller's connection, in
+  the caller's transaction: the jobs exist once it commits (PostgreSQL
+  delivers the NOTIFY sent inside it at that commit) and never if it rolls back;
+* ``batch()`` (``enqueue_many``, and every ``group``/chord apply on this
+  transport: ``bulk``): buffered, then written in multi-row INSERTs of at most
+  ``CHUNK_ROWS`` rows, all in ONE transaction (the caller's, inside
+  ``enqueue_in``), committed when the outermost batch ends; nothing is
+  written if it ends with an exception.  The buffer never holds more than one
+  chunk, so a producer's memory does not grow with the size of the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from .errors import SQLQError
+from .store import Store
+from .store.jobs import Enqueued, NewJob, insert_many, insert_one
+from .urls import mask, same_database
+
+#: Jobs per multi-row INSERT, and the most a batch buffers before writing.
+CHUNK_ROWS = 500
+#: ... or this many payload characters, whichever comes first.
+CHUNK_CHARS = 4_000_000
+
+
+class WrongDatabaseError(SQLQError):
+    """``enqueue_in`` was given a connection to another database than the broker's."""
+
+
+@dataclass
+class _Batch:
+    """Jobs waiting to be written, per store, and the transactions a batch opened itself."""
+    pending: dict[Store, list[NewJob]] = field(default_factory=dict)
+    chars: dict[Store, int] = field(default_factory=dict)
+    opened: dict[Store, tuple[Connection, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    connection: Connection | None = None    # enqueue_in: the caller's
+    batch: _Batch | None = None
+
+
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqlq_publish_scope", default=None)
+
+
+def _connection_of(target: Session | Connection) -> Connection:
+    if isinstance(target, Connection):
+        return target
+    if isinstance(target, Session):
+        return target.connection()    # begins the session's transaction if it has none
+    raise TypeError(f"enqueue_in() takes a SQLAlchemy Session or Connection, not {type(target).__name__}")
+
+
+@contextlib.contextmanager
+def enqueue_in(target: Session | Connection) -> Iterator[Connection]:
+    """Write every message published to an ``sqlq`` broker inside the block through ``target``'s
+    transaction (a ``Session`` or a ``Connection`` on the broker's database).
+
+    The jobs (ready, or scheduled for an ETA/countdown) become visible to
+    workers when that transaction commits; a rollback leaves none.  Nested
+    blocks are fine: the innermost connection is used.  A group or chord
+    applied inside is batched into the same transaction.
+    """
+    conn = _connection_of(target)
+    outer = _SCOPE.get()
+    token = _SCOPE.set(_Scope(connection=conn, batch=outer.batch if outer else None))
+    try:
+        yield conn
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Batch every message published inside (see the module doc); joins an enclosing batch."""
+    outer = _SCOPE.get()
+    if outer is not None and outer.batch is not None:
+        yield
+        return
+    state = _Batch()
+    token = _SCOPE.set(_Scope(connection=outer.connection if outer else None, batch=state))
+    try:
+        yield
+        for store in list(state.pending):
+            _flush(store, state, outer.connection if outer else None)
+        for conn, transaction in state.opened.values():
+            transaction.commit()
+    finally:
+        _SCOPE.reset(token)
+        for conn, transaction in state.opened.values():
+            if transaction.is_active:
+                transaction.rollback()
+            conn.close()
+
+
+def caller_connection(store: Store) -> Connection | None:
+    """The connection of the ``enqueue_in`` block in progress, if it is on ``store``'s database:
+    the channel's other writes during a publish (a queue's binding) go through it too, since on
+    SQLite the caller's transaction may hold the one write lock."""
+    scope = _SCOPE.get()
+    conn = scope.connection if scope is not None else None
+    if conn is None or not (conn.engine is store.engine or same_database(conn.engine.url, store.engine.url)):
+        return None
+    return conn
+
+
+def put(store: Store, job: NewJob) -> Enqueued:
+    """Write ``job`` as the current scope says (module doc); a buffered job reports ``Enqueued(None)``."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return store.jobs.add(job)
+    caller = scope.connection
+    if caller is not None:
+        _check_database(caller, store)
+    state = scope.batch
+    if state is None:
+        return insert_one(caller, store.t, store.dialect, job)
+    if job.unique is not None:
+        # Its outcome decides what apply_async returns, so it is written now, after
+        # the jobs buffered before it (first in, first out).
+        _flush(store, state, caller)
+        return insert_one(_batch_connection(store, state, caller), store.t, store.dialect, job)
+    pending = state.pending.setdefault(store, [])
+    pending.append(job)
+    state.chars[store] = state.chars.get(store, 0) + len(job.payload)
+    if len(pending) >= CHUNK_ROWS or state.chars[store] >= CHUNK_CHARS:
+        _flush(store, state, caller)
+    return Enqueued(None)
+
+
+def _flush(store: Store, state: _Batch, caller: Connection | None) -> None:
+    jobs = state.pending.pop(store, None)
+    state.chars.pop(store, None)
+    if jobs:
+        insert_many(_batch_connection(store, state, caller), store.t, store.dialect, jobs)
+
+
+def _batch_connection(store: Store, state: _Batch, caller: Connection | None) -> Connection:
+    """The caller's connection, or the batch's own transaction on ``store`` (begun on first use)."""
+    if caller is not None:
+        return caller
+    opened = state.opened.get(store)
+    if opened is None:
+        store.ensure_schema()
+        conn = store.engine.connect()
+        opened = state.opened[store] = (conn, conn.begin())
+    return opened[0]
+
+
+def _check_database(conn: Connection, store: Store) -> None:
+    if conn.engine is store.engine or same_database(conn.engine.url, store.engine.url):
+        return
+    raise WrongDatabaseError(
+        f"enqueue_in() was given a connection to {mask(conn.engine.url)}, but the broker's jobs are in "
+        f"{mask(store.engine.url)}: a job written there would never run. Pass a Session or Connection "
+        "on the broker's database (or publish outside the enqueue_in block).")
