@@ -57,3 +57,11 @@ class RefusedContentError(SQLQError):
 
 class WorkerCrashedError(SQLQError):
     """The worker exited with an unrecoverable error while holding the job (counts toward ``max_releases``)."""
+
+
+#: The classes above: the store's own decisions (as opposed to a task's exception kept by
+#: ``record_task_failures``).  A failed row naming one gets that exception as its Celery result.
+STORE_DECISIONS: dict[str, type[SQLQError]] = {cls.__name__: cls for cls in (
+    ProcessPrunedError, ProcessMissingError, WorkerShutdownError, MaxReleasesExceeded, RejectedError,
+    UndecodableMessageError, MalformedMessageError, RefusedContentError,
+    WorkerCrashedError)}

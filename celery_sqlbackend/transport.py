@@ -27,8 +27,9 @@ Loops
 =====
 On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
+or with ``event_loop=False`` Celery runs its blocking loop, which calls
+:meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -243,10 +244,10 @@ class Channel(virtual.Channel):
             return [(payload, job.queue_name) for job in taken
                     if (payload := self._decode(job, None)) is not None]
         process_id = proc.ensure_registered()
-        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
+        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
@@ -296,7 +297,7 @@ class Channel(virtual.Channel):
             if verdict is not None:
                 self._fail_unusable(job, process_id, *verdict)
                 return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
 
     def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
         """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""
@@ -306,8 +307,9 @@ class Channel(virtual.Channel):
         reason = (f"{error_class}: job {job.job_id} in queue {job.queue_name!r}: {why}; "
                   "it was moved to failed and the worker went on")
         log.error("%s", reason)
-        self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                               error_class=error_class, error=reason, now=utcnow())
+        if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                  error_class=error_class, error=reason, now=utcnow()):
+            self.process.record_failed([job.job_id])   # its Celery result becomes FAILURE
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -372,9 +374,10 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
+        if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
                                error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
+                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow()):
+            self.process.record_failed([job_id])
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
