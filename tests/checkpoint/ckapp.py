@@ -45,7 +45,7 @@ else:
 app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options=transport_options,
-    worker_prefetch_multiplier=1,
+    worker_prefetch_multiplier=int(os.environ.get("CK_PREFETCH", "1")),
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
