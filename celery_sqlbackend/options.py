@@ -113,6 +113,10 @@ class Options:
                 RuntimeWarning, stacklevel=3)
 
 
+#: ``sqlq_<name>`` settings that are not transport options: read by celery_sqlbackend.beat.
+SCHEDULER_SETTINGS = frozenset({"beat_tick", "beat_grace"})
+
+
 def from_celery_conf(conf) -> dict:
     """The transport options of a Celery config, with ``sqlq_<option>`` settings folded in.
 
@@ -128,7 +132,7 @@ def from_celery_conf(conf) -> dict:
 def sqlq_settings(conf) -> dict:
     """Only the ``sqlq_<option>`` settings of a Celery config, as transport options."""
     merged = {}
-    known = {f.name for f in fields(Options)}
+    known = {f.name for f in fields(Options)} | SCHEDULER_SETTINGS
     for f in fields(Options):
         value = conf.get(f"sqlq_{f.name}")
         if value is not None:
