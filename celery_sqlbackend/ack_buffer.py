@@ -47,9 +47,11 @@ class AckBuffer:
         self.batched = False
         self._to_finish: collections.deque = collections.deque()
         self._to_mark: collections.deque = collections.deque()
-        # job id -> ("finish" | "release", process id that claimed it): state
+        # job id -> ("finish" | "mark" | "release" | "dead_letter", process id that claimed it): state
         # changes that failed because the database was away.
         self._deferred: dict[int, tuple[str, int | None]] = {}
+        # job id -> (error class, error) of the deferred "dead_letter"s.
+        self._dead_letters: dict[int, tuple[str, str]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
         # closed by a reconnect must not forget jobs still running in the pool.
@@ -202,6 +204,8 @@ class AckBuffer:
             if marks or finishes:
                 log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
                             "heartbeat thread", len(marks), len(finishes), exc)
+            for job_id, process_id in marks:   # (a finish deferred for the same job supersedes its mark)
+                self._deferred.setdefault(job_id, ("mark", process_id))
             for job_id, process_id in finishes:
                 self._deferred[job_id] = ("finish", process_id)
             raise
@@ -226,10 +230,36 @@ class AckBuffer:
             elif op == "finish":
                 self._deferred.pop(job_id, None)
                 self.finish(job_id, process_id)   # re-defers itself if the database is still away
+            elif op == "mark":
+                # A no-op if the job finished meanwhile (its claim is gone) or a pruner took it.
+                self.store.claims.mark_acked(job_id=job_id, process_id=process_id, now=utcnow())
+                if self._deferred.get(job_id, (None,))[0] == "mark":
+                    self._deferred.pop(job_id, None)
+            elif op == "dead_letter":
+                error_class, error = self._dead_letters[job_id]
+                self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
+                                       error=error, now=utcnow())
+                self._deferred.pop(job_id, None)
+                self._dead_letters.pop(job_id, None)
             else:
                 # Fenced like every release: a no-op if a pruner took the claim meanwhile.
                 self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow())
                 self._deferred.pop(job_id, None)
+
+    def dead_letter(self, job_id: int, process_id: int, error_class: str, error: str) -> None:
+        """A reject without requeue: claimed -> failed, fenced on the claim.
+
+        If the database is away it is retried from the heartbeat thread: a
+        rejected job whose claim were left standing would be released by
+        ``reconcile`` and run again.
+        """
+        try:
+            self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class, error=error,
+                                   now=utcnow())
+        except SQLAlchemyError as exc:
+            log.warning("could not record job %s as rejected (%s); retrying from the heartbeat thread", job_id, exc)
+            self._dead_letters[job_id] = (error_class, error)
+            self._deferred[job_id] = ("dead_letter", process_id)
 
     def adopt(self, tag: str, claim: Claim) -> None:
         """Keep the claim of a closing channel's delivery that Celery may still run (and ack)."""
@@ -239,21 +269,19 @@ class AckBuffer:
         entry = self._adopted.pop(tag, None)
         return None if entry is None else entry[:2]
 
-    def known_job_ids(self, grace: float) -> set[int]:
+    def known_job_ids(self) -> set[int]:
         """Jobs this buffer accounts for (for ``LocalProcess.reconcile``).
 
-        Adopted claims count for ``grace`` seconds; older ones were never acked
-        (Celery dropped them with the old connection) and are forgotten here.
+        Adopted claims count for as long as this process lives, acked or not:
+        a delivery Celery has dropped after a lost connection may still be
+        running in a pool process (``AsynPool.flush`` discards jobs it has
+        already written to one, and their acks with them), so no amount of
+        waiting proves it never ran.  Deregistration settles them.
         """
         known = {job_id for job_id, _ in self._started.values()}
         known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
         known |= set(self._deferred)
-        now = time.monotonic()
-        for tag, (job_id, _, since) in list(self._adopted.items()):
-            if now - since < grace:
-                known.add(job_id)
-            else:
-                self._adopted.pop(tag, None)
+        known |= {job_id for job_id, _, _ in list(self._adopted.values())}
         return known
 
 

@@ -236,7 +236,7 @@ class LocalProcess:
         known: set[int] = set()
         for channel in list(self._channels):
             known |= channel.held_job_ids()
-        known |= self.acks.known_job_ids(grace)
+        known |= self.acks.known_job_ids()
         lost = sorted(held - known)
         for job_id in lost:
             self.store.claims.release(job_id=job_id, process_id=self.id, now=utcnow())

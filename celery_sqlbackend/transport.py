@@ -55,7 +55,7 @@ from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
 from . import fanout, maintenance, publishing, unique
-from .claim_round import Messages, claim_round, wait_for_work
+from .claim_round import Messages, Outage, claim_round, wait_for_work
 from .errors import RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
@@ -344,9 +344,9 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
-                               error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
+        self.process.acks.dead_letter(job_id, process_id, RejectedError.__name__,
+                                      f"{RejectedError.__name__}: the consumer rejected the message without "
+                                      "requeue (unregistered task, or Reject(requeue=False))")
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
@@ -358,11 +358,10 @@ class Channel(virtual.Channel):
           "accepted" the worker has not read yet, still looks unacked here.
 
         Releasing it now would let another worker run it a second time.  The
-        claim is handed to the process's ack buffer (``adopt``): a later ack records it
-        (Celery reads the pool's last messages as the pool drains), and what
-        never started is released by deregistration (``lifecycle`` step 5), or
-        by ``reconcile`` after its grace period if the process lives on.
-        Outside a worker (a plain kombu consumer) the delivery is released at once.
+        claim is handed to the process's ack buffer (``adopt``), and kept while
+        the process lives: a later ack records it, and what was never acked is
+        settled by deregistration (``lifecycle`` step 5).  Outside a worker (a
+        plain kombu consumer) the delivery is released at once.
         """
         if self.process.managed:
             claim = self._claims.pop(message.delivery_tag, None)
@@ -435,6 +434,7 @@ class Transport(virtual.Transport):
         self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
+        self._outage = Outage("worker loop")
         event_loop = self.options.event_loop
         if event_loop is None:
             event_loop = store_for(client.hostname, self.options).dialect.event_loop
@@ -489,6 +489,8 @@ class Transport(virtual.Transport):
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError
             wait = interval if remaining is None else min(interval, remaining)
+            if self._outage.waited_out(round_, self._wake, interval, remaining):   # see claim_round
+                continue
             if waiter is None and self.channels:
                 waiter = waiter_for(self.channels[0].store)
             acks = round_.channels[0].process.acks if round_.channels else None
