@@ -261,9 +261,20 @@ class AckBuffer:
             self._dead_letters[job_id] = (error_class, error)
             self._deferred[job_id] = ("dead_letter", process_id)
 
-    def adopt(self, tag: str, claim: Claim) -> None:
-        """Keep the claim of a closing channel's delivery that Celery may still run (and ack)."""
+    def adopt(self, tag: str, claim: Claim, may_have_run: bool = False) -> None:
+        """Keep the claim of a closing channel's delivery that Celery may still run (and ack).
+
+        ``may_have_run``: Celery may run it without ever acking it (see
+        ``Channel._restore``), so it is recorded as started, like an early ack:
+        if it is never acked, deregistration or a pruner fails it rather than
+        running it a second time.
+        """
         self._adopted[tag] = (*claim, time.monotonic())
+        if may_have_run:
+            log.warning("job %s was delivered before the connection was lost and may be running in the pool: "
+                        "its claim is kept (and recorded as started) while %s lives", claim[0], self._name())
+            self._to_mark.append(claim)
+            self._wake_writer_if_loop_away()
 
     def take_adopted(self, tag: str) -> Claim | None:
         entry = self._adopted.pop(tag, None)

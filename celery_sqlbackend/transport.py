@@ -343,30 +343,27 @@ class Channel(virtual.Channel):
         claim = self._take_claim(tag)
         if claim is None:
             return
-        job_id, process_id = claim
-        self.process.acks.dead_letter(job_id, process_id, RejectedError.__name__,
+        self.process.acks.dead_letter(*claim, RejectedError.__name__,
                                       f"{RejectedError.__name__}: the consumer rejected the message without "
                                       "requeue (unregistered task, or Reject(requeue=False))")
 
     def _restore(self, message):
-        """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
+        """An unacked delivery of a closing channel, in a worker: the claim stays with the process
+        (``adopt``) while it lives; a later ack records it, deregistration settles the rest.  (Outside
+        a worker, in a plain kombu consumer, the delivery is released at once.)
 
-        * The worker is not stopping: the channel closes because the connection
-          was lost, and Celery may still run (and ack) what it had prefetched.
+        * The worker is not stopping: the connection was lost.  Celery may run
+          what it had prefetched, even *without* ever acking it (``AsynPool.flush``
+          drops the ack of a job already written to a pool process, counting on a
+          redelivery): so the claim is marked started (``may_have_run``), and is failed, never re-run.
         * The worker is stopping: Celery closes the channel before its pool has
           drained, so a job a pool process has already started, whose
           "accepted" the worker has not read yet, still looks unacked here.
-
-        Releasing it now would let another worker run it a second time.  The
-        claim is handed to the process's ack buffer (``adopt``), and kept while
-        the process lives: a later ack records it, and what was never acked is
-        settled by deregistration (``lifecycle`` step 5).  Outside a worker (a
-        plain kombu consumer) the delivery is released at once.
         """
         if self.process.managed:
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
-                self.process.acks.adopt(message.delivery_tag, claim)
+                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not self.worker.stopping())
             return
         self._release(message.delivery_tag)
 

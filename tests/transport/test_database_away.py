@@ -89,3 +89,27 @@ def test_a_started_mark_made_while_the_database_is_away_lands_after(private_pg):
             wait_until(lambda: rows(url, "select count(*) from sqlq_claimed_executions where acked_at is not null")
                        == [(1,)], timeout=30, message="the started mark made while the database was away")
             assert rows(url, "select finished_at from sqlq_jobs") == [(None,)]
+
+
+def test_a_delivery_put_back_by_a_lost_connection_is_kept_then_failed_never_run_again(private_pg):
+    """Celery may run a delivery it dropped on a lost connection without ever acking it
+    (``AsynPool.flush``): its claim stays while the process lives, and is never released."""
+    url = private_pg.url()
+    conn = Connection(f"sqlq+{url}", transport_options=OPTS)
+    _publish(conn, 1)
+    got = []
+    consumer = conn.Consumer(Queue("q"), callbacks=[lambda body, message: got.append(message)], prefetch_count=1)
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    proc = local_process(got[0].channel.store)
+    proc.attach_worker(WorkerHooks(running_tags=set, stopping=lambda: False, terminating=lambda: False))
+    conn.close()      # kombu puts the unacked delivery back (``Channel._restore``)
+    wait_until(lambda: rows(url, "select count(*) from sqlq_claimed_executions where acked_at is not null")
+               == [(1,)], timeout=30, message="the put-back delivery to be recorded as possibly started")
+    assert proc.reconcile(grace=0) == []     # however long it has been, it is not released
+    assert rows(url, "select count(*) from sqlq_ready_executions") == [(0,)]
+    proc.stop()
+    proc.deregister()
+    # Never acked: it may have run, so it is failed, not handed to another worker.
+    assert rows(url, "select count(*) from sqlq_failed_executions") == [(1,)]
+    assert rows(url, "select count(*) from sqlq_ready_executions") == [(0,)]
