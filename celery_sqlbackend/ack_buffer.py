@@ -59,6 +59,11 @@ class AckBuffer:
         #: delivery tag -> (job id, process id, since): claims of channels that
         #: closed while Celery may still run them (see ``Channel._restore``).
         self._adopted: dict[str, tuple[int, int, float]] = {}
+        # Finishes on their way to the database (drained, not yet committed or
+        # deferred), and the lock under which a job moves between these places:
+        # ``reconcile`` must never find a job it holds in none of them.
+        self._writing: set[int] = set()
+        self._moving = threading.Lock()
         # Non-zero while the claim loop is away: inside a delivery, or waiting
         # for acks (see ``loop_away``); the writer thread writes acks meanwhile.
         self._loop_away = 0
@@ -163,9 +168,10 @@ class AckBuffer:
         """Queue finishes for the early-acked jobs whose delivery tag is not in ``running``."""
         for tag in list(self._started):
             if tag not in running:
-                entry = self._started.pop(tag, None)
-                if entry is not None:
-                    self._to_finish.append(entry)
+                with self._moving:   # (never in neither place for ``known_job_ids``)
+                    entry = self._started.pop(tag, None)
+                    if entry is not None:
+                        self._to_finish.append(entry)
 
     def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
         log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
@@ -189,9 +195,19 @@ class AckBuffer:
         of jobs.  On PostgreSQL that is one statement, sent without BEGIN and
         COMMIT: one round trip.  Returns the jobs claimed.
         """
-        marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+        with self._moving:
+            marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+            writing = [job_id for job_id, _ in finishes]
+            self._writing.update(writing)
         if not marks and not finishes and claim is None:
             return []
+        try:
+            return self._write(marks, finishes, claim)
+        finally:
+            with self._moving:
+                self._writing.difference_update(writing)
+
+    def _write(self, marks: list, finishes: list, claim: dict | None) -> list:
         claims = self.store.claims
         keep = self.store.options.keep_finished > 0
         try:
@@ -289,8 +305,10 @@ class AckBuffer:
         already written to one, and their acks with them), so no amount of
         waiting proves it never ran.  Deregistration settles them.
         """
-        known = {job_id for job_id, _ in self._started.values()}
-        known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
+        with self._moving:
+            known = {job_id for job_id, _ in self._started.values()}
+            known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
+            known |= self._writing
         known |= set(self._deferred)
         known |= {job_id for job_id, _, _ in list(self._adopted.values())}
         return known
