@@ -174,6 +174,10 @@ class AckBuffer:
                         self._to_finish.append(entry)
 
     def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
+        if self.store.failed.failed_by_task(job_id=job_id):
+            # Its task raised and the task's process kept it as failed (``task_failures``): nothing was lost.
+            log.debug("job %s ended failed in its task: kept as a failed execution", job_id)
+            return
         log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
                   "process was pruned, and the pruner's decision (released or failed) stands",
                   job_id, self._name(), process_id)
@@ -239,7 +243,9 @@ class AckBuffer:
         """Remember a release that failed (database down) to retry from the heartbeat thread."""
         self._deferred[job_id] = ("release", self._default(process_id))
 
-    def retry_deferred(self) -> None:
+    def retry_deferred(self) -> list[int]:
+        """Retry the deferred state changes; returns the jobs failed here (deferred rejects)."""
+        failed = []
         for job_id, (op, process_id) in list(self._deferred.items()):
             if process_id is None:
                 self._deferred.pop(job_id, None)
@@ -253,16 +259,18 @@ class AckBuffer:
                     self._deferred.pop(job_id, None)
             elif op == "dead_letter":
                 error_class, error = self._dead_letters[job_id]
-                self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
-                                       error=error, now=utcnow())
+                if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
+                                          error=error, now=utcnow()):
+                    failed.append(job_id)
                 self._deferred.pop(job_id, None)
                 self._dead_letters.pop(job_id, None)
             else:
                 # Fenced like every release: a no-op if a pruner took the claim meanwhile.
                 self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow())
                 self._deferred.pop(job_id, None)
+        return failed
 
-    def dead_letter(self, job_id: int, process_id: int, error_class: str, error: str) -> None:
+    def dead_letter(self, job_id: int, process_id: int, error_class: str, error: str) -> bool:
         """A reject without requeue: claimed -> failed, fenced on the claim.
 
         If the database is away it is retried from the heartbeat thread: a
@@ -270,12 +278,13 @@ class AckBuffer:
         ``reconcile`` and run again.
         """
         try:
-            self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class, error=error,
-                                   now=utcnow())
+            return self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
+                                          error=error, now=utcnow())
         except SQLAlchemyError as exc:
             log.warning("could not record job %s as rejected (%s); retrying from the heartbeat thread", job_id, exc)
             self._dead_letters[job_id] = (error_class, error)
             self._deferred[job_id] = ("dead_letter", process_id)
+            return False
 
     def adopt(self, tag: str, claim: Claim, may_have_run: bool = False) -> None:
         """Keep the claim of a closing channel's delivery that Celery may still run (and ack).

@@ -9,7 +9,8 @@ wherever ``celery`` is, and reads the app like Celery's own commands::
     celery -A proj sqlq failed retry 1234 1235   # or --all [filters]
     celery -A proj sqlq failed discard --all --older-than 7d
     celery -A proj sqlq queue pause emails       # resume / clear
-    celery -A proj sqlq prune
+    celery -A proj sqlq scheduled                # ETA/countdown jobs waiting in the database
+    celery -A proj sqlq prune                    # --process NAME forces one out
     celery -A proj sqlq clear-finished --older-than 1d
     celery -A proj sqlq migrate                  # --sql prints the DDL instead
     celery -A proj sqlq check
@@ -185,6 +186,8 @@ def status(ctx, json_out, held, iterative_limit):
     console.print(pt)
     if any(h.started for p in st.processes for h in p.held):
         console.print("[dim]* started (acked) and running[/dim]")
+    if st.scheduled is not None and st.scheduled.total:
+        console.print(_scheduled_table(st.scheduled, title="Scheduled (ETA/countdown, soonest first)"))
     if jobs:
         _print_iterative(console, jobs)
 
@@ -216,11 +219,55 @@ def _print_iterative(console, jobs: list) -> None:
     console.print(it)
 
 
+def _scheduled_table(sched, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for col in ("job", "task", "task id", "queue", "priority", "due at (UTC)", "due in"):
+        table.add_column(col, justify="right" if col in ("job", "priority") else "left", overflow="fold")
+    for job in sched.jobs:
+        due_in = f"in {_fmt_age(job.due_in)}" if job.due_in > 0 else f"due {_fmt_age(-job.due_in)} ago"
+        table.add_row(str(job.job_id), escape(job.task_name or "?"), escape(job.task_id or "-"), escape(job.queue),
+                      str(job.priority), _ts(job.due_at), due_in)
+    if sched.total > len(sched.jobs):
+        table.caption = f"{len(sched.jobs)} of {sched.total} scheduled job(s)"
+    if not sched.jobs:
+        table.add_row("", "(no scheduled jobs)", "", "", "", "", "")
+    return table
+
+
+@sqlq.command()
+@click.option("--queue", "-Q", help="Only jobs of this queue.")
+@click.option("--limit", type=click.IntRange(min=0, max=100_000), default=50, show_default=True,
+              help="How many of the soonest jobs to list.")
+@json_option
+@click.pass_context
+def scheduled(ctx, queue, limit, json_out):
+    """ETA/countdown jobs waiting in the database for their time, soonest first.
+
+    `celery inspect scheduled` lists none of these: it asks each worker for the
+    ETA tasks it holds in memory, and with this broker a job waits in the
+    database until it is due; only then does a worker receive it.
+    """
+    store = _store(ctx)
+    sched = _run(lambda: admin.scheduled(store, queue=queue, limit=limit))
+    if json_out:
+        _emit_json(sched)
+        return
+    _console().print(_scheduled_table(sched, title=f"Scheduled jobs ({store!r})"))
+
+
 # --------------------------------------------------------------------------- failed
 
 @sqlq.group()
 def failed():
-    """Failed jobs: list, show, retry, discard."""
+    """Failed jobs: list, show, retry, discard.
+
+    A job is failed when its task raised with no retries left (unless
+    record_task_failures is off), when the consumer rejected it, when its payload
+    could not be decoded, or when its worker died after starting it.  Retry runs
+    it again under the same task id.
+    """
 
 
 def _filter_options(fn):
@@ -391,12 +438,35 @@ def queue_clear(ctx, name, force, json_out):
 # --------------------------------------------------------------------------- maintenance
 
 @sqlq.command()
+@click.option("--process", "process_name", metavar="NAME",
+              help="Also force out this registered process (its name, e.g. worker1@host, or its id), "
+                   "whatever its heartbeat says.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (with --process).")
 @json_option
 @click.pass_context
-def prune(ctx, json_out):
-    """Prune dead processes (and expired remote-control/event queues) now."""
+def prune(ctx, process_name, yes, json_out):
+    """Prune dead processes (and expired remote-control/event queues) now.
+
+    A process is dead when its heartbeat is older than alive_threshold, or when it
+    was registered from this host and its PID no longer runs it (checked with the
+    process start time, so a reused PID is not mistaken for it).  Jobs it had
+    started fail with ProcessPrunedError (their results too); the others go back
+    to ready.
+    """
     store = _store(ctx)
-    r = _run(lambda: admin.prune(store))
+    force: list[int] = []
+    if process_name is not None:
+        found = _run(lambda: admin.processes_named(store, process_name))
+        if not found:
+            raise click.ClickException(f"no registered process is named {process_name!r}; "
+                                       "`celery sqlq status` lists them")
+        for p in found:
+            if not yes:
+                click.confirm(f"Force out process {p.name} (pid {p.pid} on {p.hostname}, process id {p.id})? "
+                              "Jobs it started fail; the others go back to ready", abort=True)
+            force.append(p.id)
+    app = _app(ctx)
+    r = _run(lambda: admin.prune(store, app=app, force=force))
     if json_out:
         _emit_json(r)
         return

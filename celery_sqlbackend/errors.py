@@ -44,3 +44,10 @@ class RejectedError(SQLQError):
 
 class UndecodableMessageError(SQLQError):
     """A stored payload could not be decoded into a kombu message."""
+
+
+#: The classes above: the store's own decisions (as opposed to a task's exception kept by
+#: ``record_task_failures``).  A failed row naming one gets that exception as its Celery result.
+STORE_DECISIONS: dict[str, type[SQLQError]] = {cls.__name__: cls for cls in (
+    ProcessPrunedError, ProcessMissingError, WorkerShutdownError, MaxReleasesExceeded, RejectedError,
+    UndecodableMessageError)}

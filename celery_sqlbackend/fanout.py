@@ -48,7 +48,9 @@ from datetime import datetime, timedelta
 from time import monotonic
 from typing import Any, Callable, Iterable
 
+from . import publishing
 from .store import Store, utcnow
+from .store import bindings as bindings_table
 
 log = logging.getLogger("celery_sqlbackend.fanout")
 
@@ -99,6 +101,11 @@ def bind(channel, exchange: str, queue: str, routing_key: str = "") -> None:
     expires = info.expires if info else None
     store = channel.store
     expires_at = utcnow() + timedelta(seconds=expires) if expires else None
+    caller = publishing.caller_connection(store)   # declared by a publish inside enqueue_in: its transaction
+    if caller is not None:
+        bindings_table.bind(caller, store.t, exchange=exchange, queue=queue, routing_key=routing_key or "",
+                            expires_at=expires_at)
+        return
     store.bindings.bind(exchange=exchange, queue=queue, routing_key=routing_key or "", expires_at=expires_at)
 
 

@@ -24,8 +24,13 @@ option                      default   meaning
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on,
-                                      every engine; False: Celery's blocking loop)
+``event_loop``              auto      deliver through Celery's event loop (default: on
+                                      PostgreSQL and SQLite; False: Celery's blocking
+                                      loop, MySQL/MariaDB's default)
+``record_task_failures``    True      a task that raised with no retries left keeps its
+                                      job as a failed execution (class, message,
+                                      traceback) for ``celery sqlq failed``; False: the
+                                      job is finished, as with other brokers
 ==========================  ========  ==================================================
 """
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Options:
     use_notify: bool = True
     retry_attempts: int = 8
     event_loop: bool | None = None
+    record_task_failures: bool = True
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any] | None) -> "Options":

@@ -109,6 +109,17 @@ def batch() -> Iterator[None]:
             conn.close()
 
 
+def caller_connection(store: Store) -> Connection | None:
+    """The connection of the ``enqueue_in`` block in progress, if it is on ``store``'s database:
+    the channel's other writes during a publish (a queue's binding) go through it too, since on
+    SQLite the caller's transaction may hold the one write lock."""
+    scope = _SCOPE.get()
+    conn = scope.connection if scope is not None else None
+    if conn is None or not (conn.engine is store.engine or same_database(conn.engine.url, store.engine.url)):
+        return None
+    return conn
+
+
 def put(store: Store, job: NewJob) -> Enqueued:
     """Write ``job`` as the current scope says (module doc); a buffered job reports ``Enqueued(None)``."""
     scope = _SCOPE.get()

@@ -27,8 +27,9 @@ Loops
 =====
 On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
+or with ``event_loop=False`` Celery runs its blocking loop, which calls
+:meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -237,10 +238,10 @@ class Channel(virtual.Channel):
         proc.claiming(self)
         process_id = proc.ensure_registered()
         store = self.store
-        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
+        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
@@ -276,10 +277,11 @@ class Channel(virtual.Channel):
                       f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
                       "it was moved to failed and the worker went on")
             log.error(reason)
-            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                      error_class=UndecodableMessageError.__name__, error=reason, now=utcnow()):
+                self.process.record_failed([job.job_id])
             return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -343,9 +345,10 @@ class Channel(virtual.Channel):
         claim = self._take_claim(tag)
         if claim is None:
             return
-        self.process.acks.dead_letter(*claim, RejectedError.__name__,
-                                      f"{RejectedError.__name__}: the consumer rejected the message without "
-                                      "requeue (unregistered task, or Reject(requeue=False))")
+        if self.process.acks.dead_letter(*claim, RejectedError.__name__,
+                                         f"{RejectedError.__name__}: the consumer rejected the message without "
+                                         "requeue (unregistered task, or Reject(requeue=False))"):
+            self.process.record_failed([claim[0]])
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process

@@ -54,7 +54,7 @@ from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
-from .schema import tables
+from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
@@ -174,7 +174,8 @@ class Store:
     def ping(self) -> None:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+            conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
 
     # ------------------------------------------------------------------ schema
 
@@ -192,7 +193,8 @@ class Store:
             if self._schema_ready:
                 return
             if self.creates_tables:
-                self._run(lambda conn: self.t.metadata.create_all(conn))
+                if not self._all_tables_exist():
+                    self._run(self._create_tables)
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -201,9 +203,26 @@ class Store:
                     "{'create_tables': True})")
             self._schema_ready = True
 
+    def _all_tables_exist(self) -> bool:
+        """A read-only look first: creating nothing still takes SQLite's write lock, which a caller's
+        open transaction may hold (``enqueue_in``).  False also when a table lacks a column this
+        version added (``schema.missing_columns``)."""
+        with self.engine.connect() as conn:
+            inspector = inspect(conn.execution_options(**READ_ONLY))
+            present = set(inspector.get_table_names())
+            if not all(table.name in present for table in self.t.metadata.sorted_tables):
+                return False
+            return not missing_columns(inspector, self.t)
+
     def create_all(self) -> None:
-        self._run(lambda conn: self.t.metadata.create_all(conn))
+        self._run(self._create_tables)
         self._schema_ready = True
+
+    def _create_tables(self, conn) -> None:
+        """Create missing tables, and add the nullable columns later versions added to existing ones
+        (a database this store created itself has no migrations to do it; see ``schema.add_missing_columns``)."""
+        self.t.metadata.create_all(conn)
+        add_missing_columns(conn, self.t)
 
 
 _stores: dict[tuple, Store] = {}

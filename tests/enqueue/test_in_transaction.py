@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 import celery_sqlbackend as sqlq
+from celery_sqlbackend.options import Options
+from celery_sqlbackend.store import Store
 from tests.enqueue.conftest import labels, load_app, ran_at
 from tests.harness import rows, wait_until
 
@@ -22,7 +24,13 @@ def _engine(db_url):
 def test_commit_runs_the_jobs_and_rollback_leaves_nothing(app_dir, db_url, spawn_worker):
     directory, app, runs = app_dir
     engine = _engine(db_url)
+    Store(db_url, Options(create_tables=True)).create_all()    # as a worker leaves it (SQLite: in WAL mode)
+    with engine.begin() as conn:
+        conn.execute(text("create table orders (id integer primary key)"))
     with Session(engine) as session, session.begin():
+        # The application writes first (on SQLite its transaction now holds the write lock), then
+        # publishes for the first time in this process (connect, declare the queue: all through it).
+        session.execute(text("insert into orders (id) values (1)"))
         with sqlq.enqueue_in(session):
             app.record.delay("committed")
             app.record.apply_async(("later",), countdown=1)
@@ -35,6 +43,7 @@ def test_commit_runs_the_jobs_and_rollback_leaves_nothing(app_dir, db_url, spawn
             raise RuntimeError("the application's own failure")
     assert rows(db_url, "select count(*) from sqlq_jobs") == [(3,)]
     assert rows(db_url, "select count(*) from sqlq_scheduled_executions") == [(1,)]
+    assert rows(db_url, "select count(*) from orders") == [(1,)]
     spawn_worker(directory)
     wait_until(lambda: len(labels(runs)) >= 3, 60, message="the three committed jobs ran")
     assert sorted(labels(runs)) == ["committed", "high", "later"]
