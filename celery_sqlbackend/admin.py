@@ -458,6 +458,7 @@ def check(store: Store, app=None) -> list[CheckResult]:
             + (f"; worker pool {pool_name}, concurrency {concurrency}" if concurrency else ""))
 
     try:
+        store.ping()     # (an SQLite file that cannot be opened: a ConfigurationError saying why)
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             version = conn.dialect.server_version_info

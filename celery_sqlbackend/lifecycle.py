@@ -31,8 +31,10 @@ import logging
 import threading
 
 from celery import signals
+from celery._state import connect_on_app_finalize
+from kombu.serialization import prepare_accept_content
 
-from . import failure_results, task_failures
+from . import config_check, failure_results, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -58,6 +60,13 @@ def connect_signals() -> None:
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
     signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
     signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
+    # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
+    connect_on_app_finalize(on_app_finalize)
+
+
+def on_app_finalize(app) -> None:
+    """A producer's first task call: a broken sqlq configuration fails here, saying what to write."""
+    config_check.check(app.conf)
 
 
 def broker_store(app):
@@ -74,7 +83,12 @@ def worker_process(app) -> LocalProcess | None:
 
 
 def on_celeryd_init(sender=None, conf=None, **_):
-    """Step 0: before the worker connects, fold ``sqlq_*`` settings into the transport options."""
+    """Step 0: before the worker connects, stop on a broken configuration (``config_check``: Celery
+    would log an exception raised here and go on, so this exits), then fold ``sqlq_*`` settings into
+    the transport options."""
+    found = config_check.problems(conf) if conf is not None else []
+    if found:
+        raise SystemExit("celery_sqlbackend configuration error:\n  " + "\n  ".join(found))
     if conf is not None and broker_database_url(conf) is not None:
         conf.broker_transport_options = from_celery_conf(conf)
 
@@ -92,7 +106,8 @@ def on_worker_init(sender=None, **_):
     proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=concurrency, queues=queues)
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
-                                   terminating=worker_terminating))
+                                   terminating=worker_terminating,
+                                   accept=prepare_accept_content(worker.app.conf.accept_content)))
     # Jobs the store fails in this process (pruned, undecodable, ...) reach their results.
     proc.report_failed = failure_results.reporter(worker.app, proc.store)
     global _worker
@@ -181,5 +196,10 @@ def on_worker_shutdown(sender=None, **_):
     if not worker_terminating():             # (a cold shutdown killed, not finished, them)
         proc.acks.finish_completed(running_tags())   # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
+    if getattr(sender, "exitcode", None) not in (None, 0):
+        # "Unrecoverable error": what it held goes back counted, so a crash loop ends in failed.
+        proc.deregister(reason="WorkerCrashedError: the worker exited with an unrecoverable error "
+                               f"(exit code {sender.exitcode}) while holding the job", crashed=True)
+        return
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

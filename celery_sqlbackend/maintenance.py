@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
 from . import fanout, pruner
+from .errors import ConfigurationError
 from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.maintenance")
@@ -49,7 +50,9 @@ def promote_due(store: Store) -> int:
 def clear_finished(store: Store, before: datetime, *, batch_size: int | None = None,
                    max_batches: int | None = None, on_progress: Callable[[int], None] | None = None) -> int:
     """Delete jobs finished before ``before``, ``batch_size`` rows per transaction; returns how many."""
-    batch = batch_size or store.options.clear_batch_size
+    batch = store.options.clear_batch_size if batch_size is None else batch_size
+    if batch < 1:
+        raise ConfigurationError(f"batch_size must be at least 1, got {batch}")   # (-1 would never end on SQLite)
     total = batches = 0
     while max_batches is None or batches < max_batches:
         n = store.jobs.clear_finished(before=before, limit=batch)

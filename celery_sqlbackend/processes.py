@@ -139,8 +139,12 @@ class LocalProcess:
             thread.join(timeout=self.store.options.busy_timeout + 5)
         self.acks.stop()
 
-    def deregister(self, reason: str = "the worker shut down before the job finished") -> None:
-        """Write what the acks still owe, give back anything still claimed, then delete the process row."""
+    def deregister(self, reason: str = "the worker shut down before the job finished", crashed: bool = False) -> None:
+        """Write what the acks still owe, give back anything still claimed, then delete the process row.
+
+        ``crashed``: the worker is exiting on an unrecoverable error; what it gives back counts
+        toward ``max_releases`` (as a death would), so a message that crashes every worker ends in failed.
+        """
         if self.id is None or os.getpid() != self.pid:
             return
         try:
@@ -150,7 +154,8 @@ class LocalProcess:
             log.warning("could not record deferred job states at exit (%s)", exc)
         process_id, self.id = self.id, None
         # One transaction: no moment where the row is gone but claims remain.
-        released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True)
+        released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True,
+                                                     counted=crashed)
         if failed:
             log.warning("process %s left started jobs behind at exit: failed %s (%s); released %s",
                         self.name, failed, reason, released)

@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import Sequence
 
 from . import pid_identity
-from .errors import ProcessMissingError, ProcessPrunedError, WorkerShutdownError
+from .errors import ProcessMissingError, ProcessPrunedError, WorkerCrashedError, WorkerShutdownError
 from .store import Store, utcnow
 from .store.processes import dead, delete_process as delete_process_row, recover, take_claims
 
@@ -117,19 +117,21 @@ def sweep_orphans(store: Store) -> PruneReport:
 
 
 def release_own_claims(store: Store, process_id: int, reason: str,
-                       delete_process: bool = False) -> tuple[list[int], list[int]]:
+                       delete_process: bool = False, counted: bool = False) -> tuple[list[int], list[int]]:
     """Give back what this process still holds on its way out (cold shutdown, consumer exit).
 
     Jobs never started go back to ready without counting toward ``max_releases``
     (their process did not die); started ones are failed with ``reason``.  With
     ``delete_process`` the process row goes in the same transaction, so that no
-    claim can ever name a process that is no longer registered.
+    claim can ever name a process that is no longer registered.  ``counted``: the process
+    is crashing, and its releases count toward ``max_releases`` like a death.
     """
     def _release(conn):
         orphans = take_claims(conn, store.t, store.dialect, process_ids=[process_id])
         result = recover(conn, store.t, store.dialect, orphans=orphans,
-                                 max_releases=None,
-                                 error_class=WorkerShutdownError.__name__, error=reason, now=utcnow())
+                                 max_releases=store.options.max_releases if counted else None,
+                                 error_class=(WorkerCrashedError if counted else WorkerShutdownError).__name__,
+                                 error=reason, now=utcnow())
         if delete_process:
             delete_process_row(conn, store.t, process_id=process_id)
         return result

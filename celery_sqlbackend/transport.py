@@ -55,15 +55,16 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance, publishing, unique
+from . import fanout, maintenance, poison, publishing, unique
 from .claim_round import Messages, Outage, claim_round, wait_for_work
-from .errors import RejectedError, UndecodableMessageError
+from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
+from .urls import SCHEME, mask as mask_url
 from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
@@ -185,7 +186,11 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self.process.update_queues([queue])
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        tag = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        # A claim loop that found nothing to consume waits a whole polling interval (PostgreSQL:
+        # until a NOTIFY it has not yet subscribed to); a new consumer starts a round now.
+        self.wake()
+        return tag
 
     def _get(self, queue, timeout=None):
         """One message (``basic_get``); consumers go through the claim round (``claim_round``)."""
@@ -236,8 +241,13 @@ class Channel(virtual.Channel):
         self._maybe_dispatch_due()
         proc = self.process
         proc.claiming(self)
-        process_id = proc.ensure_registered()
         store = self.store
+        if proc.id is None and self._broadcast_only(queues):
+            # A client reading replies or events (``celery inspect``, Flower) is no registered process.
+            taken = store.claims.take_unowned(queues=queues, limit=limit)
+            return [(payload, job.queue_name) for job in taken
+                    if (payload := self._decode(job, None)) is not None]
+        process_id = proc.ensure_registered()
         # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
@@ -266,22 +276,44 @@ class Channel(virtual.Channel):
                                           now=utcnow(), keep=False)
         return messages
 
-    def _decode(self, job, process_id: int) -> dict | None:
-        """The stored message with a fresh delivery tag, or None (and the job failed) if unreadable."""
+    def _decode(self, job, process_id: int | None) -> dict | None:
+        """The stored message with a fresh delivery tag, or None (and the job failed) if a worker cannot use it.
+
+        In a Celery worker a task message is checked as Celery will read it (``poison``): what would be
+        acked unread or crash the worker is failed here, with the reason, and the rest of the batch goes on.
+        """
         try:
             payload = json.loads(job.payload)
-            props = payload["properties"]
-            self.decode_body(payload.get("body"), props.get("body_encoding"))
+            problem = poison.envelope_problem(payload)
+            if problem is None:
+                props = payload["properties"]
+                body = self.decode_body(payload.get("body"), props.get("body_encoding"))
         except Exception as exc:
-            reason = (f"{UndecodableMessageError.__name__}: job {job.job_id} in queue {job.queue_name!r} "
-                      f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
-                      "it was moved to failed and the worker went on")
-            log.error(reason)
-            if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                      error_class=UndecodableMessageError.__name__, error=reason, now=utcnow()):
-                self.process.record_failed([job.job_id])
+            self._fail_unusable(job, process_id, UndecodableMessageError.__name__,
+                                f"the payload is not a kombu message ({exc.__class__.__name__}: {exc})")
             return None
+        if problem is not None:
+            self._fail_unusable(job, process_id, MalformedMessageError.__name__, problem)
+            return None
+        worker = self.worker
+        if worker is not None and worker.accept is not None and job.queue_name not in self._no_ack_queues:
+            verdict = poison.task_problem(payload, body, worker.accept)
+            if verdict is not None:
+                self._fail_unusable(job, process_id, *verdict)
+                return None
         return for_delivery(payload, job.job_id, job.deliveries, process_id)
+
+    def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
+        """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""
+        if process_id is None:
+            log.error("%s: job %s in queue %r: %s; it was dropped", error_class, job.job_id, job.queue_name, why)
+            return
+        reason = (f"{error_class}: job {job.job_id} in queue {job.queue_name!r}: {why}; "
+                  "it was moved to failed and the worker went on")
+        log.error("%s", reason)
+        if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                  error_class=error_class, error=reason, now=utcnow()):
+            self.process.record_failed([job.job_id])   # its Celery result becomes FAILURE
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -440,6 +472,12 @@ class Transport(virtual.Transport):
             event_loop = store_for(client.hostname, self.options).dialect.event_loop
         # Celery picks its event loop (and AsynPool) from this, per connection.
         self.implements = self.implements.extend(asynchronous=event_loop)
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL as Celery shows it (banner, "Connected to", retry lines): password masked by
+        ``urls.mask``, which also copes with passwords kombu's parser gets wrong (``/``, ``@``, ``#``)."""
+        full = f"{SCHEME}+{uri}"
+        return full if include_password else mask_url(full)
 
     def driver_version(self):
         import sqlalchemy

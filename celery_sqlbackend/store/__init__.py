@@ -39,8 +39,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
-from ..errors import SchemaMissingError
+from ..errors import ConfigurationError, SchemaMissingError
 from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
@@ -53,6 +54,7 @@ from .failed import Failed
 from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
+from .recurring import Recurring
 from .results import Results
 from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
@@ -89,6 +91,7 @@ class Store:
         self.bindings = Bindings(self)
         self.results = Results(self)
         self.unique_keys = UniqueKeys(self)
+        self.recurring = Recurring(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"
@@ -173,9 +176,18 @@ class Store:
 
     def ping(self) -> None:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
-        with self.engine.connect() as conn:
-            # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
-            conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
+        try:
+            with self.engine.connect() as conn:
+                # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+                conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
+        except OperationalError as exc:
+            if self.dialect.embedded and "unable to open database file" in str(exc):
+                # Not a connection to retry: the file cannot be opened until someone fixes it.
+                raise ConfigurationError(
+                    f"SQLite cannot open or create {self.engine.url.database!r} (unable to open database "
+                    "file): its directory must exist and be writable by this user; fix that, or point "
+                    "the URL at a writable directory") from None
+            raise
 
     # ------------------------------------------------------------------ schema
 
