@@ -9,7 +9,12 @@ other:
 
 * ``sqlq+sqlite``, ``sqlq+postgresql``: this project;
 * ``sqla+sqlite``, ``sqla+postgresql``: kombu's own SQLAlchemy transport;
-* ``redis``: when a ``redis-server`` binary is on PATH (started privately).
+* ``redis``: when a ``redis-server`` binary is on PATH (started privately);
+* ``sqlq+mysql`` (PyMySQL; and ``sqlq+mysql(mysqlclient)`` when it is installed), ``sqla+mysql``:
+  on the MariaDB/MySQL server of ``--mysql-url`` / ``SQLQ_TEST_MYSQL_URL``, when given.
+
+``--two-workers`` also drains numbered jobs with two workers at once and counts
+duplicates and losses; ``--compare-loops`` adds MariaDB with Celery's blocking loop.
 
 PostgreSQL comes from ``--pg-url`` / ``SQLQ_TEST_PG_URL``, or a private
 server is started with ``initdb``/``pg_ctl`` as the test suite does.
@@ -278,7 +283,7 @@ def run_target(target: Target, args, work: Path) -> None:
             target.figures.update(_py(RESULTS.format(n=args.jobs), env, timeout=900))
         finally:
             worker.stop()
-    print("   ", {k: (round(v, 2) if isinstance(v, float) else [round(x) for x in v])
+    print("   ", {k: (round(v, 2) if isinstance(v, float) else v if isinstance(v, int) else [round(x) for x in v])
                   for k, v in target.figures.items()}, flush=True)
 
 
@@ -419,6 +424,8 @@ def main() -> None:
     ap.add_argument("--pg-url", default=None)
     ap.add_argument("--mysql-url", default=None,
                     help="a MariaDB/MySQL server whose user may CREATE DATABASE (default: $SQLQ_TEST_MYSQL_URL)")
+    ap.add_argument("--compare-loops", action="store_true",
+                    help="MariaDB also with Celery's blocking loop (event_loop=False) beside the default")
     ap.add_argument("--two-workers", action="store_true",
                     help="also drain --jobs numbered jobs with two workers at once (duplicates, losses)")
     ap.add_argument("--quick", action="store_true", help="skip the results run and the claim-scale run")
@@ -462,6 +469,9 @@ def main() -> None:
             c = fresh_mysql_db(my, "bench_sqlq_c", driver="mysqldb")
             targets.append(Target("sqlq+mysql(mysqlclient)", f"sqlq+{c}", f"sqlq+{c}", "sqlq", sqlq_opts,
                                   reset=lambda: fresh_mysql_db(my, "bench_sqlq_c", driver="mysqldb")))
+        if args.compare_loops:
+            targets.append(Target("sqlq+mysql(blocking loop)", f"sqlq+{a}", f"sqlq+{a}", "sqlq",
+                                  {**sqlq_opts, "event_loop": False}, reset=lambda: fresh_mysql_db(my, "bench_sqlq")))
         targets.append(Target("sqla+mysql", f"sqla+{b}", f"db+{b}", "db+", opts,
                               reset=lambda: fresh_mysql_db(my, "bench_sqla")))
     else:

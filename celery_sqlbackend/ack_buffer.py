@@ -166,6 +166,10 @@ class AckBuffer:
                     self._to_finish.append(entry)
 
     def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
+        if self.store.failed.failed_by_task(job_id=job_id):
+            # Its task raised and the task's process kept it as failed (``task_failures``): nothing was lost.
+            log.debug("job %s ended failed in its task: kept as a failed execution", job_id)
+            return
         log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
                   "process was pruned, and the pruner's decision (released or failed) stands",
                   job_id, self._name(), process_id)

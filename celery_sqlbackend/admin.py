@@ -26,12 +26,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import inspect, text
 
 from . import failed as _failed
-from . import maintenance
+from . import failure_results, maintenance
 from .failed import FailedJob, store_for_app
 from .options import Options
 from .store import Store, utcnow
@@ -41,7 +41,7 @@ from .urls import database_url, mask
 __all__ = [
     "QueueStatus", "ProcessStatus", "Status", "CheckResult", "store_for_app",
     "status", "queues", "processes", "pause", "resume", "clear_queue", "paused",
-    "prune", "clear_finished", "list_failed", "show_job", "count_failed",
+    "scheduled", "prune", "processes_named", "clear_finished", "list_failed", "show_job", "count_failed",
     "retry_failed", "discard_failed", "retry_failed_all", "discard_failed_all",
     "migrate", "migrate_store", "current_revision", "head_revision", "check",
 ]
@@ -95,10 +95,31 @@ class ProcessStatus:
 
 
 @dataclass(frozen=True)
+class ScheduledJob:
+    """A job waiting in the database for its ETA/countdown (``celery inspect scheduled`` cannot see it)."""
+    job_id: int
+    task_name: str | None
+    task_id: str | None
+    queue: str
+    priority: int
+    due_at: datetime
+    #: Seconds until it is due (negative: due, waiting to be promoted to ready).
+    due_in: float
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    jobs: list[ScheduledJob]
+    #: How many scheduled jobs wait in all (``jobs`` holds the soonest of them).
+    total: int
+
+
+@dataclass(frozen=True)
 class Status:
     queues: list[QueueStatus]
     processes: list[ProcessStatus]
     at: datetime
+    scheduled: Scheduled | None = None
 
 
 def queues(store: Store) -> list[QueueStatus]:
@@ -138,8 +159,27 @@ def processes(store: Store, held_limit: int = 20) -> list[ProcessStatus]:
     return out
 
 
-def status(store: Store, held_limit: int = 20) -> Status:
-    return Status(queues=queues(store), processes=processes(store, held_limit), at=utcnow())
+def scheduled(store: Store, queue: str | None = None, limit: int = 50) -> Scheduled:
+    """The ``limit`` soonest ETA/countdown jobs waiting in the database (of ``queue``), and their total.
+
+    Why here and not in ``celery inspect scheduled``: that asks each worker for
+    the ETA tasks it holds in memory, and with this broker a job waits for its
+    time in ``scheduled_executions``, not in a worker: workers receive it only
+    once it is due.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+    now = utcnow()
+    rows, total = store.executions.scheduled(queue=queue, limit=limit)
+    return Scheduled(jobs=[ScheduledJob(job_id=r.job_id, task_name=r.task_name, task_id=r.task_id,
+                                        queue=r.queue_name, priority=r.priority, due_at=r.scheduled_at,
+                                        due_in=(r.scheduled_at - now).total_seconds()) for r in rows],
+                     total=total)
+
+
+def status(store: Store, held_limit: int = 20, scheduled_limit: int = 10) -> Status:
+    return Status(queues=queues(store), processes=processes(store, held_limit), at=utcnow(),
+                  scheduled=scheduled(store, limit=scheduled_limit))
 
 
 def to_dict(obj: Any) -> Any:
@@ -180,10 +220,18 @@ def clear_queue(store: Store, queue: str) -> int:
 PruneResult = maintenance.PruneResult
 
 
-def prune(store: Store) -> PruneResult:
-    """Now, rather than at the next heartbeat: prune dead processes, recover orphaned claims,
-    and expire the transient queues of remote control and events nobody reads."""
-    return maintenance.prune_now(store)
+def prune(store: Store, app: Any = None, force: Sequence[int] = ()) -> PruneResult:
+    """Now, rather than at the next heartbeat: prune dead processes (and the process ids in ``force``,
+    whatever their heartbeat), recover orphaned claims, and expire the transient queues of remote
+    control and events nobody reads.  With ``app``, the jobs it fails get FAILURE in the app's
+    result backend (``failure_results``)."""
+    report = failure_results.reporter(app, store) if app is not None else None
+    return maintenance.prune_now(store, force=force, report_failed=report)
+
+
+def processes_named(store: Store, name: str) -> list[Any]:
+    """Registered processes whose name (``worker@host``) or id is ``name`` (for ``prune --process``)."""
+    return store.processes.named(name)
 
 
 def _age_cutoff(older_than: timedelta | float | int | datetime) -> datetime:
@@ -410,6 +458,7 @@ def check(store: Store, app=None) -> list[CheckResult]:
             + (f"; worker pool {pool_name}, concurrency {concurrency}" if concurrency else ""))
 
     try:
+        store.ping()     # (an SQLite file that cannot be opened: a ConfigurationError saying why)
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             version = conn.dialect.server_version_info

@@ -77,26 +77,38 @@ def claim_round(transport: Any, claimer: Claimer, deliver: Callable[[Any, Messag
     first.finish_completed()
     if first.worker is not None and first.worker.stopping():
         return RoundResult(channels, claimed, slots_free)   # a worker shutting down takes no new jobs
+    tasks: list[tuple[Any, Messages]] = []
+    broadcast: list[tuple[Any, list[str]]] = []
     for channel in channels:
         queues = list(channel._active_queues)
         if not queues:
             continue
         fanout.touch(channel, queues)
         if channel._broadcast_only(queues):
-            # Remote control (pidbox) and other broadcast queues never hold a slot.
-            if not channel._broadcast_poll_due():
-                continue
-            limit = channel._claim_limit()
-        else:
-            waiting = undelivered(channel) if undelivered is not None else 0
-            limit = channel._claim_limit(waiting, share=share_of(claimer, channel))
-            slots_free = slots_free or limit > 0
-        if limit <= 0:
+            broadcast.append((channel, queues))
             continue
-        messages = channel._claim(queues, limit)
+        waiting = undelivered(channel) if undelivered is not None else 0
+        limit = channel._claim_limit(waiting, share=share_of(claimer, channel))
+        slots_free = slots_free or limit > 0
+        if limit > 0:
+            messages = channel._claim(queues, limit)
+            if messages:
+                tasks.append((channel, messages))
+    # Remote control (pidbox) and other broadcast queues never hold a slot.  They are
+    # polled once per polling interval, and always right *after* a claim that took
+    # jobs: whatever was published before those jobs (a revoke sent before its task)
+    # had committed by then, so it is found now and delivered first.
+    for channel, queues in broadcast:
+        if not (tasks or channel._broadcast_poll_due()):
+            continue
+        limit = channel._claim_limit()
+        messages = channel._claim(queues, limit) if limit > 0 else []
         if messages:
             deliver(channel, messages)
             claimed = True
+    for channel, messages in tasks:
+        deliver(channel, messages)
+        claimed = True
     return RoundResult(channels, claimed, slots_free)
 
 

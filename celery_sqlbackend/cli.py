@@ -9,7 +9,8 @@ wherever ``celery`` is, and reads the app like Celery's own commands::
     celery -A proj sqlq failed retry 1234 1235   # or --all [filters]
     celery -A proj sqlq failed discard --all --older-than 7d
     celery -A proj sqlq queue pause emails       # resume / clear
-    celery -A proj sqlq prune
+    celery -A proj sqlq scheduled                # ETA/countdown jobs waiting in the database
+    celery -A proj sqlq prune                    # --process NAME forces one out
     celery -A proj sqlq clear-finished --older-than 1d
     celery -A proj sqlq migrate                  # --sql prints the DDL instead
     celery -A proj sqlq check
@@ -26,9 +27,11 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import click
+from rich.text import Text
 
-from . import admin
+from . import admin, config_check
 from .errors import SQLQError
+from .terminal import literal, plain
 from .urls import database_url, mask
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -45,10 +48,19 @@ class Age(click.ParamType):
         m = _AGE.match(str(value))
         if not m:
             self.fail(f"{value!r} is not an age; write e.g. 90s, 15m, 2h, 7d", param, ctx)
-        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds > MAX_AGE.total_seconds():
+            self.fail(f"{value!r} is longer than the {MAX_AGE.days // 365} years an age may be", param, ctx)
+        return timedelta(seconds=seconds)
 
 
 AGE = Age()
+#: The longest age accepted (older cutoffs would fall before year 1).
+MAX_AGE = timedelta(days=365 * 100)
+#: A job id, as the BIGINT id columns hold it.
+JOB_ID = click.IntRange(1, 2**63 - 1)
+#: Rows per transaction of a bulk command.
+BATCH_SIZE = click.IntRange(1, 100_000)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -65,7 +77,9 @@ def _app(ctx):
 def _store(ctx):
     try:
         return admin.store_for_app(_app(ctx))
-    except (ValueError, SQLQError) as exc:
+    except SQLQError as exc:
+        raise click.UsageError(f"{mask(exc)} (`celery -A yourapp sqlq check` lists every problem)") from None
+    except ValueError as exc:
         raise click.UsageError(f"{mask(exc)}. Run it as `celery -A yourapp sqlq …` with a broker_url "
                                "starting with sqlq+.") from None
 
@@ -141,7 +155,7 @@ def sqlq(ctx):
 
 @sqlq.command()
 @json_option
-@click.option("--held", default=5, show_default=True, help="Jobs listed per process.")
+@click.option("--held", default=5, show_default=True, type=click.IntRange(0, 1000), help="Jobs listed per process.")
 @click.option("--iterative", "iterative_limit", default=20, show_default=True, type=click.IntRange(min=1),
               help="Iterative (checkpoint) jobs listed, most recently updated first.")
 @click.pass_context
@@ -155,15 +169,15 @@ def status(ctx, json_out, held, iterative_limit):
         return
     from rich.table import Table
     console = _console()
-    qt = Table(title=f"Queues ({store!r})", title_justify="left")
+    qt = Table(title=literal(f"Queues ({store!r})"), title_justify="left")
     for col, just in (("queue", "left"), ("ready", "right"), ("scheduled", "right"), ("claimed", "right"),
                       ("failed", "right"), ("latency", "right"), ("state", "left")):
         qt.add_column(col, justify=just)
     for q in st.queues:
-        qt.add_row(q.name, str(q.ready), str(q.scheduled), str(q.claimed),
-                   f"[red]{q.failed}[/red]" if q.failed else "0",
+        qt.add_row(literal(q.name), str(q.ready), str(q.scheduled), str(q.claimed),
+                   Text(str(q.failed), style="red") if q.failed else "0",
                    _fmt_age(q.latency) if q.ready else "-",
-                   "[yellow]paused[/yellow]" if q.paused else "active")
+                   Text("paused", style="yellow") if q.paused else "active")
     if not st.queues:
         qt.add_row("(no jobs)", "", "", "", "", "", "")
     console.print(qt)
@@ -172,19 +186,22 @@ def status(ctx, json_out, held, iterative_limit):
         pt.add_column(col, justify="right" if col in ("id", "pid", "claimed") else "left",
                       overflow="fold")
     for p in st.processes:
-        beat = f"{_fmt_age(p.heartbeat_age)} ago"
+        beat = Text(f"{_fmt_age(p.heartbeat_age)} ago")
         if p.dead:
-            beat = f"[red]{beat} (dead)[/red]"
+            beat = Text(f"{beat} (dead)", style="red")
         holds = ", ".join(f"{h.job_id}:{h.task_name or '?'}{'*' if h.started else ''}" for h in p.held)
         if p.claimed > len(p.held):
             holds += f" … (+{p.claimed - len(p.held)})"
         pool = f"{p.pool or '-'}" + (f"×{p.concurrency}" if p.concurrency else "")
-        pt.add_row(str(p.id), p.name, p.hostname, str(p.pid), pool, beat, str(p.claimed), holds or "-")
+        pt.add_row(str(p.id), literal(p.name), literal(p.hostname), str(p.pid), literal(pool), beat,
+                   str(p.claimed), literal(holds or "-"))
     if not st.processes:
         pt.add_row("", "(no registered processes)", "", "", "", "", "", "")
     console.print(pt)
     if any(h.started for p in st.processes for h in p.held):
         console.print("[dim]* started (acked) and running[/dim]")
+    if st.scheduled is not None and st.scheduled.total:
+        console.print(_scheduled_table(st.scheduled, title="Scheduled (ETA/countdown, soonest first)"))
     if jobs:
         _print_iterative(console, jobs)
 
@@ -216,11 +233,55 @@ def _print_iterative(console, jobs: list) -> None:
     console.print(it)
 
 
+def _scheduled_table(sched, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for col in ("job", "task", "task id", "queue", "priority", "due at (UTC)", "due in"):
+        table.add_column(col, justify="right" if col in ("job", "priority") else "left", overflow="fold")
+    for job in sched.jobs:
+        due_in = f"in {_fmt_age(job.due_in)}" if job.due_in > 0 else f"due {_fmt_age(-job.due_in)} ago"
+        table.add_row(str(job.job_id), escape(job.task_name or "?"), escape(job.task_id or "-"), escape(job.queue),
+                      str(job.priority), _ts(job.due_at), due_in)
+    if sched.total > len(sched.jobs):
+        table.caption = f"{len(sched.jobs)} of {sched.total} scheduled job(s)"
+    if not sched.jobs:
+        table.add_row("", "(no scheduled jobs)", "", "", "", "", "")
+    return table
+
+
+@sqlq.command()
+@click.option("--queue", "-Q", help="Only jobs of this queue.")
+@click.option("--limit", type=click.IntRange(min=0, max=100_000), default=50, show_default=True,
+              help="How many of the soonest jobs to list.")
+@json_option
+@click.pass_context
+def scheduled(ctx, queue, limit, json_out):
+    """ETA/countdown jobs waiting in the database for their time, soonest first.
+
+    `celery inspect scheduled` lists none of these: it asks each worker for the
+    ETA tasks it holds in memory, and with this broker a job waits in the
+    database until it is due; only then does a worker receive it.
+    """
+    store = _store(ctx)
+    sched = _run(lambda: admin.scheduled(store, queue=queue, limit=limit))
+    if json_out:
+        _emit_json(sched)
+        return
+    _console().print(_scheduled_table(sched, title=f"Scheduled jobs ({store!r})"))
+
+
 # --------------------------------------------------------------------------- failed
 
 @sqlq.group()
 def failed():
-    """Failed jobs: list, show, retry, discard."""
+    """Failed jobs: list, show, retry, discard.
+
+    A job is failed when its task raised with no retries left (unless
+    record_task_failures is off), when the consumer rejected it, when its payload
+    could not be decoded, or when its worker died after starting it.  Retry runs
+    it again under the same task id.
+    """
 
 
 def _filter_options(fn):
@@ -238,7 +299,8 @@ def _filters(queue, task_name, error_class, older_than) -> dict:
 
 @failed.command(name="list")
 @_filter_options
-@click.option("--limit", default=50, show_default=True, help="At most this many (0: all).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="At most this many (0: all).")
 @json_option
 @click.pass_context
 def failed_list(ctx, queue, task_name, error_class, older_than, limit, json_out):
@@ -251,19 +313,19 @@ def failed_list(ctx, queue, task_name, error_class, older_than, limit, json_out)
         _emit_json({"total": total, "jobs": jobs})
         return
     from rich.table import Table
-    t = Table(title=f"Failed jobs ({len(jobs)} of {total})", title_justify="left")
+    t = Table(title=Text(f"Failed jobs ({len(jobs)} of {total})"), title_justify="left")
     for col in ("job", "task", "task id", "queue", "error", "failed at (UTC)"):
         t.add_column(col, justify="right" if col == "job" else "left", overflow="fold")
     for j in jobs:
         first = (j.error or "").strip().splitlines()[0] if j.error else ""
         error = first[:160] if first.startswith(j.error_class) else f"{j.error_class}: {first[:120]}"
-        t.add_row(str(j.job_id), j.task_name or "-", j.task_id or "-", j.queue, f"[red]{error}[/red]",
-                  _ts(j.failed_at))
+        t.add_row(str(j.job_id), literal(j.task_name or "-"), literal(j.task_id or "-"), literal(j.queue),
+                  literal(error, style="red"), _ts(j.failed_at))
     _console().print(t)
 
 
 @failed.command(name="show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @json_option
 @click.pass_context
 def failed_show(ctx, job_id, json_out):
@@ -281,17 +343,18 @@ def failed_show(ctx, job_id, json_out):
     t.add_column("value", overflow="fold")
     headers = job.get("headers") or {}
     for key in ("state", "queue_name", "task_name", "task_id", "priority", "deliveries", "releases"):
-        t.add_row(key, str(job.get(key)))
+        t.add_row(key, literal(job.get(key)))
     for key in ("created_at", "scheduled_at", "expires_at", "finished_at", "failed_at"):
         if job.get(key) is not None:
             t.add_row(key, _ts(job[key]) + " UTC")
     if "argsrepr" in headers or "kwargsrepr" in headers:
-        t.add_row("args", str(headers.get("argsrepr")))
-        t.add_row("kwargs", str(headers.get("kwargsrepr")))
+        t.add_row("args", literal(headers.get("argsrepr")))
+        t.add_row("kwargs", literal(headers.get("kwargsrepr")))
     else:
-        t.add_row("body", json.dumps(job.get("body"), default=str)[:2000])
+        t.add_row("body", literal(json.dumps(job.get("body"), default=str)[:2000]))
     if job.get("error_class"):
-        t.add_row("error", f"[red]{job['error_class']}[/red]\n{job.get('error') or ''}")
+        t.add_row("error", Text.assemble(literal(job["error_class"], style="red"), "\n",
+                                         literal(job.get("error") or "", keep_newlines=True)))
     _console().print(t)
 
 
@@ -320,10 +383,10 @@ def _bulk_command(ctx, action: str, job_ids, all_, filters, batch_size, json_out
 
 
 @failed.command(name="retry")
-@click.argument("job_ids", nargs=-1, type=int)
+@click.argument("job_ids", nargs=-1, type=JOB_ID)
 @click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
 @_filter_options
-@click.option("--batch-size", default=500, show_default=True, help="Jobs per transaction with --all.")
+@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
 @json_option
 @click.pass_context
 def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
@@ -333,10 +396,10 @@ def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, 
 
 
 @failed.command(name="discard")
-@click.argument("job_ids", nargs=-1, type=int)
+@click.argument("job_ids", nargs=-1, type=JOB_ID)
 @click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
 @_filter_options
-@click.option("--batch-size", default=500, show_default=True, help="Jobs per transaction with --all.")
+@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
 @json_option
 @click.pass_context
 def failed_discard(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
@@ -360,7 +423,7 @@ def queue_pause(ctx, name, json_out):
     """Stop every worker claiming from NAME (held in the database, across restarts)."""
     store = _store(ctx)
     _run(lambda: admin.pause(store, name))
-    _emit_json({"queue": name, "paused": True}) if json_out else click.echo(f"queue {name} paused")
+    _emit_json({"queue": name, "paused": True}) if json_out else click.echo(f"queue {plain(name)} paused")
 
 
 @queue.command(name="resume")
@@ -371,7 +434,7 @@ def queue_resume(ctx, name, json_out):
     """Let workers claim from NAME again."""
     store = _store(ctx)
     _run(lambda: admin.resume(store, name))
-    _emit_json({"queue": name, "paused": False}) if json_out else click.echo(f"queue {name} resumed")
+    _emit_json({"queue": name, "paused": False}) if json_out else click.echo(f"queue {plain(name)} resumed")
 
 
 @queue.command(name="clear")
@@ -385,29 +448,52 @@ def queue_clear(ctx, name, force, json_out):
     if not force and not json_out and sys.stdin.isatty():
         click.confirm(f"Delete every waiting job of queue {name}? There is no undo", abort=True)
     n = _run(lambda: admin.clear_queue(store, name))
-    _emit_json({"queue": name, "deleted": n}) if json_out else click.echo(f"{n} waiting job(s) deleted from {name}")
+    _emit_json({"queue": name, "deleted": n}) if json_out else click.echo(f"{n} waiting job(s) deleted from {plain(name)}")
 
 
 # --------------------------------------------------------------------------- maintenance
 
 @sqlq.command()
+@click.option("--process", "process_name", metavar="NAME",
+              help="Also force out this registered process (its name, e.g. worker1@host, or its id), "
+                   "whatever its heartbeat says.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (with --process).")
 @json_option
 @click.pass_context
-def prune(ctx, json_out):
-    """Prune dead processes (and expired remote-control/event queues) now."""
+def prune(ctx, process_name, yes, json_out):
+    """Prune dead processes (and expired remote-control/event queues) now.
+
+    A process is dead when its heartbeat is older than alive_threshold, or when it
+    was registered from this host and its PID no longer runs it (checked with the
+    process start time, so a reused PID is not mistaken for it).  Jobs it had
+    started fail with ProcessPrunedError (their results too); the others go back
+    to ready.
+    """
     store = _store(ctx)
-    r = _run(lambda: admin.prune(store))
+    force: list[int] = []
+    if process_name is not None:
+        found = _run(lambda: admin.processes_named(store, process_name))
+        if not found:
+            raise click.ClickException(f"no registered process is named {process_name!r}; "
+                                       "`celery sqlq status` lists them")
+        for p in found:
+            if not yes:
+                click.confirm(f"Force out process {p.name} (pid {p.pid} on {p.hostname}, process id {p.id})? "
+                              "Jobs it started fail; the others go back to ready", abort=True)
+            force.append(p.id)
+    app = _app(ctx)
+    r = _run(lambda: admin.prune(store, app=app, force=force))
     if json_out:
         _emit_json(r)
         return
-    click.echo(f"pruned {len(r.processes)} dead process(es){': ' + ', '.join(r.processes) if r.processes else ''}; "
+    click.echo(f"pruned {len(r.processes)} dead process(es){': ' + plain(', '.join(r.processes)) if r.processes else ''}; "
                f"released {len(r.released)} job(s), failed {len(r.failed)} job(s); "
                f"expired {len(r.expired_queues)} transient queue(s), dropped {r.dropped_messages} message(s)")
 
 
 @sqlq.command(name="clear-finished")
 @click.option("--older-than", type=AGE, required=True, help="Finished longer ago than this (e.g. 1h, 7d).")
-@click.option("--batch-size", type=int, default=None, help="Rows per transaction (default: clear_batch_size).")
+@click.option("--batch-size", type=BATCH_SIZE, default=None, help="Rows per transaction (default: clear_batch_size).")
 @json_option
 @click.pass_context
 def clear_finished(ctx, older_than, batch_size, json_out):
@@ -466,8 +552,11 @@ def migrate(ctx, url, prefix, revision, sql_only, json_out):
 def check(ctx, json_out):
     """Check the configuration: thresholds, pool sizes, the database, migrations."""
     app = _app(ctx)
-    store = _store(ctx)
-    results = admin.check(store, app)
+    found = config_check.problems(app.conf)
+    if found:   # nothing to connect to until these are fixed: report them, as check's rows
+        results = [admin.CheckResult("configuration", False, problem) for problem in found]
+    else:
+        results = admin.check(_store(ctx), app)
     failed_ = [r for r in results if not r.ok and r.level == "error"]
     if json_out:
         _emit_json({"ok": not failed_, "checks": results})
@@ -478,8 +567,9 @@ def check(ctx, json_out):
         t.add_column("check")
         t.add_column("detail", overflow="fold")
         for r in results:
-            mark = "[green]ok[/green]" if r.ok else ("[red]FAIL[/red]" if r.level == "error" else "[yellow]warn[/yellow]")
-            t.add_row(mark, r.name, r.detail)
+            mark = Text("ok", style="green") if r.ok else (Text("FAIL", style="red") if r.level == "error"
+                                                           else Text("warn", style="yellow"))
+            t.add_row(mark, r.name, literal(r.detail))
         _console().print(t)
     if failed_:
         ctx.exit(1)

@@ -44,3 +44,24 @@ class RejectedError(SQLQError):
 
 class UndecodableMessageError(SQLQError):
     """A stored payload could not be decoded into a kombu message."""
+
+
+class MalformedMessageError(SQLQError):
+    """A claimed message is not something a Celery worker can turn into a task (wrong shape, headers or
+    delivery_info not mappings)."""
+
+
+class RefusedContentError(SQLQError):
+    """A claimed message's content type is not in the worker's ``accept_content``."""
+
+
+class WorkerCrashedError(SQLQError):
+    """The worker exited with an unrecoverable error while holding the job (counts toward ``max_releases``)."""
+
+
+#: The classes above: the store's own decisions (as opposed to a task's exception kept by
+#: ``record_task_failures``).  A failed row naming one gets that exception as its Celery result.
+STORE_DECISIONS: dict[str, type[SQLQError]] = {cls.__name__: cls for cls in (
+    ProcessPrunedError, ProcessMissingError, WorkerShutdownError, MaxReleasesExceeded, RejectedError,
+    UndecodableMessageError, MalformedMessageError, RefusedContentError,
+    WorkerCrashedError)}

@@ -31,7 +31,10 @@ import logging
 import threading
 
 from celery import signals
+from celery._state import connect_on_app_finalize
+from kombu.serialization import prepare_accept_content
 
+from . import config_check, failure_results, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -53,8 +56,17 @@ def connect_signals() -> None:
     _connected = True
     signals.celeryd_init.connect(on_celeryd_init, weak=False, dispatch_uid="sqlq.celeryd_init")
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="sqlq.worker_init")
+    signals.celeryd_after_setup.connect(on_after_setup, weak=False, dispatch_uid="sqlq.celeryd_after_setup")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
+    signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
     signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
+    # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
+    connect_on_app_finalize(on_app_finalize)
+
+
+def on_app_finalize(app) -> None:
+    """A producer's first task call: a broken sqlq configuration fails here, saying what to write."""
+    config_check.check(app.conf)
 
 
 def broker_store(app):
@@ -71,7 +83,12 @@ def worker_process(app) -> LocalProcess | None:
 
 
 def on_celeryd_init(sender=None, conf=None, **_):
-    """Step 0: before the worker connects, fold ``sqlq_*`` settings into the transport options."""
+    """Step 0: before the worker connects, stop on a broken configuration (``config_check``: Celery
+    would log an exception raised here and go on, so this exits), then fold ``sqlq_*`` settings into
+    the transport options."""
+    found = config_check.problems(conf) if conf is not None else []
+    if found:
+        raise SystemExit("celery_sqlbackend configuration error:\n  " + "\n  ".join(found))
     if conf is not None and broker_database_url(conf) is not None:
         conf.broker_transport_options = from_celery_conf(conf)
 
@@ -84,14 +101,38 @@ def on_worker_init(sender=None, **_):
         return
     pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1] or None
     queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
-    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=worker.concurrency, queues=queues)
+    # ``-c auto`` is resolved only after this signal: the integer is recorded by ``on_after_setup``.
+    concurrency = worker.concurrency if isinstance(worker.concurrency, int) else None
+    proc.describe(kind="worker", name=worker.hostname, pool=pool, concurrency=concurrency, queues=queues)
     # What the transport's channels need to know about this worker (``worker_hooks``).
     proc.attach_worker(WorkerHooks(running_tags=running_tags, stopping=worker_stopping,
-                                   terminating=worker_terminating))
+                                   terminating=worker_terminating,
+                                   accept=prepare_accept_content(worker.app.conf.accept_content)))
+    # Jobs the store fails in this process (pruned, undecodable, ...) reach their results.
+    proc.report_failed = failure_results.reporter(worker.app, proc.store)
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
     proc.register()
+
+
+def on_after_setup(sender=None, instance=None, **_):
+    """Step 1b: the worker is set up (``-c auto`` resolved); record its concurrency if it was not known."""
+    worker = instance
+    if worker is None or not isinstance(worker.concurrency, int):
+        return
+    proc = worker_process(worker.app)
+    if proc is not None and proc.id is not None and proc.concurrency != worker.concurrency:
+        proc.set_concurrency(worker.concurrency)
+
+
+def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):
+    """A task raised with no retries left (in the process that ran it): keep its job as failed."""
+    if sender is None or exception is None or task_failures.delivered_claim(sender.request) is None:
+        return
+    store = broker_store(sender.app)
+    if store is not None:
+        task_failures.record(store, sender, task_id, exception, einfo)
 
 
 def on_worker_ready(sender=None, **_):
@@ -155,5 +196,10 @@ def on_worker_shutdown(sender=None, **_):
     if not worker_terminating():             # (a cold shutdown killed, not finished, them)
         proc.acks.finish_completed(running_tags())   # queue finishes of the drained jobs...
     proc.stop()                              # ...stop beating only now...
+    if getattr(sender, "exitcode", None) not in (None, 0):
+        # "Unrecoverable error": what it held goes back counted, so a crash loop ends in failed.
+        proc.deregister(reason="WorkerCrashedError: the worker exited with an unrecoverable error "
+                               f"(exit code {sender.exitcode}) while holding the job", crashed=True)
+        return
     proc.deregister(                         # ...write them, give back leftovers, delete the row
         reason="WorkerShutdownError: the worker shut down (cold) while the job was running")

@@ -24,9 +24,10 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import fanout, pruner
+from .errors import ConfigurationError
 from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.maintenance")
@@ -49,7 +50,9 @@ def promote_due(store: Store) -> int:
 def clear_finished(store: Store, before: datetime, *, batch_size: int | None = None,
                    max_batches: int | None = None, on_progress: Callable[[int], None] | None = None) -> int:
     """Delete jobs finished before ``before``, ``batch_size`` rows per transaction; returns how many."""
-    batch = batch_size or store.options.clear_batch_size
+    batch = store.options.clear_batch_size if batch_size is None else batch_size
+    if batch < 1:
+        raise ConfigurationError(f"batch_size must be at least 1, got {batch}")   # (-1 would never end on SQLite)
     total = batches = 0
     while max_batches is None or batches < max_batches:
         n = store.jobs.clear_finished(before=before, limit=batch)
@@ -71,11 +74,15 @@ class PruneResult:
     dropped_messages: int
 
 
-def prune_now(store: Store) -> PruneResult:
-    """What ``celery sqlq prune`` does: prune dead processes, recover orphaned claims,
-    and expire the transient queues of remote control and events nobody reads."""
-    report = pruner.prune(store)
+def prune_now(store: Store, force: Sequence[int] = (),
+              report_failed: Callable[[Sequence[int]], int] | None = None) -> PruneResult:
+    """What ``celery sqlq prune`` does: prune dead processes (and those ``force`` names), recover
+    orphaned claims, and expire the transient queues of remote control and events nobody reads.
+    ``report_failed`` records the Celery results of the jobs it failed (``failure_results``)."""
+    report = pruner.prune(store, force=force)
     orphans = pruner.sweep_orphans(store)
+    if report_failed is not None:
+        report_failed(report.failed + orphans.failed)
     expired = fanout.maintain(store)
     return PruneResult(report.processes, report.released + orphans.released, report.failed + orphans.failed,
                        expired.expired_queues, expired.dropped_messages)
@@ -88,14 +95,17 @@ class Maintenance:
         self.store = store
         self._last_clear = 0.0
 
-    def run(self, exclude: int | None, first: bool = False) -> None:
+    def run(self, exclude: int | None, first: bool = False) -> list[int]:
         """``exclude``: this process's own id (never pruned by itself); ``first``: it just registered,
-        and sweeps what crashed processes left behind."""
+        and sweeps what crashed processes left behind.  Returns the jobs it failed (committed), whose
+        Celery results the caller records."""
+        failed: list[int] = []
         if first:
-            pruner.sweep_orphans(self.store)
-        pruner.prune(self.store, exclude=exclude)
+            failed += pruner.sweep_orphans(self.store).failed
+        failed += pruner.prune(self.store, exclude=exclude).failed
         self._clear_finished()
         fanout.maintain(self.store)
+        return failed
 
     def _clear_finished(self) -> None:
         opts = self.store.options

@@ -48,16 +48,20 @@ def to_store(message: dict[str, Any]) -> Stored:
         expires_at=utc_naive(headers.get("expires")) or fanout.expiry_of(message))
 
 
-def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int) -> dict[str, Any]:
+def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int,
+                 process_id: int | None = None) -> dict[str, Any]:
     """Mark a decoded stored message for this delivery (in place; returns it).
 
     Every delivery gets its own tag: the stored one was minted at publish and
-    would repeat on redelivery.
+    would repeat on redelivery.  The job and the process id it was claimed under
+    travel with it, so that the task's own process can record its final failure
+    fenced on that claim (``task_failures``).
     """
     props = payload["properties"]
     props["delivery_tag"] = uuid()
     info = props.setdefault("delivery_info", {})
     info["sqlq_job_id"] = job_id
+    info["sqlq_process_id"] = process_id
     info["redelivered"] = deliveries > 1
     payload["redelivered"] = deliveries > 1
     return payload

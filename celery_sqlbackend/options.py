@@ -24,12 +24,19 @@ option                      default   meaning
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on,
-                                      every engine; False: Celery's blocking loop)
+``event_loop``              auto      deliver through Celery's event loop (default: on
+                                      PostgreSQL and SQLite; False: Celery's blocking
+                                      loop, MySQL/MariaDB's default)
+``record_task_failures``    True      a task that raised with no retries left keeps its
+                                      job as a failed execution (class, message,
+                                      traceback) for ``celery sqlq failed``; False: the
+                                      job is finished, as with other brokers
 ==========================  ========  ==================================================
 """
 from __future__ import annotations
 
+import difflib
+import math
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -59,6 +66,7 @@ class Options:
     use_notify: bool = True
     retry_attempts: int = 8
     event_loop: bool | None = None
+    record_task_failures: bool = True
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any] | None) -> "Options":
@@ -67,7 +75,7 @@ class Options:
         unknown = sorted(k for k in given if k not in known and k not in _KOMBU_OPTIONS)
         if unknown:
             raise ConfigurationError(
-                f"unknown celery_sqlbackend transport option(s): {', '.join(unknown)}; "
+                f"unknown celery_sqlbackend transport option(s): {', '.join(_with_suggestion(unknown, known))}; "
                 f"known options are: {', '.join(sorted(known))}")
         values = {}
         for name, value in given.items():
@@ -86,9 +94,14 @@ class Options:
 
     def validate(self) -> None:
         for name in ("polling_interval", "heartbeat_interval", "alive_threshold", "dispatch_interval",
-                     "busy_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"transport option {name} must be > 0, got {getattr(self, name)!r}")
+                     "busy_timeout", "keep_finished"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigurationError(f"transport option {name} must be a finite number of seconds, got {value!r}")
+            if value < 0 or (value == 0 and name != "keep_finished"):
+                raise ConfigurationError(
+                    f"transport option {name} must be {'>= 0 (0: delete at once)' if name == 'keep_finished' else '> 0'}"
+                    f", got {value!r}")
         if self.max_releases < 0 or self.clear_batch_size < 1 or self.retry_attempts < 1:
             raise ConfigurationError("max_releases must be >= 0, clear_batch_size and retry_attempts >= 1")
         if not self.table_prefix.replace("_", "").isalnum():
@@ -115,11 +128,34 @@ def from_celery_conf(conf) -> dict:
 def sqlq_settings(conf) -> dict:
     """Only the ``sqlq_<option>`` settings of a Celery config, as transport options."""
     merged = {}
+    known = {f.name for f in fields(Options)}
     for f in fields(Options):
         value = conf.get(f"sqlq_{f.name}")
         if value is not None:
             merged[f.name] = value
+    unknown = sorted(k[len("sqlq_"):] for k in _keys(conf) if k.startswith("sqlq_") and k[len("sqlq_"):] not in known)
+    if unknown:
+        raise ConfigurationError(
+            "unknown celery_sqlbackend setting(s): "
+            f"{', '.join(_with_suggestion(unknown, known, 'sqlq_'))}; "
+            f"known settings are sqlq_<option> for: {', '.join(sorted(known))}")
     return merged
+
+
+def _keys(conf) -> list[str]:
+    try:
+        return [k for k in conf.keys() if isinstance(k, str)]
+    except (AttributeError, TypeError):
+        return []
+
+
+def _with_suggestion(names: list[str], known, prefix: str = "") -> list[str]:
+    """Each unknown name, with the known one it was most likely meant to be."""
+    shown = []
+    for name in names:
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+        shown.append(f"{prefix}{name} (did you mean {prefix}{close[0]}?)" if close else f"{prefix}{name}")
+    return shown
 
 
 def for_connection(client) -> dict:

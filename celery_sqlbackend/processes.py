@@ -24,11 +24,11 @@ import threading
 import time
 import weakref
 from datetime import timedelta
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import pruner
+from . import pid_identity, pruner
 from .ack_buffer import AckBuffer
 from .maintenance import Maintenance
 from .store import Store, utcnow
@@ -67,6 +67,9 @@ class LocalProcess:
         self._channels: "weakref.WeakSet[ClaimHolder]" = weakref.WeakSet()
         self.beats = 0
         self.last_beat_error: BaseException | None = None
+        #: Records the Celery results of jobs the store failed here (``failure_results``);
+        #: set by the worker integration, which has the app.  None: nobody to tell.
+        self.report_failed: Callable[[Sequence[int]], int] | None = None
 
     def describe(self, *, kind: str, name: str, pool: str | None = None, concurrency: int | None = None,
                  queues: Iterable[str] = ()) -> None:
@@ -90,6 +93,11 @@ class LocalProcess:
 
     # ------------------------------------------------------------------ register / deregister
 
+    def record_failed(self, job_ids: Sequence[int]) -> None:
+        """The store has failed ``job_ids`` (committed): let their Celery results say so."""
+        if job_ids and self.report_failed is not None:
+            self.report_failed(job_ids)
+
     def ensure_registered(self) -> int:
         """The process row id, registering (and starting heartbeats) on first use."""
         if self.id is None:
@@ -102,7 +110,7 @@ class LocalProcess:
         return self.store.processes.register(
             kind=self.kind, name=self.name, hostname=socket.gethostname(),
             pid=self.pid, pool=self.pool, concurrency=self.concurrency,
-            queues=json.dumps(self.queues), now=utcnow())
+            queues=json.dumps(self.queues), now=utcnow(), pid_identity=pid_identity.identity())
 
     def register(self) -> int:
         self.id = self._insert_row()
@@ -117,6 +125,12 @@ class LocalProcess:
         if self.id is not None:
             self.store.processes.set_queues(process_id=self.id, queues=json.dumps(self.queues))
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """Record the pool size once the worker knows it (``-c auto`` is resolved after registration)."""
+        self.concurrency = concurrency
+        if self.id is not None:
+            self.store.processes.set_concurrency(process_id=self.id, concurrency=concurrency)
+
     def stop(self) -> None:
         """Stop heartbeating (and the ack writer): call only when this process holds no running job."""
         self._stop.set()
@@ -125,8 +139,12 @@ class LocalProcess:
             thread.join(timeout=self.store.options.busy_timeout + 5)
         self.acks.stop()
 
-    def deregister(self, reason: str = "the worker shut down before the job finished") -> None:
-        """Write what the acks still owe, give back anything still claimed, then delete the process row."""
+    def deregister(self, reason: str = "the worker shut down before the job finished", crashed: bool = False) -> None:
+        """Write what the acks still owe, give back anything still claimed, then delete the process row.
+
+        ``crashed``: the worker is exiting on an unrecoverable error; what it gives back counts
+        toward ``max_releases`` (as a death would), so a message that crashes every worker ends in failed.
+        """
         if self.id is None or os.getpid() != self.pid:
             return
         try:
@@ -136,7 +154,8 @@ class LocalProcess:
             log.warning("could not record deferred job states at exit (%s)", exc)
         process_id, self.id = self.id, None
         # One transaction: no moment where the row is gone but claims remain.
-        released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True)
+        released, failed = pruner.release_own_claims(self.store, process_id, reason, delete_process=True,
+                                                     counted=crashed)
         if failed:
             log.warning("process %s left started jobs behind at exit: failed %s (%s); released %s",
                         self.name, failed, reason, released)
@@ -144,6 +163,7 @@ class LocalProcess:
             # Prefetched jobs that never started go back to the queue: a normal shutdown does this.
             log.info("process %s returned %d prefetched job(s) to the queue at exit: %s",
                      self.name, len(released), released)
+        self.record_failed(failed)
         log.info("deregistered process %s (id %s)", self.name, process_id)
 
     # ------------------------------------------------------------------ heartbeat thread
@@ -215,7 +235,7 @@ class LocalProcess:
                 pass  # logged and deferred by flush
             self.acks.retry_deferred()
             self.reconcile()
-            self.maintenance.run(exclude=self.id, first=first)
+            self.record_failed(self.maintenance.run(exclude=self.id, first=first))
         except Exception as exc:
             log.warning("maintenance in %s failed (%s); will retry", self.name, exc)
 

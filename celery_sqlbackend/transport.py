@@ -27,8 +27,9 @@ Loops
 =====
 On PostgreSQL and SQLite the transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  Elsewhere (or with ``event_loop=False``)
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
+or with ``event_loop=False`` Celery runs its blocking loop, which calls
+:meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -54,15 +55,16 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance, publishing, unique
+from . import fanout, maintenance, poison, publishing, unique
 from .claim_round import Messages, claim_round, wait_for_work
-from .errors import RejectedError, UndecodableMessageError
+from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options, for_connection
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
+from .urls import SCHEME, mask as mask_url
 from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
@@ -235,12 +237,17 @@ class Channel(virtual.Channel):
         self._maybe_dispatch_due()
         proc = self.process
         proc.claiming(self)
-        process_id = proc.ensure_registered()
         store = self.store
-        # Idle SQLite polls stay reads; only pending acks need the write lock.
+        if proc.id is None and self._broadcast_only(queues):
+            # A client reading replies or events (``celery inspect``, Flower) is no registered process.
+            taken = store.claims.take_unowned(queues=queues, limit=limit)
+            return [(payload, job.queue_name) for job in taken
+                    if (payload := self._decode(job, None)) is not None]
+        process_id = proc.ensure_registered()
+        # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if not store.dialect.skip_locked and not busy and not store.executions.has_ready(queues):
+        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
             return []
@@ -265,21 +272,44 @@ class Channel(virtual.Channel):
                                           now=utcnow(), keep=False)
         return messages
 
-    def _decode(self, job, process_id: int) -> dict | None:
-        """The stored message with a fresh delivery tag, or None (and the job failed) if unreadable."""
+    def _decode(self, job, process_id: int | None) -> dict | None:
+        """The stored message with a fresh delivery tag, or None (and the job failed) if a worker cannot use it.
+
+        In a Celery worker a task message is checked as Celery will read it (``poison``): what would be
+        acked unread or crash the worker is failed here, with the reason, and the rest of the batch goes on.
+        """
         try:
             payload = json.loads(job.payload)
-            props = payload["properties"]
-            self.decode_body(payload.get("body"), props.get("body_encoding"))
+            problem = poison.envelope_problem(payload)
+            if problem is None:
+                props = payload["properties"]
+                body = self.decode_body(payload.get("body"), props.get("body_encoding"))
         except Exception as exc:
-            reason = (f"{UndecodableMessageError.__name__}: job {job.job_id} in queue {job.queue_name!r} "
-                      f"has a payload that is not a kombu message ({exc.__class__.__name__}: {exc}); "
-                      "it was moved to failed and the worker went on")
-            log.error(reason)
-            self.store.claims.fail(job_id=job.job_id, process_id=process_id,
-                                   error_class=UndecodableMessageError.__name__, error=reason, now=utcnow())
+            self._fail_unusable(job, process_id, UndecodableMessageError.__name__,
+                                f"the payload is not a kombu message ({exc.__class__.__name__}: {exc})")
             return None
-        return for_delivery(payload, job.job_id, job.deliveries)
+        if problem is not None:
+            self._fail_unusable(job, process_id, MalformedMessageError.__name__, problem)
+            return None
+        worker = self.worker
+        if worker is not None and worker.accept is not None and job.queue_name not in self._no_ack_queues:
+            verdict = poison.task_problem(payload, body, worker.accept)
+            if verdict is not None:
+                self._fail_unusable(job, process_id, *verdict)
+                return None
+        return for_delivery(payload, job.job_id, job.deliveries, process_id)
+
+    def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
+        """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""
+        if process_id is None:
+            log.error("%s: job %s in queue %r: %s; it was dropped", error_class, job.job_id, job.queue_name, why)
+            return
+        reason = (f"{error_class}: job {job.job_id} in queue {job.queue_name!r}: {why}; "
+                  "it was moved to failed and the worker went on")
+        log.error("%s", reason)
+        if self.store.claims.fail(job_id=job.job_id, process_id=process_id,
+                                  error_class=error_class, error=reason, now=utcnow()):
+            self.process.record_failed([job.job_id])   # its Celery result becomes FAILURE
 
     def _maybe_dispatch_due(self) -> None:
         now = monotonic()
@@ -344,9 +374,10 @@ class Channel(virtual.Channel):
         if claim is None:
             return
         job_id, process_id = claim
-        self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
+        if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
                                error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow())
+                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow()):
+            self.process.record_failed([job_id])
 
     def _restore(self, message):
         """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
@@ -440,6 +471,12 @@ class Transport(virtual.Transport):
             event_loop = store_for(client.hostname, self.options).dialect.event_loop
         # Celery picks its event loop (and AsynPool) from this, per connection.
         self.implements = self.implements.extend(asynchronous=event_loop)
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL as Celery shows it (banner, "Connected to", retry lines): password masked by
+        ``urls.mask``, which also copes with passwords kombu's parser gets wrong (``/``, ``@``, ``#``)."""
+        full = f"{SCHEME}+{uri}"
+        return full if include_password else mask_url(full)
 
     def driver_version(self):
         import sqlalchemy

@@ -12,8 +12,10 @@ tools and ``checkpoint`` agree on what a URL means:
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -25,7 +27,11 @@ SCHEME = "sqlq"
 PREFIX = SCHEME + "+"
 
 _EXAMPLES = "'sqlq+sqlite:///path/jobs.sqlite3' or 'sqlq+postgresql+psycopg://user:pass@host/db'"
-_USERINFO = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^/\s]*)@", re.IGNORECASE)
+_USERINFO = re.compile(r"(?P<head>(?:[a-z][a-z0-9+.\-]*:)?//[^:/@\s'\"]*):(?P<pw>[^\s'\"]*)@", re.IGNORECASE)
+_OURS = re.compile(r"\s*sqlq(?![a-z0-9_\-.])", re.IGNORECASE)   # sqlq, sqlq+…, sqlq:…, but not sqlqueue://
+_SCHEME_START = re.compile(r"[a-z][a-z0-9+.\-]*://", re.IGNORECASE)
+#: Passwords seen in URLs by this process (``remember``): masked wherever they turn up in a message.
+_SECRETS: set[str] = set()
 
 
 def is_sqlq(url: Any) -> bool:
@@ -66,11 +72,51 @@ def backend_database_url(url: str | None, conf: Any) -> str:
 
 
 def mask(url: Any) -> str:
-    """``url`` with its password replaced by ``***``: the only way a URL goes into a message or log."""
-    text = str(url)
+    """``url`` (or a message holding URLs) with passwords replaced by ``***``: the only way a URL goes
+    into a message or a log line.
+
+    A whole URL string is masked by its structure (the userinfo runs to its last ``@``, whatever the
+    password holds: ``/``, ``@``, ``#``, spaces); in free text every URL-like token is, and every
+    password this process has seen in a URL (``remember``) is replaced wherever it appears.
+    """
     if hasattr(url, "render_as_string"):
         return url.render_as_string(hide_password=True)
-    return _USERINFO.sub(lambda m: f"{m.group('head')}:***@", text)
+    text = str(url)
+    if isinstance(url, str) and (_SCHEME_START.match(text) or not any(c.isspace() for c in text)):
+        remember(url)           # a URL (a message would not start with a scheme, or has spaces)
+        text = _mask_whole(text)
+    text = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def remember(url: str) -> None:
+    """Note the password of ``url`` (raw and percent-decoded), so that no later message shows it."""
+    password = _password_of(url)
+    if password:
+        _SECRETS.update(p for p in (password, unquote(password)) if len(p) >= 3)
+
+
+def _userinfo_span(text: str) -> tuple[int, int] | None:
+    """Where the password of a URL string is (start, end), if it has one."""
+    scheme_end = text.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else 0
+    at = text.rfind("@", start)
+    if at < 0:
+        return None
+    colon = text.find(":", start, at)
+    return (colon + 1, at) if colon >= 0 else None
+
+
+def _password_of(text: str) -> str | None:
+    span = _userinfo_span(text)
+    return text[span[0]:span[1]] if span else None
+
+
+def _mask_whole(text: str) -> str:
+    span = _userinfo_span(text)
+    return text if span is None else f"{text[:span[0]]}***{text[span[1]:]}"
 
 
 def validate(url: str) -> str:
@@ -88,14 +134,73 @@ def validate(url: str) -> str:
             f"no SQLAlchemy dialect for {shown!r} ({mask(exc)}). Write the broker URL as {_EXAMPLES}, "
             "and install the driver (pip install 'celery-sqlbackend[postgres]')") from None
     except ImportError as exc:
-        raise ConfigurationError(
-            f"the database driver for {shown!r} is not installed ({mask(exc)}); for PostgreSQL: "
-            "pip install 'celery-sqlbackend[postgres]'") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError(_missing_driver(shown, parsed, exc)) from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise ConfigurationError(_missing_driver(shown, parsed, exc)) from None
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_file(parsed.database)
+    return url
+
+
+#: The extra that installs a supported driver, per database.
+_EXTRAS = {"postgresql": ("postgres", "postgresql+psycopg://"), "mysql": ("mysql", "mysql+pymysql://"),
+           "mariadb": ("mysql", "mariadb+pymysql://")}
+
+
+def _missing_driver(shown: str, parsed: Any, exc: BaseException) -> str:
+    backend = parsed.get_backend_name()
+    extra, scheme = _EXTRAS.get(backend, (None, None))
+    advice = (f"install the supported one: pip install 'celery-sqlbackend[{extra}]', and write the URL as "
+              f"'sqlq+{scheme}…'" if extra else "install the driver this URL names")
+    return f"the database driver for {shown!r} is not installed ({mask(exc)}); {advice}"
+
+
+def _check_sqlite_file(database: str | None) -> None:
+    """An SQLite file this process can create and write, or an error that says which directory to fix."""
+    if database in (None, "", ":memory:"):
         raise ConfigurationError(
             "an in-memory SQLite database cannot be shared between a producer and a worker; "
             "give it a file: 'sqlq+sqlite:///jobs.sqlite3'")
-    return url
+    if database.startswith("file:"):
+        return      # a URI filename (?uri=true): SQLite reads its options itself
+    path = os.path.abspath(database)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise ConfigurationError(
+            f"the SQLite database {path!r} cannot be created: its directory {directory!r} does not exist; "
+            "create the directory, or write a path in an existing one (sqlq+sqlite:///relative/path or "
+            "sqlq+sqlite:////absolute/path)")
+    if os.path.exists(path):
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigurationError(
+                f"the SQLite database {path!r} is not writable by this user; give the worker's user "
+                "read and write access to it (and to its directory, for the journal)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"the SQLite database {path!r} cannot be written: its directory {directory!r} is not writable by "
+            "this user (SQLite writes its journal beside the file); make it writable, or move the database")
+
+
+def broker_url_problem(url: Any) -> str | None:
+    """What is wrong with a ``broker_url`` meant for this transport, or None (also None if not ours).
+
+    kombu reads ``sqlq`` alone, ``sqlq+`` with nothing after it and ``sqlq:/path`` as AMQP host
+    names and retries them for ever; they are caught here, with what to write instead.
+    """
+    if not isinstance(url, str) or not _OURS.match(url):
+        return None
+    if is_sqlq(url) and len(url) > len(PREFIX):
+        try:
+            validate(database_url(url))
+        except ConfigurationError as exc:
+            return str(exc)
+        return None
+    rest = url.split(":", 1)[1].lstrip("/") if ":" in url else ""
+    guess = f" (for this file: 'sqlq+sqlite:///{rest}')" if rest and "@" not in rest else ""
+    return (f"broker_url {mask(url)!r} is not an sqlq URL: write 'sqlq+' followed by an SQLAlchemy URL, "
+            f"e.g. {_EXAMPLES}{guess}")
 
 
 _LOCAL_HOSTS = {None, "", "localhost", "127.0.0.1", "::1"}

@@ -13,7 +13,7 @@ waiting, and nothing is ever "stopping".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 
 @dataclass(frozen=True)
@@ -25,3 +25,6 @@ class WorkerHooks:
     #: True in a cold shutdown, where running tasks are killed: a started job
     #: that stops running then has not finished, and is left for deregistration to fail.
     terminating: Callable[[], bool]
+    #: The content types the worker accepts (Celery's ``accept_content``).  Claimed task messages are
+    #: checked against it and against Celery's task message shape (``poison``); None: not checked.
+    accept: Collection[str] | None = None

@@ -35,9 +35,10 @@ from .interruption import unregister as unregister_adapter
 from .store import CheckpointTableMissingError, CursorStore, MemoryStore, NullStore, SQLCursorStore
 from .task import IterativeTask
 from .throttling import throttle_on
+from .decorator import iterative_task
 
 __all__ = [
-    "IterativeTask", "throttle_on",
+    "IterativeTask", "iterative_task", "throttle_on",
     "stopping", "FLAG", "StopFlag",
     "register_adapter", "unregister_adapter", "lookup_adapter",
     "install",

@@ -37,6 +37,7 @@ from . import interruption, limits, revocation
 from .cursor import HEADER, Progress, validate_cursor
 from .enumerators import Enumerators
 from .integration import install
+from .partition import PARTITION_KWARG, WHOLE, Partition
 from .store import Checkpointer, CursorStore, store_for_app
 from .throttling import THROTTLE_MARK
 
@@ -153,6 +154,11 @@ class IterativeTask(Task):
         """The running job's progress (cursor, counters); ``None`` outside a run."""
         return getattr(self.request, "checkpoint_progress", None)
 
+    @property
+    def partition(self) -> Partition:
+        """This run's share of a job split with :func:`checkpoint.partition.in_partitions` (else the whole)."""
+        return getattr(self.request, "checkpoint_partition", None) or WHOLE
+
     @classmethod
     def throttle_on(cls, condition: Callable[..., bool], backoff: float = 30.0) -> Callable[..., bool]:
         """Pause the job while ``condition`` holds: it re-enqueues itself ``backoff`` seconds later.
@@ -178,6 +184,8 @@ class IterativeTask(Task):
     def run(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         initial_cursor = kwargs.pop("cursor", None)
+        partition = Partition.from_message(kwargs.pop(PARTITION_KWARG, None))
+        request.checkpoint_partition = partition
         store = self._store()
         progress, resumed, stored_state = self._load_progress(request, initial_cursor, store)
         request.checkpoint_progress = progress
@@ -321,7 +329,11 @@ class IterativeTask(Task):
             headers = dict(extra_options.get("headers") or getattr(request, "headers", None) or {})
             headers[HEADER] = progress.to_json()
             extra_options["headers"] = headers
-        return super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        signature = super().signature_from_request(request, args, kwargs, queue, **extra_options)
+        send = _send_again.get()
+        if send is not None:  # checkpoint.testing: a retry's message is captured, not sent
+            signature.apply_async = lambda *a, **kw: send(signature)
+        return signature
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's retry; the retry message resumes at the item that failed (see signature_from_request)."""
@@ -355,8 +367,7 @@ class IterativeTask(Task):
             raise RuntimeError("checkpoint: refusing to re-enqueue the same run twice")
         request.checkpoint_reenqueued = True
         saver.save("interrupted")
-        if initial_cursor is not None:
-            kwargs = {**kwargs, "cursor": initial_cursor}
+        kwargs = _message_kwargs(request, kwargs, initial_cursor)
         options: dict[str, Any] = {"expires": None}
         if stop.backoff:
             options["countdown"] = stop.backoff
@@ -382,8 +393,7 @@ class IterativeTask(Task):
         hooks, no enumerator built, no interruption counted, its row untouched."""
         if "celery" not in self.interruption_adapters or not interruption.stopping():
             return
-        if initial_cursor is not None:
-            kwargs = {**kwargs, "cursor": initial_cursor}
+        kwargs = _message_kwargs(request, kwargs, initial_cursor)
         options: dict[str, Any] = {"expires": None}
         if self.interruption_backoff:
             options["countdown"] = self.interruption_backoff
@@ -405,6 +415,16 @@ class IterativeTask(Task):
         return store
 
 
+def _message_kwargs(request: Any, kwargs: dict, initial_cursor: Any) -> dict:
+    """The keyword arguments a run sends itself again with: its own, plus what run() took out."""
+    if initial_cursor is not None:
+        kwargs = {**kwargs, "cursor": initial_cursor}
+    partition = getattr(request, "checkpoint_partition", None)
+    if partition is not None:
+        kwargs = {**kwargs, PARTITION_KWARG: partition.to_message()}
+    return kwargs
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -419,17 +439,21 @@ def _pair(pair: Any, task_name: str) -> tuple:
 def _check_build_enumerator(cls: type) -> None:
     """A build_enumerator that cannot take ``cursor=`` is an error when the class is defined."""
     method = cls.__dict__.get("build_enumerator")
-    if method is None:
-        return
+    if method is not None:
+        check_takes_cursor(method, f"{cls.__qualname__}.build_enumerator",
+                           "def build_enumerator(self, ..., *, cursor=None)")
+
+
+def check_takes_cursor(function: Callable[..., Any], shown: str, example: str) -> None:
+    """Raise TypeError unless ``function`` accepts a ``cursor`` keyword argument."""
     try:
-        params = inspect.signature(method).parameters
+        params = inspect.signature(function).parameters
     except (TypeError, ValueError):
         return
     if "cursor" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    raise TypeError(f"{cls.__qualname__}.build_enumerator must accept a `cursor` keyword argument "
-                    "(the position to resume after; None on the first run): def build_enumerator(self, ..., *, "
-                    "cursor=None)")
+    raise TypeError(f"{shown} must accept a `cursor` keyword argument "
+                    f"(the position to resume after; None on the first run): {example}")
 
 
 def _call_condition(condition: Callable[..., bool], task: IterativeTask) -> bool:

@@ -1,7 +1,7 @@
 """Shared fixtures: the engine parameter, a fresh database per test on every engine, and worker cleanup.
 
 Engine-level tests take ``db_url`` and run once per selected engine (``$SQLQ_TEST_ENGINES``, default
-``sqlite,postgres``; add ``mysql`` for MariaDB). A server engine uses ``$SQLQ_TEST_PG_URL`` /
+``sqlite,postgres,mysql``). A server engine uses ``$SQLQ_TEST_PG_URL`` /
 ``$SQLQ_TEST_MYSQL_URL`` or else a private server started once for the run (see tests/support/engines.py).
 When neither works its tests are skipped loudly, except under ``$CI``, where they fail. The last lines of
 the run count the tests of each engine.

@@ -39,8 +39,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
-from ..errors import SchemaMissingError
+from ..errors import ConfigurationError, SchemaMissingError
 from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
@@ -54,7 +55,7 @@ from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
 from .results import Results
-from .schema import tables
+from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
 
 __all__ = ["Claimed", "Orphan", "Store", "store_for", "utcnow"]
@@ -173,9 +174,18 @@ class Store:
 
     def ping(self) -> None:
         """Raise if the database cannot be reached (kombu retries connects with backoff)."""
-        with self.engine.connect() as conn:
-            # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
-            conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
+        try:
+            with self.engine.connect() as conn:
+                # (Read-only: on SQLite no write lock, which a caller's open transaction may hold: enqueue_in.)
+                conn.execution_options(**READ_ONLY).exec_driver_sql("SELECT 1")
+        except OperationalError as exc:
+            if self.dialect.embedded and "unable to open database file" in str(exc):
+                # Not a connection to retry: the file cannot be opened until someone fixes it.
+                raise ConfigurationError(
+                    f"SQLite cannot open or create {self.engine.url.database!r} (unable to open database "
+                    "file): its directory must exist and be writable by this user; fix that, or point "
+                    "the URL at a writable directory") from None
+            raise
 
     # ------------------------------------------------------------------ schema
 
@@ -194,7 +204,7 @@ class Store:
                 return
             if self.creates_tables:
                 if not self._all_tables_exist():
-                    self._run(lambda conn: self.t.metadata.create_all(conn))
+                    self._run(self._create_tables)
             elif not inspect(self.engine).has_table(self.t.processes.name):
                 raise SchemaMissingError(
                     f"the celery_sqlbackend tables ({self.t.prefix}*) do not exist in "
@@ -205,14 +215,24 @@ class Store:
 
     def _all_tables_exist(self) -> bool:
         """A read-only look first: creating nothing still takes SQLite's write lock, which a caller's
-        open transaction may hold (``enqueue_in``)."""
+        open transaction may hold (``enqueue_in``).  False also when a table lacks a column this
+        version added (``schema.missing_columns``)."""
         with self.engine.connect() as conn:
-            present = set(inspect(conn.execution_options(**READ_ONLY)).get_table_names())
-        return all(table.name in present for table in self.t.metadata.sorted_tables)
+            inspector = inspect(conn.execution_options(**READ_ONLY))
+            present = set(inspector.get_table_names())
+            if not all(table.name in present for table in self.t.metadata.sorted_tables):
+                return False
+            return not missing_columns(inspector, self.t)
 
     def create_all(self) -> None:
-        self._run(lambda conn: self.t.metadata.create_all(conn))
+        self._run(self._create_tables)
         self._schema_ready = True
+
+    def _create_tables(self, conn) -> None:
+        """Create missing tables, and add the nullable columns later versions added to existing ones
+        (a database this store created itself has no migrations to do it; see ``schema.add_missing_columns``)."""
+        self.t.metadata.create_all(conn)
+        add_missing_columns(conn, self.t)
 
 
 _stores: dict[tuple, Store] = {}

@@ -410,6 +410,24 @@ def held_since(conn: Connection, t: Tables, *, process_id: int, before: datetime
                                                       c.c.claimed_at < before)).scalars())
 
 
+def take_unowned(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int) -> list[Claimed]:
+    """Delete and return up to ``limit`` ready jobs of ``queues`` for a consumer that acks nothing.
+
+    A remote-control or events client (``no_ack``) has nothing to give back: what it takes is
+    delivered and done, so it needs no claim, and no process row that would outlive it.
+    """
+    r, j = t.ready, t.jobs
+    ids = list(conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit}).scalars())
+    if not ids:
+        return []
+    job_ids = list(conn.execute(select(r.c.job_id).where(r.c.id.in_(ids))).scalars())
+    conn.execute(delete(r).where(r.c.id.in_(ids)))
+    rows = conn.execute(select(*_claimed_columns(t)).where(j.c.id.in_(job_ids))).all()
+    conn.execute(delete(j).where(j.c.id.in_(job_ids)))
+    rows.sort(key=lambda row: (-row.priority, row.id))
+    return [Claimed(row.id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
+
+
 class Claims(Gateway):
     """``store.claims``: claim, acks, release, fenced finish and fail."""
 
@@ -417,6 +435,9 @@ class Claims(Gateway):
 
     def claim(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime) -> list[Claimed]:
         return self.store.run(claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now)
+
+    def take_unowned(self, *, queues: Sequence[str], limit: int) -> list[Claimed]:
+        return self.store.run(take_unowned, self.t, self.d, queues=queues, limit=limit)
 
     def acks_and_claim(self, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str], limit: int,
                        process_id: int, now: datetime) -> tuple[list[int], list[Claimed]]:

@@ -64,6 +64,11 @@ class Dialect:
     #: Deliver through Celery's event loop (see ``eventloop``), which runs the
     #: prefork pool as ``AsynPool``: no pool threads in the worker's main process.
     event_loop: bool = False
+    #: An idle poll reads before it claims (one plain SELECT): SQLite, where a
+    #: claim takes the write lock, and MySQL/MariaDB, where idle workers poll (no
+    #: NOTIFY) and a claim is a locking read, a fence and a commit.  Not PostgreSQL:
+    #: NOTIFY wakes idle workers, and its claim is one round trip anyway.
+    look_before_claim: bool = False
     #: In the event loop, claim on a thread of its own: where a claim is mostly a
     #: wait on a server (PostgreSQL).  Otherwise the hub's thread claims (SQLite,
     #: where a claim is CPU in this process, and a thread would only compete for the GIL).
@@ -80,16 +85,17 @@ def dialect_of(engine: Engine) -> Dialect:
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
-        return Dialect(name=name, delete_returning=True, update_returning=True, embedded=True,
+        return Dialect(name=name, delete_returning=True, update_returning=True, embedded=True, look_before_claim=True,
                        insert_on_conflict=sqlite.insert, event_loop=True,
                        id_list="json" if _sqlite_has_json() else "expanding")
     if name in ("mysql", "mariadb"):
         mariadb = _is_mariadb(engine)
-        # Event loop with a claim thread, as on PostgreSQL: a claim is a wait on the server
-        # (round trips, the durable commit); measured against the blocking loop in bench/README.md.
+        # Celery's blocking loop: it drained 1.7-2x faster than the event loop's claim thread here
+        # (a claim is eight or nine round trips, each parsed by the driver in Python, on a thread
+        # competing with the hub for the GIL); see bench/README.md.
         return Dialect(name="mariadb" if mariadb else "mysql", skip_locked=True, delete_returning=mariadb,
-                       delete_in_limited_subquery=False, event_loop=True, claim_thread=True)
-    return Dialect(name=name)
+                       delete_in_limited_subquery=False, look_before_claim=True)
+    return Dialect(name=name, look_before_claim=True)
 
 
 def _is_mariadb(engine: Engine) -> bool:

@@ -101,7 +101,8 @@ def _create(url: str, busy_timeout: float) -> Engine:
 _INSTALL_HINT = {
     "postgresql": "pip install 'celery-sqlbackend[postgres]' (psycopg 3, URL postgresql+psycopg://) or "
                   "'celery-sqlbackend[postgres2]' (psycopg2, URL postgresql+psycopg2://)",
-    "mysql": "pip install 'celery-sqlbackend[mysql]' (PyMySQL, URL mysql+pymysql://)",
+    "mysql": "pip install 'celery-sqlbackend[mysql]' (mysqlclient, URL mysql+mysqldb://) or "
+             "'celery-sqlbackend[pymysql]' (PyMySQL, URL mysql+pymysql://)",
 }
 
 

@@ -68,6 +68,21 @@ def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limi
     return len(rows)
 
 
+def scheduled(conn: Connection, t: Tables, *, queue: str | None, limit: int) -> tuple[list, int]:
+    """The ``limit`` soonest scheduled (ETA/countdown) jobs, and how many wait in all (of ``queue``).
+
+    Each row: job_id, queue_name, task_name, task_id, priority, scheduled_at.
+    """
+    s, j = t.scheduled, t.jobs
+    q = (select(s.c.job_id, s.c.queue_name, j.c.task_name, j.c.task_id, s.c.priority, s.c.scheduled_at)
+         .select_from(s.join(j, j.c.id == s.c.job_id)))
+    counted = select(func.count()).select_from(s)
+    if queue is not None:
+        q, counted = q.where(s.c.queue_name == queue), counted.where(s.c.queue_name == queue)
+    rows = list(conn.execute(q.order_by(s.c.scheduled_at, s.c.job_id).limit(limit)).all())
+    return rows, conn.execute(counted).scalar_one()
+
+
 class Executions(Gateway):
     """``store.executions``: ready and scheduled executions."""
 
@@ -81,3 +96,6 @@ class Executions(Gateway):
 
     def dispatch_due(self, *, now: datetime, limit: int) -> int:
         return self.store.run(dispatch_due, self.t, self.d, now=now, limit=limit)
+
+    def scheduled(self, *, queue: str | None = None, limit: int = 50) -> tuple[list, int]:
+        return self.store.read(scheduled, self.t, queue=queue, limit=limit)

@@ -1,4 +1,4 @@
-"""Failed executions: jobs that raised, were rejected, or were lost with their worker.
+"""Failed executions: jobs whose task raised (``record_task_failures``), were rejected, or were lost with their worker.
 
 A failed row keeps the job (and so its task id) with the error's class name
 and text, until an operator retries it (failed → ready, same job) or
@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import Connection, Row, delete, func, literal, select, update, insert
 
+from ..errors import STORE_DECISIONS
 from .dialects import Dialect
 from .executions import make_ready
 from .gateway import Gateway
@@ -76,6 +77,21 @@ def count_failed(conn: Connection, t: Tables, *, queue: str | None = None, task_
     return conn.execute(q).scalar_one()
 
 
+def failed_messages(conn: Connection, t: Tables, *, job_ids: Sequence[int]) -> list[Row]:
+    """For recording results: job_id, task_id, task_name, payload, error_class, error of failed ``job_ids``."""
+    f, j = t.failed, t.jobs
+    return list(conn.execute(
+        select(f.c.job_id, j.c.task_id, j.c.task_name, j.c.payload, f.c.error_class, f.c.error)
+        .select_from(f.join(j, j.c.id == f.c.job_id)).where(f.c.job_id.in_(list(job_ids))).order_by(f.c.job_id)).all())
+
+
+def failed_by_task(conn: Connection, t: Tables, *, job_id: int) -> bool:
+    """Is ``job_id`` failed with its task's own exception (not by one of the store's decisions)?"""
+    f = t.failed
+    return conn.execute(select(f.c.job_id).where(
+        f.c.job_id == job_id, f.c.error_class.not_in(list(STORE_DECISIONS)))).first() is not None
+
+
 def retry_failed(conn: Connection, t: Tables, d: Dialect, *, job_ids: Sequence[int], now: datetime) -> int:
     """Failed → ready, with the same job (and so the same task id); returns how many."""
     f = t.failed
@@ -118,6 +134,12 @@ class Failed(Gateway):
               failed_before: datetime | None = None) -> int:
         return self.store.read(count_failed, self.t, queue=queue, task_name=task_name, error_class=error_class,
                                failed_before=failed_before)
+
+    def messages(self, *, job_ids: Sequence[int]) -> list[Row]:
+        return self.store.read(failed_messages, self.t, job_ids=job_ids)
+
+    def failed_by_task(self, *, job_id: int) -> bool:
+        return self.store.read(failed_by_task, self.t, job_id=job_id)
 
     def retry(self, *, job_ids: Sequence[int], now: datetime) -> int:
         return self.store.run(retry_failed, self.t, self.d, job_ids=job_ids, now=now)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, delete, false, func, insert, or_, select, update
 
 from ..errors import MaxReleasesExceeded
 from .dialects import Dialect
@@ -31,10 +31,12 @@ class Orphan:
 
 
 def register(conn: Connection, t: Tables, *, kind: str, name: str, hostname: str, pid: int,
-             pool: str | None, concurrency: int | None, queues: str | None, now: datetime) -> int:
+             pool: str | None, concurrency: int | None, queues: str | None, now: datetime,
+             pid_identity: str | None = None) -> int:
     """Insert a process row; returns its id (the fence every claim of this process names)."""
     return conn.execute(insert(t.processes).values(
-        kind=kind, name=name, hostname=hostname, pid=pid, pool=pool, concurrency=concurrency,
+        kind=kind, name=name, hostname=hostname, pid=pid, pid_identity=pid_identity, pool=pool,
+        concurrency=concurrency,
         queues=queues, started_at=now, last_heartbeat_at=now,
     )).inserted_primary_key[0]
 
@@ -50,15 +52,43 @@ def set_queues(conn: Connection, t: Tables, *, process_id: int, queues: str | No
     conn.execute(update(t.processes).where(t.processes.c.id == process_id).values(queues=queues))
 
 
-def dead(conn: Connection, t: Tables, d: Dialect, *, cutoff: datetime, exclude: int | None) -> list[Row]:
-    """Processes whose heartbeat is older than ``cutoff``, locked (where the dialect can) so only one pruner takes each."""
+def set_concurrency(conn: Connection, t: Tables, *, process_id: int, concurrency: int | None) -> None:
+    """Record the pool size (known only after registration with ``-c auto``)."""
+    conn.execute(update(t.processes).where(t.processes.c.id == process_id).values(concurrency=concurrency))
+
+
+def dead(conn: Connection, t: Tables, d: Dialect, *, cutoff: datetime | None, exclude: int | None,
+         ids: Sequence[int] = ()) -> list[Row]:
+    """Processes whose heartbeat is older than ``cutoff`` (None: none by age), or whose id is in ``ids``
+    (known to be gone, or forced out), locked (where the dialect can) so only one pruner takes each."""
     p = t.processes
-    q = select(p.c.id, p.c.name, p.c.hostname, p.c.pid, p.c.last_heartbeat_at).where(p.c.last_heartbeat_at < cutoff)
+    by_age = p.c.last_heartbeat_at < cutoff if cutoff is not None else false()
+    q = select(p.c.id, p.c.name, p.c.hostname, p.c.pid, p.c.last_heartbeat_at).where(
+        or_(by_age, p.c.id.in_(list(ids))) if ids else by_age)
     if exclude is not None:
         q = q.where(p.c.id != exclude)
     if d.skip_locked:
         q = q.with_for_update(skip_locked=True)
     return list(conn.execute(q.order_by(p.c.id)).all())
+
+
+def on_host(conn: Connection, t: Tables, *, hostname: str, exclude: int | None) -> list[Row]:
+    """(id, pid, pid_identity) of the processes registered from ``hostname`` with a recorded identity."""
+    p = t.processes
+    q = select(p.c.id, p.c.pid, p.c.pid_identity).where(p.c.hostname == hostname, p.c.pid_identity.is_not(None))
+    if exclude is not None:
+        q = q.where(p.c.id != exclude)
+    return list(conn.execute(q).all())
+
+
+def named(conn: Connection, t: Tables, *, name: str) -> list[Row]:
+    """Processes whose name (``worker@host``) or id is ``name``."""
+    p = t.processes
+    q = select(p.c.id, p.c.name, p.c.hostname, p.c.pid, p.c.last_heartbeat_at)
+    where = p.c.name == name
+    if name.isdigit():
+        where = or_(where, p.c.id == int(name))
+    return list(conn.execute(q.where(where).order_by(p.c.id)).all())
 
 
 def any_dead(conn: Connection, t: Tables, *, cutoff: datetime, exclude: int | None) -> bool:
@@ -148,9 +178,9 @@ class Processes(Gateway):
     __slots__ = ()
 
     def register(self, *, kind: str, name: str, hostname: str, pid: int, pool: str | None,
-                 concurrency: int | None, queues: str | None, now: datetime) -> int:
+                 concurrency: int | None, queues: str | None, now: datetime, pid_identity: str | None = None) -> int:
         return self.store.run(register, self.t, kind=kind, name=name, hostname=hostname, pid=pid, pool=pool,
-                              concurrency=concurrency, queues=queues, now=now)
+                              concurrency=concurrency, queues=queues, now=now, pid_identity=pid_identity)
 
     def heartbeat(self, *, process_id: int, now: datetime) -> bool:
         """One statement, on the calling thread's own connection where that saves round trips."""
@@ -158,6 +188,15 @@ class Processes(Gateway):
 
     def set_queues(self, *, process_id: int, queues: str | None) -> None:
         self.store.run(set_queues, self.t, process_id=process_id, queues=queues)
+
+    def set_concurrency(self, *, process_id: int, concurrency: int | None) -> None:
+        self.store.run(set_concurrency, self.t, process_id=process_id, concurrency=concurrency)
+
+    def on_host(self, *, hostname: str, exclude: int | None) -> list[Row]:
+        return self.store.read(on_host, self.t, hostname=hostname, exclude=exclude)
+
+    def named(self, name: str) -> list[Row]:
+        return self.store.read(named, self.t, name=name)
 
     def any_dead(self, *, cutoff: datetime, exclude: int | None) -> bool:
         return self.store.read(any_dead, self.t, cutoff=cutoff, exclude=exclude)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from sqlalchemy import inspect as inspect_db
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
     String, Table, Text, UniqueConstraint,
@@ -140,6 +142,9 @@ class Tables:
             Column("name", String(255), nullable=False),
             Column("hostname", String(255), nullable=False),
             Column("pid", Integer, nullable=False),
+            # What identifies this run of ``pid`` (boot, PID namespace, start time; see
+            # ``pid_identity``), so a pruner on the same host can see at once that it is gone.
+            Column("pid_identity", String(255)),
             Column("pool", String(32)),
             Column("concurrency", Integer),
             Column("queues", Text),
@@ -264,3 +269,30 @@ class Tables:
 def tables(prefix: str = DEFAULT_PREFIX) -> Tables:
     """One shared ``Tables`` per prefix (table objects are immutable once built)."""
     return Tables(prefix)
+
+
+def missing_columns(inspector, t: Tables) -> list:
+    """The nullable columns this version defines that existing tables lack, as ``(table, column)``."""
+    missing = []
+    for table in t.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing += [(table, column) for column in table.columns
+                    if column.name not in present and column.nullable and not column.primary_key]
+    return missing
+
+
+def add_missing_columns(conn, t: Tables) -> list[str]:
+    """Add to existing tables the nullable columns this version defines and they lack; returns them.
+
+    Why: tables created at run time (SQLite's default) get no migrations, yet a
+    newer version may add a column (``processes.pid_identity``).  Only nullable
+    columns are ever added this way; anything else needs a migration.
+    """
+    added = []
+    for table, column in missing_columns(inspect_db(conn), t):
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(table)} ADD COLUMN {ddl}")
+        added.append(f"{table.name}.{column.name}")
+    return added

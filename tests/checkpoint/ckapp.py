@@ -45,7 +45,7 @@ else:
 app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options=transport_options,
-    worker_prefetch_multiplier=1,
+    worker_prefetch_multiplier=int(os.environ.get("CK_PREFETCH", "1")),
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
@@ -198,6 +198,26 @@ class WalkRows(IterativeTask):
 walk_rows = app.register_task(WalkRows())
 
 
+def _count_enumerator(task, n, *, cursor=None):
+    return task.enumerate.integers(0, n, cursor=cursor)
+
+
+def _count_complete(task, n):
+    CountTo._record(task, "complete")
+    return {"iterations": task.progress.iterations, "times_interrupted": task.progress.times_interrupted}
+
+
+@checkpoint.iterative_task(
+    enumerator=_count_enumerator, name="ck.decorated_count", checkpoint_every=100, checkpoint_interval=3600.0,
+    max_job_runtime=float(os.environ.get("CK_MAX_RUNTIME") or "inf"),
+    on_start=lambda task, n: CountTo._record(task, "start"),
+    on_resume=lambda task, n: CountTo._record(task, "resume"),
+    on_complete=_count_complete)
+def decorated_count(item, n):
+    """The shared_task form (no app=): what Django's autodiscovery registers."""
+    CountTo.each_iteration(None, item, n)
+
+
 @app.task(name="ck.watch_flag")
 def watch_flag(limit=30.0):
     """Spin until the stop flag is set; record when it was first seen, from inside the pool process."""
@@ -209,3 +229,26 @@ def watch_flag(limit=30.0):
             return True
         time.sleep(0.001)
     return False
+
+
+class PartitionedCount(CountTo):
+    """CountTo over this run's share of range(n) (checkpoint.partition)."""
+
+    name = "ck.partitioned_count"
+
+    def build_enumerator(self, n, *, cursor=None):
+        lo, hi = self.partition.range(0, n)
+        return self.enumerate.integers(lo, hi, cursor=cursor)
+
+    def on_complete(self, n, *args):
+        self._record("complete")
+        return {"partition": self.partition.to_message(), "iterations": self.progress.iterations}
+
+
+partitioned_count = app.register_task(PartitionedCount())
+
+
+@app.task(name="ck.sum_partitions")
+def sum_partitions(results):
+    return {"partitions": sorted(r["partition"][0] for r in results),
+            "iterations": sum(r["iterations"] for r in results)}

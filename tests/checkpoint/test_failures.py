@@ -49,6 +49,38 @@ def test_retries_resume_at_the_item_that_failed(workers, broker, producer):
     assert _row(broker, result.id).state == "done"
 
 
+def test_a_decorated_shared_task_resumes_across_interruptions(workers, broker, producer):
+    """@iterative_task without app= (shared_task): re-enqueued by max_job_runtime, every item once."""
+    result = producer.send_task("ck.decorated_count", args=(3000,))
+    workers.start(env=broker.env(CK_MAX_RUNTIME="0.3", CK_ITEM_DELAY="0.0005"))
+    outcome = result.get(timeout=90)
+    assert outcome["iterations"] == 3000 and outcome["times_interrupted"] >= 1
+    items = workers.items
+    assert items.count() == 3000 and items.duplicates() == []
+    events = [e[0] for e in _events(items, result.id)]
+    assert events[0] == "start" and events[-1] == "complete" and events.count("start") == 1
+    assert _row(broker, result.id).state == "done"
+
+
+def test_a_job_split_in_partitions_completes_as_one(workers, broker, producer):
+    """Three partitions of one job, each interrupted by max_job_runtime and resumed, join in a chord."""
+    from checkpoint.partition import in_partitions
+    result = in_partitions(producer.signature("ck.partitioned_count", args=(3000,)), 3,
+                           then=producer.signature("ck.sum_partitions"))
+    workers.start(env=broker.env(CK_RESULTS="1", CK_MAX_RUNTIME="0.3", CK_ITEM_DELAY="0.0005"), concurrency=2)
+    assert result.get(timeout=120) == {"partitions": [0, 1, 2], "iterations": 3000}
+    items = workers.items
+    assert items.count() == 3000 and items.duplicates() == [], "each item once, in exactly one partition"
+    runs = items.runs()
+    jobs = {r["task_id"] for r in runs}
+    assert len(jobs) == 3
+    for job in jobs:
+        events = [r["event"] for r in runs if r["task_id"] == job]
+        assert events[0] == "start" and events.count("start") == 1 and events[-1] == "complete", events
+    assert any(r["event"] == "resume" for r in runs), "no partition was interrupted: slow the items down"
+    assert {_row(broker, job).state for job in jobs} == {"done"}
+
+
 def test_a_killed_pool_child_resumes_from_the_last_durable_checkpoint(workers, broker, producer):
     every = 250
     result = producer.send_task("ck.count_to", args=(4000,))

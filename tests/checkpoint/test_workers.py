@@ -197,7 +197,8 @@ def test_jobs_received_after_term_are_handed_back_without_starting(workers, send
     ids = [str(uuid.uuid4()) for _ in range(3)]
     for task_id in ids:
         send("ck.count_to", 3000, task_id=task_id)
-    worker = workers.start(pool=pool, env={"CK_ITEM_DELAY": "0.001"})
+    # Celery's default prefetch: the queued jobs are already in the worker when TERM arrives.
+    worker = workers.start(pool=pool, env={"CK_ITEM_DELAY": "0.001", "CK_PREFETCH": "4"})
     items = worker.items
     wait_until(lambda: items.count() >= 300, 30, message="300 items of the first job")
     worker.send(signal.SIGTERM)

@@ -19,8 +19,8 @@ def populated(db_url, make_app):
     if pg:
         out = cli.run("sqlq", "status", check=False)
         assert out.returncode != 0 and "sqlq migrate" in out.stderr, out.stderr
-        assert "migrated empty database -> 0004" in cli.run("sqlq", "migrate").stdout
-        assert cli.json("sqlq", "migrate") == {"from": "0004", "to": "0004", "prefix": "sqlq_"}
+        assert "migrated empty database -> 0005" in cli.run("sqlq", "migrate").stdout
+        assert cli.json("sqlq", "migrate") == {"from": "0005", "to": "0005", "prefix": "sqlq_"}
     return cli, populate(db_url, create_tables=not pg)
 
 

@@ -47,8 +47,11 @@ def run_hub_until(hub, predicate, timeout=10.0):
         hub.run_once()
 
 
-def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_server_engines_and_on_the_hub_on_sqlite(db_url):
+def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_postgresql_and_on_the_hub_on_sqlite(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=OPTS) as conn:
+        if db_url.startswith("mysql"):   # Celery's blocking loop: it measured faster there (bench/README.md)
+            assert not conn.transport.implements.asynchronous
+            return
         assert conn.transport.implements.asynchronous
         hub = Hub()
         conn.transport.register_with_event_loop(conn.connection, hub)

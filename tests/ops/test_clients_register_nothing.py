@@ -1,0 +1,24 @@
+"""Only workers are registered processes: remote-control clients leave no row behind (issue #13, item 14).
+
+A health probe (``celery inspect ping``) run over and over, and ``celery control`` calls, read their
+replies without claims, so they never appear in ``processes`` (``celery sqlq status``) and nothing is
+pruned after them.
+"""
+from __future__ import annotations
+
+import json
+
+from tests.harness import rows
+
+
+def test_twenty_inspect_pings_and_a_control_call_leave_no_process_rows(db_url, make_app, spawn_worker,
+                                                                       tmp_path):
+    cli = make_app(db_url)
+    spawn_worker(tmp_path, hostname="probed@%h", pool="solo")
+    [(worker_row,)] = rows(db_url, "select name from sqlq_processes")
+    for attempt in range(20):
+        replies = json.loads(cli.run("inspect", "ping", "--json", "--timeout", "1").stdout)
+        assert list(replies) == [worker_row], (attempt, replies)
+    cli.run("control", "enable_events", "--timeout", "1")
+    assert rows(db_url, "select kind, name from sqlq_processes") == [("worker", worker_row)]
+    assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(0,)]
