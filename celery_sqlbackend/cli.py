@@ -14,6 +14,7 @@ wherever ``celery`` is, and reads the app like Celery's own commands::
     celery -A proj sqlq clear-finished --older-than 1d
     celery -A proj sqlq migrate                  # --sql prints the DDL instead
     celery -A proj sqlq check
+    celery -A proj sqlq recurring list           # add / pause / resume / remove / run-now (cli_recurring)
 
 Every command takes ``--json`` (one JSON document on stdout, for scripts).
 Tables are drawn with rich; bulk operations show a progress bar on a terminal.
@@ -164,8 +165,9 @@ def status(ctx, json_out, held, iterative_limit):
     store = _store(ctx)
     st = _run(lambda: admin.status(store, held_limit=held))
     jobs = _run(lambda: _iterative_jobs(_app(ctx), iterative_limit))
+    recurring_tasks = _run(lambda: _recurring_tasks(store))
     if json_out:
-        _emit_json(dict(admin.to_dict(st), iterative_jobs=jobs))
+        _emit_json(dict(admin.to_dict(st), iterative_jobs=jobs, recurring=admin.to_dict(recurring_tasks or [])))
         return
     from rich.table import Table
     console = _console()
@@ -204,6 +206,9 @@ def status(ctx, json_out, held, iterative_limit):
         console.print(_scheduled_table(st.scheduled, title="Scheduled (ETA/countdown, soonest first)"))
     if jobs:
         _print_iterative(console, jobs)
+    if recurring_tasks:
+        from .cli_recurring import print_table
+        print_table(recurring_tasks)
 
 
 def _iterative_jobs(app, limit: int) -> list:
@@ -269,6 +274,12 @@ def scheduled(ctx, queue, limit, json_out):
         _emit_json(sched)
         return
     _console().print(_scheduled_table(sched, title=f"Scheduled jobs ({store!r})"))
+
+
+def _recurring_tasks(store) -> list | None:
+    """The recurring tasks, or None where their table does not exist (a database not migrated yet)."""
+    from . import recurring
+    return recurring.tasks(store) if store.recurring.table_exists() else None
 
 
 # --------------------------------------------------------------------------- failed
@@ -577,3 +588,5 @@ def check(ctx, json_out):
 
 from .web.command import STORE_LOOKUP, web as _web  # noqa: E402  (the dashboard: its extra is imported only when it runs)
 sqlq.add_command(_web)
+from .cli_recurring import recurring as _recurring  # noqa: E402
+sqlq.add_command(_recurring)

@@ -186,7 +186,11 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self.process.update_queues([queue])
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        tag = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        # A claim loop that found nothing to consume waits a whole polling interval (PostgreSQL:
+        # until a NOTIFY it has not yet subscribed to); a new consumer starts a round now.
+        self.wake()
+        return tag
 
     def _get(self, queue, timeout=None):
         """One message (``basic_get``); consumers go through the claim round (``claim_round``)."""

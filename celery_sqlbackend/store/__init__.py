@@ -54,6 +54,7 @@ from .failed import Failed
 from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
+from .recurring import Recurring
 from .results import Results
 from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
@@ -90,6 +91,7 @@ class Store:
         self.bindings = Bindings(self)
         self.results = Results(self)
         self.unique_keys = UniqueKeys(self)
+        self.recurring = Recurring(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"

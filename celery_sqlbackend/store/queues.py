@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from sqlalchemy import Connection, delete, func, insert, select
 
+from .dialects import Dialect
+from .executions import notify_ready
 from .gateway import Gateway
 from .schema import Tables
 from .sql import chunks
@@ -20,8 +22,11 @@ def pause(conn: Connection, t: Tables, *, queue: str, now: datetime) -> None:
         conn.execute(insert(t.pauses).values(queue_name=queue, created_at=now))
 
 
-def resume(conn: Connection, t: Tables, *, queue: str) -> None:
-    conn.execute(delete(t.pauses).where(t.pauses.c.queue_name == queue))
+def resume(conn: Connection, t: Tables, d: Dialect, *, queue: str) -> None:
+    """Unpause ``queue`` and announce its waiting jobs as a new job would, so idle workers
+    that sleep until a NOTIFY (PostgreSQL) start them now rather than at their next idle poll."""
+    if conn.execute(delete(t.pauses).where(t.pauses.c.queue_name == queue)).rowcount:
+        notify_ready(conn, t, d, queue)
 
 
 def paused(conn: Connection, t: Tables) -> list[str]:
@@ -98,7 +103,7 @@ class Queues(Gateway):
         self.store.run(pause, self.t, queue=queue, now=now)
 
     def resume(self, queue: str) -> None:
-        self.store.run(resume, self.t, queue=queue)
+        self.store.run(resume, self.t, self.d, queue=queue)
 
     def paused(self) -> list[str]:
         return self.store.read(paused, self.t)

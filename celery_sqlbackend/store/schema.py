@@ -243,6 +243,44 @@ class Tables:
             Index(f"ix_{p}unique_keys_expires", "expires_at"),
         )
 
+        # Recurring tasks (celery_sqlbackend.beat): the declared baseline (``beat_schedule``,
+        # ``declared``) and runtime additions, read by every scheduler on each tick.
+        # ``schedule`` is JSON (see celery_sqlbackend.slots); slots after ``since_at``
+        # and after ``last_slot_at`` (the latest enqueued by any scheduler) are due.
+        self.recurring_tasks = Table(
+            f"{p}recurring_tasks", md,
+            Column("key", String(255), primary_key=True),
+            Column("task", String(255), nullable=False),
+            Column("schedule", Text, nullable=False),
+            Column("args", Text, nullable=False),
+            Column("kwargs", Text, nullable=False),
+            Column("options", Text, nullable=False),
+            Column("missed", String(16), nullable=False),     # skip | latest | catch_up
+            Column("catch_up", Integer, nullable=False, default=0),
+            Column("paused", Boolean, nullable=False, default=False),
+            Column("declared", Boolean, nullable=False, default=False),
+            _ts("since_at", nullable=False),
+            _ts("last_slot_at"),
+            _ts("last_run_at"),
+            Column("last_task_id", String(255)),
+            _ts("created_at", nullable=False),
+            _ts("updated_at", nullable=False),
+        )
+
+        # One row per (recurring task, slot time) enqueued: the unique key is what makes
+        # every scheduler but one lose the race for a slot, in the job's own transaction.
+        self.recurring_executions = Table(
+            f"{p}recurring_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            Column("task_key", String(255), nullable=False),
+            _ts("slot_at", nullable=False),
+            Column("task_id", String(255), nullable=False),
+            Column("manual", Boolean, nullable=False, default=False),
+            _ts("created_at", nullable=False),
+            UniqueConstraint("task_key", "slot_at", name=f"uq_{p}recurring_slot"),
+            Index(f"ix_{p}recurring_executions_created", "created_at"),
+        )
+
         # checkpoint (resumable iterative tasks): one row per iterative job, its
         # durable cursor and the progress a dashboard shows.  Defined here so the
         # migrations and checkpoint.store share it; see checkpoint/store.py.

@@ -26,12 +26,12 @@ from ..store.dashboard import DashboardReads
 from . import formatting
 from .bulk import BulkRuns
 from .context import Dashboard, Settings, dashboard_of
-from .pages import failed, iterative, jobs, login, metrics, processes, queues, scheduled
+from .pages import failed, iterative, jobs, login, metrics, processes, queues, recurring, scheduled
 from .security import Guard
 
 HERE = Path(__file__).parent
 #: In nav order.  A new feature's page module is added here (see :mod:`.areas`).
-PAGE_MODULES = (queues, jobs, failed, scheduled, processes, iterative, metrics, login)
+PAGE_MODULES = (queues, jobs, failed, scheduled, recurring, processes, iterative, metrics, login)
 #: The environment variable holding the optional access token.
 TOKEN_ENV = "SQLQ_WEB_TOKEN"
 

@@ -153,9 +153,11 @@ def test_check_fails_on_a_database_that_is_down(make_app, tmp_path):
     assert checks["database"]["ok"] is False and "not reachable" in checks["database"]["detail"]
 
 
-def test_pause_is_honoured_by_a_running_worker_within_one_polling_interval(db_url, make_app, spawn_worker,
-                                                                            tmp_path):
-    interval = 0.5
+def test_pause_is_honoured_by_a_running_worker_and_resume_wakes_it(db_url, make_app, spawn_worker, tmp_path):
+    # PostgreSQL workers sleep until a NOTIFY: with a 60 s poll, only resume's own
+    # announcement can start the held job within the wait below. Elsewhere the poll does it.
+    notify = db_url.startswith("postgresql")
+    interval = 60.0 if notify else 0.5
     cli = make_app(db_url, transport_options={"polling_interval": interval})
     spawn_worker(tmp_path, hostname="pz@%h", pool="threads", concurrency=1, queues="held,free")
     held, free = tmp_path / "held-ran", tmp_path / "free-ran"
@@ -168,10 +170,6 @@ def test_pause_is_honoured_by_a_running_worker_within_one_polling_interval(db_ur
     assert not held.exists()
     assert rows(db_url, "SELECT count(*) FROM sqlq_ready_executions WHERE queue_name = 'held'") == [(1,)]
 
-    # Resumed: picked up at the worker's next poll, within one polling interval (+ start-up slack).
-    import time
-    resumed = time.monotonic()
     cli.run("sqlq", "queue", "resume", "held")
-    cli_done = time.monotonic()
-    wait_until(held.exists, 20, interval=0.02, message="the held job after resume")
-    assert time.monotonic() - cli_done < interval + 1.0, (resumed, cli_done, time.monotonic())
+    wait_until(held.exists, 20, interval=0.02, message="the held job after resume (woken by resume's NOTIFY "
+                                                         "on PostgreSQL, by the poll elsewhere)")

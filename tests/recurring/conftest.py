@@ -1,0 +1,104 @@
+"""Recurring tasks: an app whose beat_schedule ticks every second, and real ``celery beat`` processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, rows, write_app
+
+TICK = 0.25     # sqlq_beat_tick in the test apps
+GRACE = 1.5     # sqlq_beat_grace
+
+TASKS = '''
+@app.task(name="rec.ping")
+def ping(*args, **kwargs):
+    return None
+'''
+
+
+def make_app(directory: Path, db_url: str, schedule: dict | None = None) -> Path:
+    """``directory/recapp.py``: tables created on every engine, a 1-second ``beat_schedule`` by default."""
+    conf = {"broker_transport_options": {"create_tables": True}, "sqlq_beat_tick": TICK, "sqlq_beat_grace": GRACE,
+            "timezone": "UTC"}
+    source = TASKS + "\nfrom datetime import timedelta\napp.conf.beat_schedule = " + repr(
+        schedule if schedule is not None else {"every-second": {"task": "rec.ping", "schedule": 1.0}})
+    return write_app(directory, f"sqlq+{db_url}", extra_conf=conf, tasks_source=source, module="recapp")
+
+
+class Beat:
+    """A real ``celery beat -S celery_sqlbackend.beat:DatabaseScheduler`` in its own session."""
+
+    def __init__(self, directory: Path, name: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.directory, self.name = Path(directory), name
+        self.log_path = self.directory / f"beat-{name}.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)]), "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "celery", "-A", "recapp", "beat", "-S", "celery_sqlbackend.beat:DatabaseScheduler",
+                "--loglevel=INFO", "-s", str(self.directory / f"unused-{name}"), "--pidfile=", *extra_args]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def sent_slots(self) -> list[str]:
+        """Slot times (ISO) this process enqueued, from its log."""
+        return [line.rsplit("for slot ", 1)[1].strip() for line in self.log().splitlines() if "for slot " in line]
+
+    def kill(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def beats(tmp_path):
+    started: list[Beat] = []
+
+    def start(name: str, *extra_args: str) -> Beat:
+        b = Beat(tmp_path, name, extra_args)
+        started.append(b)
+        return b
+    yield start
+    for b in started:
+        b.close()
+
+
+def slot_rows(db_url: str, key: str | None = None) -> list[tuple]:
+    """(task_key, slot_at, task_id, manual) of every slot row, oldest slot first."""
+    sql = "SELECT task_key, slot_at, task_id, manual FROM sqlq_recurring_executions"
+    if key is not None:
+        return rows(db_url, sql + " WHERE task_key = :k ORDER BY slot_at", {"k": key})
+    return rows(db_url, sql + " ORDER BY slot_at")
+
+
+def job_headers(db_url: str) -> list[dict]:
+    """Every job's message headers (the recurring key and slot among them)."""
+    out = []
+    for (payload,) in rows(db_url, "SELECT payload FROM sqlq_jobs ORDER BY id"):
+        message = json.loads(payload)
+        out.append(message.get("headers") or {})
+    return out
+
+
+def has_table(db_url: str) -> bool:
+    try:
+        rows(db_url, "SELECT 1 FROM sqlq_recurring_executions WHERE 1 = 0")
+        return True
+    except Exception:
+        return False
+
+
+def now() -> float:
+    return time.time()
