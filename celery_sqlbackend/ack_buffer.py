@@ -47,9 +47,11 @@ class AckBuffer:
         self.batched = False
         self._to_finish: collections.deque = collections.deque()
         self._to_mark: collections.deque = collections.deque()
-        # job id -> ("finish" | "release", process id that claimed it): state
+        # job id -> ("finish" | "mark" | "release" | "dead_letter", process id that claimed it): state
         # changes that failed because the database was away.
         self._deferred: dict[int, tuple[str, int | None]] = {}
+        # job id -> (error class, error) of the deferred "dead_letter"s.
+        self._dead_letters: dict[int, tuple[str, str]] = {}
         # delivery tag -> (job id, process id that claimed it) of early-acked
         # jobs still running.  Kept per process, not per channel: a channel
         # closed by a reconnect must not forget jobs still running in the pool.
@@ -57,6 +59,11 @@ class AckBuffer:
         #: delivery tag -> (job id, process id, since): claims of channels that
         #: closed while Celery may still run them (see ``Channel._restore``).
         self._adopted: dict[str, tuple[int, int, float]] = {}
+        # Finishes on their way to the database (drained, not yet committed or
+        # deferred), and the lock under which a job moves between these places:
+        # ``reconcile`` must never find a job it holds in none of them.
+        self._writing: set[int] = set()
+        self._moving = threading.Lock()
         # Non-zero while the claim loop is away: inside a delivery, or waiting
         # for acks (see ``loop_away``); the writer thread writes acks meanwhile.
         self._loop_away = 0
@@ -161,9 +168,10 @@ class AckBuffer:
         """Queue finishes for the early-acked jobs whose delivery tag is not in ``running``."""
         for tag in list(self._started):
             if tag not in running:
-                entry = self._started.pop(tag, None)
-                if entry is not None:
-                    self._to_finish.append(entry)
+                with self._moving:   # (never in neither place for ``known_job_ids``)
+                    entry = self._started.pop(tag, None)
+                    if entry is not None:
+                        self._to_finish.append(entry)
 
     def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
         if self.store.failed.failed_by_task(job_id=job_id):
@@ -191,9 +199,19 @@ class AckBuffer:
         of jobs.  On PostgreSQL that is one statement, sent without BEGIN and
         COMMIT: one round trip.  Returns the jobs claimed.
         """
-        marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+        with self._moving:
+            marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+            writing = [job_id for job_id, _ in finishes]
+            self._writing.update(writing)
         if not marks and not finishes and claim is None:
             return []
+        try:
+            return self._write(marks, finishes, claim)
+        finally:
+            with self._moving:
+                self._writing.difference_update(writing)
+
+    def _write(self, marks: list, finishes: list, claim: dict | None) -> list:
         claims = self.store.claims
         keep = self.store.options.keep_finished > 0
         try:
@@ -206,6 +224,8 @@ class AckBuffer:
             if marks or finishes:
                 log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
                             "heartbeat thread", len(marks), len(finishes), exc)
+            for job_id, process_id in marks:   # (a finish deferred for the same job supersedes its mark)
+                self._deferred.setdefault(job_id, ("mark", process_id))
             for job_id, process_id in finishes:
                 self._deferred[job_id] = ("finish", process_id)
             raise
@@ -223,41 +243,83 @@ class AckBuffer:
         """Remember a release that failed (database down) to retry from the heartbeat thread."""
         self._deferred[job_id] = ("release", self._default(process_id))
 
-    def retry_deferred(self) -> None:
+    def retry_deferred(self) -> list[int]:
+        """Retry the deferred state changes; returns the jobs failed here (deferred rejects)."""
+        failed = []
         for job_id, (op, process_id) in list(self._deferred.items()):
             if process_id is None:
                 self._deferred.pop(job_id, None)
             elif op == "finish":
                 self._deferred.pop(job_id, None)
                 self.finish(job_id, process_id)   # re-defers itself if the database is still away
+            elif op == "mark":
+                # A no-op if the job finished meanwhile (its claim is gone) or a pruner took it.
+                self.store.claims.mark_acked(job_id=job_id, process_id=process_id, now=utcnow())
+                if self._deferred.get(job_id, (None,))[0] == "mark":
+                    self._deferred.pop(job_id, None)
+            elif op == "dead_letter":
+                error_class, error = self._dead_letters[job_id]
+                if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
+                                          error=error, now=utcnow()):
+                    failed.append(job_id)
+                self._deferred.pop(job_id, None)
+                self._dead_letters.pop(job_id, None)
             else:
                 # Fenced like every release: a no-op if a pruner took the claim meanwhile.
                 self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow())
                 self._deferred.pop(job_id, None)
+        return failed
 
-    def adopt(self, tag: str, claim: Claim) -> None:
-        """Keep the claim of a closing channel's delivery that Celery may still run (and ack)."""
+    def dead_letter(self, job_id: int, process_id: int, error_class: str, error: str) -> bool:
+        """A reject without requeue: claimed -> failed, fenced on the claim.
+
+        If the database is away it is retried from the heartbeat thread: a
+        rejected job whose claim were left standing would be released by
+        ``reconcile`` and run again.
+        """
+        try:
+            return self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
+                                          error=error, now=utcnow())
+        except SQLAlchemyError as exc:
+            log.warning("could not record job %s as rejected (%s); retrying from the heartbeat thread", job_id, exc)
+            self._dead_letters[job_id] = (error_class, error)
+            self._deferred[job_id] = ("dead_letter", process_id)
+            return False
+
+    def adopt(self, tag: str, claim: Claim, may_have_run: bool = False) -> None:
+        """Keep the claim of a closing channel's delivery that Celery may still run (and ack).
+
+        ``may_have_run``: Celery may run it without ever acking it (see
+        ``Channel._restore``), so it is recorded as started, like an early ack:
+        if it is never acked, deregistration or a pruner fails it rather than
+        running it a second time.
+        """
         self._adopted[tag] = (*claim, time.monotonic())
+        if may_have_run:
+            log.warning("job %s was delivered before the connection was lost and may be running in the pool: "
+                        "its claim is kept (and recorded as started) while %s lives", claim[0], self._name())
+            self._to_mark.append(claim)
+            self._wake_writer_if_loop_away()
 
     def take_adopted(self, tag: str) -> Claim | None:
         entry = self._adopted.pop(tag, None)
         return None if entry is None else entry[:2]
 
-    def known_job_ids(self, grace: float) -> set[int]:
+    def known_job_ids(self) -> set[int]:
         """Jobs this buffer accounts for (for ``LocalProcess.reconcile``).
 
-        Adopted claims count for ``grace`` seconds; older ones were never acked
-        (Celery dropped them with the old connection) and are forgotten here.
+        Adopted claims count for as long as this process lives, acked or not:
+        a delivery Celery has dropped after a lost connection may still be
+        running in a pool process (``AsynPool.flush`` discards jobs it has
+        already written to one, and their acks with them), so no amount of
+        waiting proves it never ran.  Deregistration settles them.
         """
-        known = {job_id for job_id, _ in self._started.values()}
-        known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
+        with self._moving:
+            known = {job_id for job_id, _ in self._started.values()}
+            known |= {job_id for job_id, _ in list(self._to_finish) + list(self._to_mark)}
+            known |= self._writing
         known |= set(self._deferred)
-        now = time.monotonic()
-        for tag, (job_id, _, since) in list(self._adopted.items()):
-            if now - since < grace:
-                known.add(job_id)
-            else:
-                self._adopted.pop(tag, None)
+        known |= {job_id for job_id, _, _ in list(self._adopted.values())}
         return known
 
 

@@ -22,18 +22,32 @@ unacked jobs are running (``WorkerHooks.running_tags``), so that a claim
 waits for nothing but deliveries the pool has not started; a plain kombu
 consumer holds its unacked messages itself, and there the hub claims as the
 thread does.
+
+The database going away is not a lost broker connection (``Outage``): a round
+that cannot reach it claims nothing, and its loop waits and tries again.
+Raising it to Celery instead would make the consumer "reconnect", and Celery
+then drops the deliveries it had prefetched, even those already written to a
+pool process, which still runs them but whose acks it then discards
+(``AsynPool.flush``, counting on the broker to redeliver): jobs run and never
+recorded, released later and run twice.  Claims live in the database, so there is nothing to
+re-establish; the engine's pool reconnects by itself.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from . import fanout
+from .store.dialects import is_disconnect
 
 if TYPE_CHECKING:   # (type names only: never imported at run time)
     from .ack_buffer import AckBuffer
+
+log = logging.getLogger("celery_sqlbackend.transport")
 
 Claimer = Literal["loop", "thread", "hub"]
 
@@ -49,6 +63,51 @@ class RoundResult:
     channels: list        # the consuming channels of the connection
     claimed: bool         # anything claimed
     slots_free: bool      # any prefetch slot free (so an empty round means empty queues)
+    #: Why the round could not reach the database, if it could not (``Outage``).
+    database_away: BaseException | None = None
+
+
+class Outage:
+    """One loop's view of the database being away: logged once, waited out with backoff.
+
+    The longest wait stays short (``MAX_WAIT``): a worker should claim again
+    within seconds of the database coming back.
+    """
+
+    MAX_WAIT = 2.0
+
+    def __init__(self, name: str):
+        self.name = name
+        self.since: float | None = None
+        self._wait = 0.0
+
+    def failed(self, exc: BaseException, first_wait: float) -> float:
+        """The database is away: how long to wait before the next round."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self._wait = first_wait
+            log.warning("the %s cannot reach the database (%s: %s); claiming again when it is back, "
+                        "keeping every job delivered so far", self.name, exc.__class__.__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+        else:
+            self._wait = min(self.MAX_WAIT, max(first_wait, self._wait * 2))
+        return self._wait
+
+    def waited_out(self, round_: RoundResult, wake: threading.Event, first_wait: float,
+                   remaining: float | None) -> bool:
+        """After a round of the blocking loop: if it found the database away, wait (the backoff,
+        at most ``remaining``, or until ``wake``) and say so; otherwise note that it is back."""
+        if round_.database_away is None:
+            self.ok()
+            return False
+        pause = self.failed(round_.database_away, first_wait)
+        wake.wait(pause if remaining is None else min(pause, remaining))
+        return True
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.warning("the %s reaches the database again after %.1fs", self.name, time.monotonic() - self.since)
+            self.since = None
 
 
 def consuming_channels(transport: Any) -> list:
@@ -67,9 +126,21 @@ def claim_round(transport: Any, claimer: Claimer, deliver: Callable[[Any, Messag
 
     ``undelivered(channel)``: jobs claimed for it but not handed to kombu yet
     (the claim thread's batches waiting for the hub), which kombu's prefetch
-    count cannot know about.
+    count cannot know about.  A round that cannot reach the database says so
+    (``database_away``) instead of raising: see the module doc.
     """
     channels = consuming_channels(transport)
+    try:
+        return _claim_round(transport, channels, claimer, deliver, undelivered)
+    except Exception as exc:
+        if not is_disconnect(exc):
+            raise
+        log.debug("claim round failed: the database is away", exc_info=True)
+        return RoundResult(channels, claimed=False, slots_free=False, database_away=exc)
+
+
+def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Callable[[Any, Messages], None],
+                 undelivered: Callable[[Any], int] | None) -> RoundResult:
     claimed = slots_free = False
     if not channels:
         return RoundResult(channels, claimed, slots_free)

@@ -36,7 +36,7 @@ import threading
 from sqlalchemy.exc import SQLAlchemyError
 
 from .ack_buffer import WRITE_DELAY, AckBuffer
-from .claim_round import Messages, RoundResult, claim_round, wait_for_work
+from .claim_round import Messages, Outage, RoundResult, claim_round, wait_for_work
 from .notify import waiter_for
 from .store import store_for
 
@@ -57,6 +57,7 @@ class ClaimFeed:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._kicked = False
+        self._outage = Outage("claim thread" if not on_hub else "event loop")
         loop.add_reader(self._r, self.on_readable)
         if on_hub:
             self._thread = None
@@ -122,6 +123,10 @@ class ClaimFeed:
         """One claim round on the hub's thread (``on_hub``); after a claim, another round next turn
         (which claims only if the prefetch is free again)."""
         round_ = self._claim_round()
+        if round_.database_away is not None:
+            self._outage.failed(round_.database_away, 0)   # the poll timer kicks the next round
+            return
+        self._outage.ok()
         if round_.claimed:
             self.kick()
         elif self._flush_due is None and round_.channels and round_.channels[0].process.acks.has_pending_writes:
@@ -176,6 +181,10 @@ class ClaimFeed:
             while not self._stop.is_set():
                 transport._wake.clear()
                 round_ = self._claim_round()
+                if round_.database_away is not None:
+                    self._stop.wait(self._outage.failed(round_.database_away, interval))
+                    continue
+                self._outage.ok()
                 if round_.claimed or self._stop.is_set():
                     continue
                 channels = round_.channels

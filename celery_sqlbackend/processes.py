@@ -149,7 +149,7 @@ class LocalProcess:
             return
         try:
             self.acks.flush()
-            self.acks.retry_deferred()
+            self.record_failed(self.acks.retry_deferred())
         except SQLAlchemyError as exc:
             log.warning("could not record deferred job states at exit (%s)", exc)
         process_id, self.id = self.id, None
@@ -233,7 +233,7 @@ class LocalProcess:
                 self.acks.flush()
             except SQLAlchemyError:
                 pass  # logged and deferred by flush
-            self.acks.retry_deferred()
+            self.record_failed(self.acks.retry_deferred())
             self.reconcile()
             self.record_failed(self.maintenance.run(exclude=self.id, first=first))
         except Exception as exc:
@@ -256,7 +256,7 @@ class LocalProcess:
         known: set[int] = set()
         for channel in list(self._channels):
             known |= channel.held_job_ids()
-        known |= self.acks.known_job_ids(grace)
+        known |= self.acks.known_job_ids()
         lost = sorted(held - known)
         for job_id in lost:
             self.store.claims.release(job_id=job_id, process_id=self.id, now=utcnow())

@@ -56,7 +56,7 @@ from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
 from . import fanout, maintenance, poison, publishing, unique
-from .claim_round import Messages, claim_round, wait_for_work
+from .claim_round import Messages, Outage, claim_round, wait_for_work
 from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .eventloop import ClaimFeed
@@ -377,32 +377,28 @@ class Channel(virtual.Channel):
         claim = self._take_claim(tag)
         if claim is None:
             return
-        job_id, process_id = claim
-        if self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=RejectedError.__name__,
-                               error=f"{RejectedError.__name__}: the consumer rejected the message without "
-                                     "requeue (unregistered task, or Reject(requeue=False))", now=utcnow()):
-            self.process.record_failed([job_id])
+        if self.process.acks.dead_letter(*claim, RejectedError.__name__,
+                                         f"{RejectedError.__name__}: the consumer rejected the message without "
+                                         "requeue (unregistered task, or Reject(requeue=False))"):
+            self.process.record_failed([claim[0]])
 
     def _restore(self, message):
-        """An unacked delivery of a closing channel, in a worker: the claim stays with the process.
+        """An unacked delivery of a closing channel, in a worker: the claim stays with the process
+        (``adopt``) while it lives; a later ack records it, deregistration settles the rest.  (Outside
+        a worker, in a plain kombu consumer, the delivery is released at once.)
 
-        * The worker is not stopping: the channel closes because the connection
-          was lost, and Celery may still run (and ack) what it had prefetched.
+        * The worker is not stopping: the connection was lost.  Celery may run
+          what it had prefetched, even *without* ever acking it (``AsynPool.flush``
+          drops the ack of a job already written to a pool process, counting on a
+          redelivery): so the claim is marked started (``may_have_run``), and is failed, never re-run.
         * The worker is stopping: Celery closes the channel before its pool has
           drained, so a job a pool process has already started, whose
           "accepted" the worker has not read yet, still looks unacked here.
-
-        Releasing it now would let another worker run it a second time.  The
-        claim is handed to the process's ack buffer (``adopt``): a later ack records it
-        (Celery reads the pool's last messages as the pool drains), and what
-        never started is released by deregistration (``lifecycle`` step 5), or
-        by ``reconcile`` after its grace period if the process lives on.
-        Outside a worker (a plain kombu consumer) the delivery is released at once.
         """
         if self.process.managed:
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
-                self.process.acks.adopt(message.delivery_tag, claim)
+                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not self.worker.stopping())
             return
         self._release(message.delivery_tag)
 
@@ -470,6 +466,7 @@ class Transport(virtual.Transport):
         self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
+        self._outage = Outage("worker loop")
         event_loop = self.options.event_loop
         if event_loop is None:
             event_loop = store_for(client.hostname, self.options).dialect.event_loop
@@ -530,6 +527,8 @@ class Transport(virtual.Transport):
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError
             wait = interval if remaining is None else min(interval, remaining)
+            if self._outage.waited_out(round_, self._wake, interval, remaining):   # see claim_round
+                continue
             if waiter is None and self.channels:
                 waiter = waiter_for(self.channels[0].store)
             acks = round_.channels[0].process.acks if round_.channels else None

@@ -67,9 +67,14 @@ def test_a_job_split_in_partitions_completes_as_one(workers, broker, producer):
     from checkpoint.partition import in_partitions
     result = in_partitions(producer.signature("ck.partitioned_count", args=(3000,)), 3,
                            then=producer.signature("ck.sum_partitions"))
-    workers.start(env=broker.env(CK_RESULTS="1", CK_MAX_RUNTIME="0.3", CK_ITEM_DELAY="0.0005"), concurrency=2)
-    assert result.get(timeout=120) == {"partitions": [0, 1, 2], "iterations": 3000}
+    worker = workers.start(env=broker.env(CK_RESULTS="1", CK_MAX_RUNTIME="0.3", CK_ITEM_DELAY="0.0005"),
+                           concurrency=2)
     items = workers.items
+    try:
+        outcome = result.get(timeout=120)
+    except Exception as exc:
+        raise AssertionError(f"{exc!r}; runs: {items.runs()}\n{worker.output()}") from None
+    assert outcome == {"partitions": [0, 1, 2], "iterations": 3000}
     assert items.count() == 3000 and items.duplicates() == [], "each item once, in exactly one partition"
     runs = items.runs()
     jobs = {r["task_id"] for r in runs}

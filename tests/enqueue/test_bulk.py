@@ -83,10 +83,14 @@ def test_groups_and_chords_are_batched_and_keep_their_results(app_dir, db_url, s
     assert in_many[0].get(timeout=60) == [2, 4] and in_many[1].get(timeout=60) == 6
 
 
+@pytest.mark.timeout(7200)
 def test_enqueue_many_of_100000_jobs_keeps_the_producer_memory_bounded(app_dir, db_url):
     """Peak traced memory stays well below the payloads written: only a chunk is ever buffered.
 
-    (What remains is the 100,000 AsyncResults returned, about 1 KB each.)
+    What the producer still holds at the end is what it asked for, the AsyncResults (about 1 KB
+    each); the rest of the peak is the transient working set, about one chunk, whatever ``n`` is.
+    (``SQLQ_TEST_BULK_JOBS`` lowers ``n`` for a quick run: Celery builds every message, at a few
+    hundred per second on a busy machine, slower under tracemalloc.)
     """
     _, app, _ = app_dir
     n = int(os.environ.get("SQLQ_TEST_BULK_JOBS", "100000"))
@@ -95,11 +99,15 @@ def test_enqueue_many_of_100000_jobs_keeps_the_producer_memory_bounded(app_dir, 
     tracemalloc.start(1)
     try:
         results = sqlq.enqueue_many(app.add.s(i, blob) for i in range(n))
-        _, peak = tracemalloc.get_traced_memory()
+        held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(results) == n
     (count, payload), = rows(db_url, "select count(*), sum(length(payload)) from sqlq_jobs")
     assert count == n + 1
-    print(f"{n} jobs: payloads {payload / 1e6:.0f} MB, producer peak {peak / 1e6:.0f} MB")
-    assert peak < payload / 3, f"peak {peak / 1e6:.0f} MB against {payload / 1e6:.0f} MB of payloads"
+    transient = peak - held
+    print(f"{n} jobs: payloads {payload / 1e6:.0f} MB, producer peak {peak / 1e6:.1f} MB "
+          f"({held / 1e6:.1f} MB of results held, {transient / 1e6:.1f} MB transient)")
+    assert transient < 32e6, f"{transient / 1e6:.0f} MB transient for {payload / 1e6:.0f} MB of payloads"
+    if n >= 50_000:
+        assert peak < payload / 3, f"peak {peak / 1e6:.0f} MB against {payload / 1e6:.0f} MB of payloads"

@@ -18,7 +18,7 @@ def _jobs(db_url, task):
 
 
 def _keys(db_url):
-    return rows(db_url, "select key, held_until from sqlq_unique_keys order by key")
+    return rows(db_url, "select u.key, u.held_until from sqlq_unique_keys u order by u.key")
 
 
 def test_a_second_enqueue_returns_the_first_jobs_result(app_dir, db_url):
