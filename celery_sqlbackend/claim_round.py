@@ -150,36 +150,41 @@ def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Call
         return RoundResult(channels, claimed, slots_free)   # a worker shutting down takes no new jobs
     tasks: list[tuple[Any, Messages]] = []
     broadcast: list[tuple[Any, list[str]]] = []
-    for channel in channels:
-        queues = list(channel._active_queues)
-        if not queues:
-            continue
-        fanout.touch(channel, queues)
-        if channel._broadcast_only(queues):
-            broadcast.append((channel, queues))
-            continue
-        waiting = undelivered(channel) if undelivered is not None else 0
-        limit = channel._claim_limit(waiting, share=share_of(claimer, channel))
-        slots_free = slots_free or limit > 0
-        if limit > 0:
-            messages = channel._claim(queues, limit)
+    try:
+        for channel in channels:
+            queues = list(channel._active_queues)
+            if not queues:
+                continue
+            fanout.touch(channel, queues)
+            if channel._broadcast_only(queues):
+                broadcast.append((channel, queues))
+                continue
+            waiting = undelivered(channel) if undelivered is not None else 0
+            limit = channel._claim_limit(waiting, share=share_of(claimer, channel))
+            slots_free = slots_free or limit > 0
+            if limit > 0:
+                messages = channel._claim(queues, limit)
+                if messages:
+                    tasks.append((channel, messages))
+        # Remote control (pidbox) and other broadcast queues never hold a slot.  They are
+        # polled once per polling interval, and always right *after* a claim that took
+        # jobs: whatever was published before those jobs (a revoke sent before its task)
+        # had committed by then, so it is found now and delivered first.
+        for channel, queues in broadcast:
+            if not (tasks or channel._broadcast_poll_due()):
+                continue
+            limit = channel._claim_limit()
+            messages = channel._claim(queues, limit) if limit > 0 else []
             if messages:
-                tasks.append((channel, messages))
-    # Remote control (pidbox) and other broadcast queues never hold a slot.  They are
-    # polled once per polling interval, and always right *after* a claim that took
-    # jobs: whatever was published before those jobs (a revoke sent before its task)
-    # had committed by then, so it is found now and delivered first.
-    for channel, queues in broadcast:
-        if not (tasks or channel._broadcast_poll_due()):
-            continue
-        limit = channel._claim_limit()
-        messages = channel._claim(queues, limit) if limit > 0 else []
-        if messages:
+                deliver(channel, messages)
+                claimed = True
+    finally:
+        # Jobs already claimed are delivered even when a later statement of the round fails
+        # (the database went away between two claims): a claim the worker holds but never
+        # delivers would stay stuck, neither run nor released, for as long as the worker lives.
+        for channel, messages in tasks:
             deliver(channel, messages)
             claimed = True
-    for channel, messages in tasks:
-        deliver(channel, messages)
-        claimed = True
     return RoundResult(channels, claimed, slots_free)
 
 
