@@ -83,17 +83,19 @@ def test_groups_and_chords_are_batched_and_keep_their_results(app_dir, db_url, s
     assert in_many[0].get(timeout=60) == [2, 4] and in_many[1].get(timeout=60) == 6
 
 
-@pytest.mark.timeout(7200)
+@pytest.mark.timeout(900)
 def test_enqueue_many_of_100000_jobs_keeps_the_producer_memory_bounded(app_dir, db_url):
     """Peak traced memory stays well below the payloads written: only a chunk is ever buffered.
 
     What the producer still holds at the end is what it asked for, the AsyncResults (about 1 KB
     each); the rest of the peak is the transient working set, about one chunk, whatever ``n`` is.
-    (``SQLQ_TEST_BULK_JOBS`` lowers ``n`` for a quick run: Celery builds every message, at a few
-    hundred per second on a busy machine, slower under tracemalloc.)
+    The suite writes 20,000 jobs (about 90 MB of payloads), enough for the bound to show: the
+    transient peak is one chunk whatever ``n`` is.  ``SQLQ_TEST_BULK_JOBS=100000`` runs the issue's
+    full size (Celery builds every message, a few hundred per second under tracemalloc: minutes
+    per engine, too long for every CI run).
     """
     _, app, _ = app_dir
-    n = int(os.environ.get("SQLQ_TEST_BULK_JOBS", "100000"))
+    n = int(os.environ.get("SQLQ_TEST_BULK_JOBS", "20000"))
     blob = "x" * 2000
     app.add.delay(0, 0)     # connect and create the tables outside the measurement
     tracemalloc.start(1)
@@ -109,5 +111,5 @@ def test_enqueue_many_of_100000_jobs_keeps_the_producer_memory_bounded(app_dir, 
     print(f"{n} jobs: payloads {payload / 1e6:.0f} MB, producer peak {peak / 1e6:.1f} MB "
           f"({held / 1e6:.1f} MB of results held, {transient / 1e6:.1f} MB transient)")
     assert transient < 32e6, f"{transient / 1e6:.0f} MB transient for {payload / 1e6:.0f} MB of payloads"
-    if n >= 50_000:
+    if n >= 20_000:
         assert peak < payload / 3, f"peak {peak / 1e6:.0f} MB against {payload / 1e6:.0f} MB of payloads"
