@@ -22,123 +22,16 @@ Tables are drawn with rich; bulk operations show a progress bar on a terminal.
 from __future__ import annotations
 
 import json
-import re
 import sys
-from datetime import timedelta
-from typing import Any, Callable
 
 import click
 from rich.text import Text
 
 from . import admin, config_check
-from .errors import SQLQError
+from .cli_support import (AGE, BATCH_SIZE, _app, _console, _emit_json, _fmt_age, _run, _store, _ts,
+                          _with_progress, json_option)
 from .terminal import literal, plain
-from .urls import database_url, mask
-
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class Age(click.ParamType):
-    """An age: ``90`` or ``90s``, ``15m``, ``2h``, ``7d``, ``1w``."""
-    name = "age"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, timedelta):
-            return value
-        m = _AGE.match(str(value))
-        if not m:
-            self.fail(f"{value!r} is not an age; write e.g. 90s, 15m, 2h, 7d", param, ctx)
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-        if seconds > MAX_AGE.total_seconds():
-            self.fail(f"{value!r} is longer than the {MAX_AGE.days // 365} years an age may be", param, ctx)
-        return timedelta(seconds=seconds)
-
-
-AGE = Age()
-#: The longest age accepted (older cutoffs would fall before year 1).
-MAX_AGE = timedelta(days=365 * 100)
-#: A job id, as the BIGINT id columns hold it.
-JOB_ID = click.IntRange(1, 2**63 - 1)
-#: Rows per transaction of a bulk command.
-BATCH_SIZE = click.IntRange(1, 100_000)
-
-
-# --------------------------------------------------------------------------- plumbing
-
-def _app(ctx):
-    obj = ctx.find_root().obj
-    app = getattr(obj, "app", None)
-    if app is None:
-        from celery import current_app
-        app = current_app
-    return app
-
-
-def _store(ctx):
-    try:
-        return admin.store_for_app(_app(ctx))
-    except SQLQError as exc:
-        raise click.UsageError(f"{mask(exc)} (`celery -A yourapp sqlq check` lists every problem)") from None
-    except ValueError as exc:
-        raise click.UsageError(f"{mask(exc)}. Run it as `celery -A yourapp sqlq …` with a broker_url "
-                               "starting with sqlq+.") from None
-
-
-def _console():
-    from rich.console import Console
-    return Console()
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(admin.to_dict(data), indent=2, sort_keys=True, default=str))
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    """Run a store operation, turning expected failures into one readable line."""
-    from sqlalchemy.exc import SQLAlchemyError
-    try:
-        return fn()
-    except SQLQError as exc:
-        raise click.ClickException(mask(exc)) from None
-    except SQLAlchemyError as exc:
-        first = mask(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise click.ClickException(f"database error: {first}") from None
-
-
-def _fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
-def _ts(value) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
-
-
-def _with_progress(total: int | None, label: str, work: Callable[[Callable[[int], None] | None], int],
-                   json_out: bool) -> int:
-    """Run ``work(on_progress)`` with a rich progress bar when stderr is a terminal."""
-    from rich.console import Console
-    console = Console(stderr=True)
-    if json_out or not console.is_terminal:
-        return work(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        task = progress.add_task(label, total=total)
-        return work(lambda n: progress.advance(task, n))
-
-
-json_option = click.option("--json", "json_out", is_flag=True, help="Print one JSON document (for scripts).")
+from .urls import database_url
 
 
 # --------------------------------------------------------------------------- the group
@@ -281,142 +174,6 @@ def _recurring_tasks(store) -> list | None:
     from . import recurring
     return recurring.tasks(store) if store.recurring.table_exists() else None
 
-
-# --------------------------------------------------------------------------- failed
-
-@sqlq.group()
-def failed():
-    """Failed jobs: list, show, retry, discard.
-
-    A job is failed when its task raised with no retries left (unless
-    record_task_failures is off), when the consumer rejected it, when its payload
-    could not be decoded, or when its worker died after starting it.  Retry runs
-    it again under the same task id.
-    """
-
-
-def _filter_options(fn):
-    fn = click.option("--queue", "-Q", help="Only jobs of this queue.")(fn)
-    fn = click.option("--task", "task_name", help="Only jobs of this task name.")(fn)
-    fn = click.option("--error-class", help="Only jobs failed with this error class.")(fn)
-    fn = click.option("--older-than", type=AGE, help="Only jobs failed longer ago than this (e.g. 1h, 7d).")(fn)
-    return fn
-
-
-def _filters(queue, task_name, error_class, older_than) -> dict:
-    return {k: v for k, v in dict(queue=queue, task_name=task_name, error_class=error_class,
-                                  older_than=older_than).items() if v is not None}
-
-
-@failed.command(name="list")
-@_filter_options
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(0, 1_000_000),
-              help="At most this many (0: all).")
-@json_option
-@click.pass_context
-def failed_list(ctx, queue, task_name, error_class, older_than, limit, json_out):
-    """List failed jobs, oldest first."""
-    store = _store(ctx)
-    filters = _filters(queue, task_name, error_class, older_than)
-    jobs = _run(lambda: admin.list_failed(store, limit=limit or None, **filters))
-    total = _run(lambda: admin.count_failed(store, filters))
-    if json_out:
-        _emit_json({"total": total, "jobs": jobs})
-        return
-    from rich.table import Table
-    t = Table(title=Text(f"Failed jobs ({len(jobs)} of {total})"), title_justify="left")
-    for col in ("job", "task", "task id", "queue", "error", "failed at (UTC)"):
-        t.add_column(col, justify="right" if col == "job" else "left", overflow="fold")
-    for j in jobs:
-        first = (j.error or "").strip().splitlines()[0] if j.error else ""
-        error = first[:160] if first.startswith(j.error_class) else f"{j.error_class}: {first[:120]}"
-        t.add_row(str(j.job_id), literal(j.task_name or "-"), literal(j.task_id or "-"), literal(j.queue),
-                  literal(error, style="red"), _ts(j.failed_at))
-    _console().print(t)
-
-
-@failed.command(name="show")
-@click.argument("job_id", type=JOB_ID)
-@json_option
-@click.pass_context
-def failed_show(ctx, job_id, json_out):
-    """Show one job: state, error, headers and arguments."""
-    store = _store(ctx)
-    job = _run(lambda: admin.show_job(store, job_id))
-    if job is None:
-        raise click.ClickException(f"no job {job_id}")
-    if json_out:
-        _emit_json(job)
-        return
-    from rich.table import Table
-    t = Table(show_header=False, title=f"Job {job_id}", title_justify="left")
-    t.add_column("field", style="bold")
-    t.add_column("value", overflow="fold")
-    headers = job.get("headers") or {}
-    for key in ("state", "queue_name", "task_name", "task_id", "priority", "deliveries", "releases"):
-        t.add_row(key, literal(job.get(key)))
-    for key in ("created_at", "scheduled_at", "expires_at", "finished_at", "failed_at"):
-        if job.get(key) is not None:
-            t.add_row(key, _ts(job[key]) + " UTC")
-    if "argsrepr" in headers or "kwargsrepr" in headers:
-        t.add_row("args", literal(headers.get("argsrepr")))
-        t.add_row("kwargs", literal(headers.get("kwargsrepr")))
-    else:
-        t.add_row("body", literal(json.dumps(job.get("body"), default=str)[:2000]))
-    if job.get("error_class"):
-        t.add_row("error", Text.assemble(literal(job["error_class"], style="red"), "\n",
-                                         literal(job.get("error") or "", keep_newlines=True)))
-    _console().print(t)
-
-
-def _bulk_command(ctx, action: str, job_ids, all_, filters, batch_size, json_out):
-    store = _store(ctx)
-    if job_ids and (all_ or filters):
-        raise click.UsageError("give job ids, or --all with filters, not both")
-    if not job_ids and not all_:
-        raise click.UsageError("give job ids, or --all (with --queue/--task/--error-class/--older-than "
-                               "to narrow it)")
-    if job_ids:
-        fn = admin.retry_failed if action == "retry" else admin.discard_failed
-        n = _run(lambda: fn(store, job_ids))
-    else:
-        total = _run(lambda: admin.count_failed(store, filters))
-        fn = admin.retry_failed_all if action == "retry" else admin.discard_failed_all
-        verb = "Retrying" if action == "retry" else "Discarding"
-        n = _run(lambda: _with_progress(
-            total, f"{verb} failed jobs",
-            lambda progress: fn(store, filters, batch_size=batch_size, on_progress=progress), json_out))
-    if json_out:
-        _emit_json({"retried" if action == "retry" else "discarded": n})
-    else:
-        done = "retried (back to ready)" if action == "retry" else "discarded"
-        click.echo(f"{n} failed job(s) {done}")
-
-
-@failed.command(name="retry")
-@click.argument("job_ids", nargs=-1, type=JOB_ID)
-@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
-@_filter_options
-@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
-@json_option
-@click.pass_context
-def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
-    """Put failed jobs back to ready (same job, same task id)."""
-    _bulk_command(ctx, "retry", job_ids, all_, _filters(queue, task_name, error_class, older_than),
-                  batch_size, json_out)
-
-
-@failed.command(name="discard")
-@click.argument("job_ids", nargs=-1, type=JOB_ID)
-@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
-@_filter_options
-@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
-@json_option
-@click.pass_context
-def failed_discard(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
-    """Delete failed jobs for good."""
-    _bulk_command(ctx, "discard", job_ids, all_, _filters(queue, task_name, error_class, older_than),
-                  batch_size, json_out)
 
 
 # --------------------------------------------------------------------------- queues
@@ -590,3 +347,5 @@ from .web.command import STORE_LOOKUP, web as _web  # noqa: E402  (the dashboard
 sqlq.add_command(_web)
 from .cli_recurring import recurring as _recurring  # noqa: E402
 sqlq.add_command(_recurring)
+from .cli_failed import failed as _failed  # noqa: E402
+sqlq.add_command(_failed)
