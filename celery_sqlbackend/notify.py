@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from time import monotonic
+from typing import Any, Callable, TypeVar
 
 from .pg_listen import listen, listener_driver
 from .store import Store
@@ -24,6 +25,7 @@ from .store.results import notify_channel as results_channel
 from .urls import mask
 
 log = logging.getLogger("celery_sqlbackend.notify")
+T = TypeVar("T")
 
 
 def _dsn(store: Store) -> dict[str, str]:
@@ -77,21 +79,32 @@ class NotifyWaiter:
                 pass
 
 
-_waiters: dict[tuple[int, int], NotifyWaiter] = {}
+_listeners: dict[tuple, Any] = {}
+_listeners_lock = threading.Lock()
+
+
+def _listener(store: Store, channel: str, make: Callable[[dict[str, str], str, str], T]) -> T | None:
+    """This process's one listener of kind ``make`` on ``channel`` of ``store``'s database, made on
+    first use; None where there is nothing to listen to (no NOTIFY, turned off, or no driver).
+    Keyed by pid: a forked child makes its own rather than share its parent's socket."""
+    if not (store.dialect.notify and store.options.use_notify):
+        return None
+    key = (make, store.url, channel, os.getpid())
+    listener = _listeners.get(key)
+    if listener is None:
+        with _listeners_lock:
+            listener = _listeners.get(key)
+            if listener is None:
+                driver = listener_driver(store.engine.url.get_driver_name())
+                if driver is None:
+                    return None
+                listener = _listeners[key] = make(_dsn(store), channel, driver)
+    return listener
 
 
 def waiter_for(store: Store) -> NotifyWaiter | None:
-    """This process's waiter for ``store``, or None where there is nothing to listen to."""
-    if not (store.dialect.notify and store.options.use_notify):
-        return None
-    key = (id(store), os.getpid())
-    waiter = _waiters.get(key)
-    if waiter is None:
-        driver = listener_driver(store.engine.url.get_driver_name())
-        if driver is None:
-            return None
-        waiter = _waiters[key] = NotifyWaiter(_dsn(store), ready_channel(store.t), driver)
-    return waiter
+    """This process's waiter for ready jobs of ``store``."""
+    return _listener(store, ready_channel(store.t), NotifyWaiter)
 
 
 # --------------------------------------------------------------------------- results
@@ -211,22 +224,8 @@ class ResultNotifier:
 #: Keyed by pid as well: a forked child makes its own.  The parent's entries
 #: stay referenced in the child on purpose: dropping them would let psycopg
 #: finish the inherited connection and end the parent's LISTEN session.
-_notifiers: dict[tuple, ResultNotifier] = {}
-_notifiers_lock = threading.Lock()
 
 
 def result_notifier_for(store: Store) -> ResultNotifier | None:
-    """This process's result notifier for ``store``, or None where there is nothing to listen to."""
-    if not (store.dialect.notify and store.options.use_notify):
-        return None
-    key = (store.url, results_channel(store.t), os.getpid())
-    notifier = _notifiers.get(key)
-    if notifier is None:
-        with _notifiers_lock:
-            notifier = _notifiers.get(key)
-            if notifier is None:
-                driver = listener_driver(store.engine.url.get_driver_name())
-                if driver is None:
-                    return None
-                notifier = _notifiers[key] = ResultNotifier(_dsn(store), results_channel(store.t), driver)
-    return notifier
+    """This process's result notifier for ``store``."""
+    return _listener(store, results_channel(store.t), ResultNotifier)
