@@ -119,13 +119,22 @@ def _bulk_command(ctx, action: str, job_ids, all_, filters, batch_size, json_out
         click.echo(f"{n} failed job(s) {done}")
 
 
+def _bulk_options(fn):
+    """The arguments and options shared by ``failed retry`` and ``failed discard``."""
+    for decorate in reversed((
+            click.argument("job_ids", nargs=-1, type=JOB_ID),
+            click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters."),
+            _filter_options,
+            click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE,
+                         help="Jobs per transaction with --all."),
+            json_option,
+            click.pass_context)):
+        fn = decorate(fn)
+    return fn
+
+
 @failed.command(name="retry")
-@click.argument("job_ids", nargs=-1, type=JOB_ID)
-@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
-@_filter_options
-@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
-@json_option
-@click.pass_context
+@_bulk_options
 def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
     """Put failed jobs back to ready (same job, same task id)."""
     _bulk_command(ctx, "retry", job_ids, all_, _filters(queue, task_name, error_class, older_than),
@@ -133,12 +142,7 @@ def failed_retry(ctx, job_ids, all_, queue, task_name, error_class, older_than, 
 
 
 @failed.command(name="discard")
-@click.argument("job_ids", nargs=-1, type=JOB_ID)
-@click.option("--all", "all_", is_flag=True, help="Every failed job matching the filters.")
-@_filter_options
-@click.option("--batch-size", default=500, show_default=True, type=BATCH_SIZE, help="Jobs per transaction with --all.")
-@json_option
-@click.pass_context
+@_bulk_options
 def failed_discard(ctx, job_ids, all_, queue, task_name, error_class, older_than, batch_size, json_out):
     """Delete failed jobs for good."""
     _bulk_command(ctx, "discard", job_ids, all_, _filters(queue, task_name, error_class, older_than),
