@@ -16,11 +16,22 @@ thread and each asyncio task has its own):
   ``enqueue_in``), committed when the outermost batch ends; nothing is
   written if it ends with an exception.  The buffer never holds more than one
   chunk, so a producer's memory does not grow with the size of the batch.
+
+  On SQLite (outside ``enqueue_in``) one transaction would hold the file's
+  only write lock for as long as Celery builds the batch's messages, while
+  every worker's acks, heartbeats and the chord's own result-backend writes
+  wait on it ("database is locked").  There each chunk is *staged* instead:
+  its job rows are committed at once, without executions, so no worker can
+  see them; the outermost batch ends with one short transaction writing the
+  executions of all of them (ready from then on), or, on an exception, one
+  deleting the staged rows.  (A producer killed mid-batch leaves staged rows
+  that never run.)
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -29,7 +40,8 @@ from sqlalchemy.orm import Session
 
 from .errors import SQLQError
 from .store import Store
-from .store.jobs import Enqueued, NewJob, insert_many, insert_one
+from .store.jobs import (Enqueued, NewJob, Placed, delete_unplaced, insert_executions, insert_many, insert_one,
+                         insert_rows)
 from .urls import mask, same_database
 
 #: Jobs per multi-row INSERT, and the most a batch buffers before writing.
@@ -48,6 +60,8 @@ class _Batch:
     pending: dict[Store, list[NewJob]] = field(default_factory=dict)
     chars: dict[Store, int] = field(default_factory=dict)
     opened: dict[Store, tuple[Connection, Any]] = field(default_factory=dict)
+    #: SQLite, outside ``enqueue_in``: jobs committed without executions, made ready at the end.
+    staged: dict[Store, list[Placed]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class _Scope:
     connection: Connection | None = None    # enqueue_in: the caller's
     batch: _Batch | None = None
 
+
+log = logging.getLogger("celery_sqlbackend.publishing")
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqlq_publish_scope", default=None)
 
@@ -95,12 +111,20 @@ def batch() -> Iterator[None]:
         return
     state = _Batch()
     token = _SCOPE.set(_Scope(connection=outer.connection if outer else None, batch=state))
+    caller = outer.connection if outer else None
     try:
         yield
         for store in list(state.pending):
-            _flush(store, state, outer.connection if outer else None)
+            if store not in state.staged:
+                _flush(store, state, caller)
         for conn, transaction in state.opened.values():
             transaction.commit()
+        for store in list(state.staged):
+            _place_staged(store, state)
+    except BaseException:
+        for store, placed in state.staged.items():
+            _drop_staged(store, placed)
+        raise
     finally:
         _SCOPE.reset(token)
         for conn, transaction in state.opened.values():
@@ -135,6 +159,8 @@ def put(store: Store, job: NewJob) -> Enqueued:
         # Its outcome decides what apply_async returns, so it is written now, after
         # the jobs buffered before it (first in, first out).
         _flush(store, state, caller)
+        if _stages(store, caller):   # (committed at once: it holds its key from now on)
+            return store.run(insert_one, store.t, store.dialect, job)
         return insert_one(_batch_connection(store, state, caller), store.t, store.dialect, job)
     pending = state.pending.setdefault(store, [])
     pending.append(job)
@@ -144,11 +170,42 @@ def put(store: Store, job: NewJob) -> Enqueued:
     return Enqueued(None)
 
 
+def _stages(store: Store, caller: Connection | None) -> bool:
+    """This batch stages its chunks on ``store`` (SQLite, no caller's transaction: module doc)."""
+    return caller is None and store.dialect.embedded
+
+
 def _flush(store: Store, state: _Batch, caller: Connection | None) -> None:
     jobs = state.pending.pop(store, None)
     state.chars.pop(store, None)
-    if jobs:
-        insert_many(_batch_connection(store, state, caller), store.t, store.dialect, jobs)
+    if not jobs:
+        return
+    if _stages(store, caller):
+        staged = state.staged.setdefault(store, [])
+        staged.extend(store.run(insert_rows, store.t, store.dialect, jobs))
+        return
+    insert_many(_batch_connection(store, state, caller), store.t, store.dialect, jobs)
+
+
+def _place_staged(store: Store, state: _Batch) -> None:
+    """The batch's last chunk and every staged job's execution, in one short transaction."""
+    jobs = state.pending.pop(store, None) or []
+    state.chars.pop(store, None)
+
+    def place(conn: Connection) -> None:
+        insert_executions(conn, store.t, store.dialect,
+                          state.staged[store] + insert_rows(conn, store.t, store.dialect, jobs))
+
+    store.run(place)
+    del state.staged[store]
+
+
+def _drop_staged(store: Store, placed: list[Placed]) -> None:
+    try:
+        store.run(delete_unplaced, store.t, [p.job_id for p in placed])
+    except Exception as exc:    # (the batch's own exception is the one to raise)
+        log.error("could not delete %d staged job row(s) of a failed batch (%s): they will never run",
+                  len(placed), exc)
 
 
 def _batch_connection(store: Store, state: _Batch, caller: Connection | None) -> Connection:

@@ -123,9 +123,29 @@ def _one_statement(t: Tables, scheduled: bool):
     return select(job.c.id, func.pg_notify(bindparam("channel"), job.c.queue_name)).add_cte(execution)
 
 
+class Placed(NamedTuple):
+    """What a written job's execution needs (no payload): kept while a batch stages its jobs."""
+    job_id: int
+    queue: str
+    priority: int
+    created_at: datetime
+    eta: datetime | None
+
+    @property
+    def scheduled(self) -> bool:
+        return self.eta is not None and self.eta > self.created_at
+
+
 def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob]) -> list[int]:
     """Jobs without unique keys in a few multi-row INSERTs: jobs (ids back in order), then their
     ready and scheduled executions; one NOTIFY per queue made ready."""
+    placed = insert_rows(conn, t, d, jobs)
+    insert_executions(conn, t, d, placed)
+    return [p.job_id for p in placed]
+
+
+def insert_rows(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob]) -> list[Placed]:
+    """The job rows alone, in multi-row INSERTs: invisible to workers until ``insert_executions``."""
     if not jobs:
         return []
     j = t.jobs
@@ -141,17 +161,27 @@ def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob])
         ids = list(conn.execute(insert(j).returning(j.c.id, sort_by_parameter_order=True), rows).scalars())
     else:   # (MySQL: no RETURNING)
         ids = [conn.execute(insert(j).values(**row)).inserted_primary_key[0] for row in rows]
-    ready = [{"job_id": i, "queue_name": job.queue, "priority": job.priority, "created_at": job.created_at}
-             for i, job in zip(ids, jobs) if not job.scheduled]
-    scheduled = [{"job_id": i, "queue_name": job.queue, "priority": job.priority, "scheduled_at": job.eta}
-                 for i, job in zip(ids, jobs) if job.scheduled]
+    return [Placed(i, job.queue, job.priority, job.created_at, job.eta) for i, job in zip(ids, jobs)]
+
+
+def insert_executions(conn: Connection, t: Tables, d: Dialect, placed: Sequence[Placed]) -> None:
+    """The ready and scheduled executions of written jobs: from here workers see them."""
+    ready = [{"job_id": p.job_id, "queue_name": p.queue, "priority": p.priority, "created_at": p.created_at}
+             for p in placed if not p.scheduled]
+    scheduled = [{"job_id": p.job_id, "queue_name": p.queue, "priority": p.priority, "scheduled_at": p.eta}
+                 for p in placed if p.scheduled]
     if ready:
         _insert_rows(conn, d, t.ready, ready)
         for queue in sorted({row["queue_name"] for row in ready}):
             notify_ready(conn, t, d, queue)
     if scheduled:
         _insert_rows(conn, d, t.scheduled, scheduled)
-    return ids
+
+
+def delete_unplaced(conn: Connection, t: Tables, job_ids: Sequence[int]) -> None:
+    """Delete job rows written without executions (a staged batch that ended in an exception)."""
+    for start in range(0, len(job_ids), 500):
+        conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(job_ids[start:start + 500])))
 
 
 def _insert_rows(conn: Connection, d: Dialect, table: Any, rows: list[dict[str, Any]]) -> None:

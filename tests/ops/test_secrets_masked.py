@@ -40,8 +40,13 @@ def test_a_malformed_url_is_reported_without_its_password(tmp_path, url):
         worker.close()
     out = _producer(tmp_path)
     assert worker.returncode != 0 and out.returncode != 0
-    for text in (log, out.stdout + out.stderr):
-        assert "ConfigurationError" in text and "***" in text, text[-3000:]
+    assert "ConfigurationError" in log and "***" in log, log[-3000:]
+    produced = out.stdout + out.stderr
+    if "://" in url:
+        assert "ConfigurationError" in produced and "***" in produced, produced[-3000:]
+    # Without a scheme Celery cannot tell the backend is ours: its own lookup fails first, naming only
+    # the text before the first ':' (and never the password).
+    for text in (log, produced):
         assert SECRET not in text, text[-3000:]
 
 

@@ -75,11 +75,12 @@ def test_a_task_that_raised_is_kept_failed_and_failed_retry_reruns_it(tmp_path, 
         # A Celery retry is no failure: the retried task is kept once, after its last retry.
         assert by_task[retried.id][0] == "RuntimeError"
         assert rows(db_url, "SELECT count(*) FROM sqlq_jobs WHERE task_id = :t", {"t": retried.id}) == [(3,)]
-        assert rows(db_url, "SELECT count(*) FROM sqlq_jobs WHERE task_id = :t AND finished_at IS NOT NULL",
-                    {"t": retried.id}) == [(2,)]
+        # The two retried runs are finished by their acks, which the worker writes in batches.
+        wait_until(lambda: rows(db_url, "SELECT count(*) FROM sqlq_jobs WHERE task_id = :t AND finished_at IS NOT "
+                                        "NULL", {"t": retried.id}) == [(2,)], 20, 0.1, "the retried runs finished")
         # The job that succeeded is finished; no worker logged a lost claim for the failed ones.
-        assert rows(db_url, "SELECT finished_at IS NOT NULL FROM sqlq_jobs WHERE task_id = :t", {"t": fine.id}) \
-            in ([(True,)], [(1,)])
+        wait_until(lambda: rows(db_url, "SELECT finished_at IS NOT NULL FROM sqlq_jobs WHERE task_id = :t",
+                                {"t": fine.id}) in ([(True,)], [(1,)]), 20, 0.1, "the fine job finished")
         assert "claim (process id" not in worker.log_text()
 
         listed = cli.json("sqlq", "failed", "list", "--error-class", "ValueError")
