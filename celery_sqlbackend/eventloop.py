@@ -15,7 +15,8 @@ Who claims (``Dialect.claim_thread``):
   kombu and Celery expect deliveries (and send acks) on the hub's thread.
 * SQLite: the hub's thread itself.  A claim there is CPU in this process; a
   thread would only compete with the hub for the GIL.  The hub claims when
-  kicked: by an ack that frees a prefetch slot, or by the polling interval.
+  kicked: by an ack that frees a prefetch slot, by a commit that made a job
+  ready (the wake socket beside the file, ``sqlite_wake``), or by the polling interval.
 
 Each turn claims with the claim round every loop shares
 (:mod:`.claim_round`, which also says how much to claim at once).
@@ -65,6 +66,12 @@ class ClaimFeed:
             self._flush_due = None
             loop.on_tick.add(self._on_tick)
             self._poll = loop.call_repeatedly(transport.options.polling_interval, self.kick)
+            # A wake-up channel the hub can watch (a SQLite file's wake socket): a kick at each commit.
+            self._waker = waiter_for(store_for(transport.client.hostname, transport.options))
+            if self._waker is not None and hasattr(self._waker, "fileno"):
+                loop.add_reader(self._waker.fileno(), self._on_wake)
+            else:
+                self._waker = None
         else:
             self._thread = threading.Thread(target=self._run, name="sqlq-claim", daemon=True)
             self._thread.start()
@@ -83,6 +90,10 @@ class ClaimFeed:
         if threading.get_ident() != self._hub_thread:
             with contextlib.suppress(OSError):
                 os.write(self._w, b"k")
+
+    def _on_wake(self, *_) -> None:
+        self._waker.drain()
+        self.kick()
 
     def _on_tick(self) -> None:
         self._hub_thread = threading.get_ident()
@@ -145,6 +156,9 @@ class ClaimFeed:
         self.transport._wake.set()
         if self.on_hub:
             self.loop.on_tick.discard(self._on_tick)
+            if self._waker is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(self._waker.fileno())
             for timer in (self._poll, self._flush_due):
                 if timer is not None:
                     with contextlib.suppress(Exception):

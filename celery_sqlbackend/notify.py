@@ -19,6 +19,8 @@ from time import monotonic
 from typing import Any, Callable, TypeVar
 
 from .pg_listen import listen, listener_driver
+from .sqlite_wake import SqliteWaker
+from .sqlite_wake import waiter_for as sqlite_waiter_for
 from .store import Store
 from .store.executions import ready_channel
 from .store.results import notify_channel as results_channel
@@ -102,8 +104,11 @@ def _listener(store: Store, channel: str, make: Callable[[dict[str, str], str, s
     return listener
 
 
-def waiter_for(store: Store) -> NotifyWaiter | None:
-    """This process's waiter for ready jobs of ``store``."""
+def waiter_for(store: Store) -> NotifyWaiter | SqliteWaker | None:
+    """This process's waiter for ready jobs of ``store``: LISTEN on PostgreSQL, the wake socket
+    beside a SQLite file (``sqlite_wake``), None where only the poll wakes a worker."""
+    if store.dialect.embedded:
+        return sqlite_waiter_for(store.engine) if store.options.use_notify else None
     return _listener(store, ready_channel(store.t), NotifyWaiter)
 
 

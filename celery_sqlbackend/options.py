@@ -22,7 +22,7 @@ option                      default   meaning
 ``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
 ``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
                                       the session's ``innodb_lock_wait_timeout``)
-``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
+``use_notify``              True      wake idle workers: LISTEN/NOTIFY on PostgreSQL, sockets beside a SQLite file
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
 ``event_loop``              auto      deliver through Celery's event loop (default: on
                                       PostgreSQL and SQLite; False: Celery's blocking

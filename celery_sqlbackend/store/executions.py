@@ -3,7 +3,8 @@
 A ready row is what a worker claims (``claims``); a scheduled row waits for
 its ETA and is promoted to ready by ``dispatch_due``.  Making a job ready
 announces it on PostgreSQL (``pg_notify``), from the same transaction, so
-idle workers wake on commit and never for a rolled-back write.
+idle workers wake on commit and never for a rolled-back write; on a SQLite
+file the commit wakes them through sockets beside it (``sqlite_wake``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, text
 
+from ..sqlite_wake import wake_at_commit
 from .dialects import Dialect
 from .gateway import Gateway
 from .schema import Tables
@@ -24,9 +26,12 @@ def ready_channel(t: Tables) -> str:
 
 
 def notify_ready(conn: Connection, t: Tables, d: Dialect, queue: str) -> None:
-    """Wake idle workers on commit (PostgreSQL); a rolled-back enqueue sends nothing."""
+    """Wake idle workers on commit (PostgreSQL: NOTIFY; a SQLite file: ``sqlite_wake``); a rolled-back
+    enqueue sends nothing."""
     if d.notify:
         conn.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": ready_channel(t), "queue": queue})
+    elif d.embedded:
+        wake_at_commit(conn)
 
 
 def make_ready(conn: Connection, t: Tables, d: Dialect, job_ids: Sequence[int], now: datetime) -> None:
