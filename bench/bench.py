@@ -448,6 +448,12 @@ def main() -> None:
     sq = f"sqlite:///{work}/sqlq.sqlite3"
     targets.append(Target("sqlq+sqlite", f"sqlq+{sq}", f"sqlq+{sq}", "sqlq", sqlq_opts,
                           reset=lambda: _remove_sqlite(work / "sqlq.sqlite3")))
+    # Side by side: the same SQLite worker woken by the poll alone (no wake sockets), and with Celery's
+    # blocking loop (``event_loop=False``: the wake socket's ``wait`` instead of the hub's reader).
+    targets.append(Target("sqlq+sqlite(poll only)", f"sqlq+{sq}", f"sqlq+{sq}", "sqlq",
+                          {**sqlq_opts, "use_notify": False}, reset=lambda: _remove_sqlite(work / "sqlq.sqlite3")))
+    targets.append(Target("sqlq+sqlite(blocking loop)", f"sqlq+{sq}", f"sqlq+{sq}", "sqlq",
+                          {**sqlq_opts, "event_loop": False}, reset=lambda: _remove_sqlite(work / "sqlq.sqlite3")))
     sa = f"sqlite:///{work}/sqla.sqlite3"
     targets.append(Target("sqla+sqlite", f"sqla+{sa}", f"db+sqlite:///{work}/sqla-results.sqlite3", "db+", opts,
                           reset=lambda: _remove_sqlite(work / "sqla.sqlite3")))

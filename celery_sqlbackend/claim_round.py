@@ -148,6 +148,8 @@ def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Call
     first.finish_completed()
     if first.worker is not None and first.worker.stopping():
         return RoundResult(channels, claimed, slots_free)   # a worker shutting down takes no new jobs
+    if not first.process.may_claim():
+        return RoundResult(channels, claimed, slots_free)   # heartbeats failing: see LocalProcess.may_claim
     tasks: list[tuple[Any, Messages]] = []
     broadcast: list[tuple[Any, list[str]]] = []
     try:

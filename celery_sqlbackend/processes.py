@@ -67,6 +67,10 @@ class LocalProcess:
         self._channels: "weakref.WeakSet[ClaimHolder]" = weakref.WeakSet()
         self.beats = 0
         self.last_beat_error: BaseException | None = None
+        #: When the last heartbeat that reached the database was sent (monotonic), and whether claims
+        #: are held back because that was longer than ``alive_threshold`` ago (``may_claim``).
+        self._last_good_beat = time.monotonic()
+        self._held_back = False
         #: Records the Celery results of jobs the store failed here (``failure_results``);
         #: set by the worker integration, which has the app.  None: nobody to tell.
         self.report_failed: Callable[[Sequence[int]], int] | None = None
@@ -113,6 +117,7 @@ class LocalProcess:
             queues=json.dumps(self.queues), now=utcnow(), pid_identity=pid_identity.identity())
 
     def register(self) -> int:
+        self._last_good_beat = time.monotonic()
         self.id = self._insert_row()
         log.info("registered process %s as id %s", self.name, self.id)
         # A starting process sweeps what crashed processes left behind.
@@ -198,6 +203,7 @@ class LocalProcess:
         process_id = self.id
         if process_id is None:
             return False
+        sent = time.monotonic()
         try:
             # One statement: on PostgreSQL one round trip, on this thread's own connection.
             alive = self.store.processes.heartbeat(process_id=process_id, now=utcnow())
@@ -205,12 +211,42 @@ class LocalProcess:
             self.last_beat_error = exc
             log.warning("heartbeat of %s failed (%s); retrying in %gs", self.name, exc,
                         self.store.options.heartbeat_interval)
+            self.may_claim()
             return False
         if not alive:
             self._on_pruned_while_alive(process_id)
             return False
+        self._beat_reached(sent)
         self.beats += 1
         return True
+
+    def may_claim(self) -> bool:
+        """False while this process's last heartbeat that reached the database is older than
+        ``alive_threshold`` (beats failing, or a stall: SIGSTOP, a suspended VM).
+
+        Why: other processes may already count it dead and prune it; a claim made
+        now would be made for a row about to vanish, and the jobs would wait for
+        the next prune.  Claiming resumes when a beat gets through (registering
+        afresh if it was pruned meanwhile).  The log says so once each way.
+        """
+        if self.id is None or time.monotonic() - self._last_good_beat <= self.store.options.alive_threshold:
+            return True
+        with self._lock:
+            if not self._held_back:
+                self._held_back = True
+                log.warning("%s has not heartbeated for more than alive_threshold (%gs): claiming no new "
+                            "jobs until a heartbeat reaches the database", self.name,
+                            self.store.options.alive_threshold)
+        return False
+
+    def _beat_reached(self, sent: float) -> None:
+        """A heartbeat sent at ``sent`` (monotonic) was recorded: claims resume if they were held back."""
+        self._last_good_beat = max(self._last_good_beat, sent)
+        if self._held_back and self.may_claim():
+            with self._lock:
+                if self._held_back:
+                    self._held_back = False
+                    log.warning("%s heartbeats again (process id %s): claiming new jobs again", self.name, self.id)
 
     def _on_pruned_while_alive(self, process_id: int) -> None:
         # Another process decided we were dead (a frozen VM, a long pause, a
@@ -223,7 +259,9 @@ class LocalProcess:
         with self._lock:
             if self.id != process_id:  # deregistered, or already registered afresh
                 return
+            sent = time.monotonic()
             self.id = self._insert_row()
+        self._beat_reached(sent)
 
     # ------------------------------------------------------------------ after each beat
 

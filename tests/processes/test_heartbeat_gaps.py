@@ -1,0 +1,77 @@
+"""Heartbeat gaps, with real ``celery worker`` processes: a worker whose heartbeats keep failing stops
+claiming until one gets through; a frozen (SIGSTOP) worker that wakes never starts a prefetched job that
+was released to another worker meanwhile.
+
+The heartbeats fail for real: a trigger in the database refuses every write to the process row's
+heartbeat column (its other columns stay writable), and dropping it lets them through again.
+Short intervals (heartbeat 1 s, alive threshold 4 s), as in ``test_worker_lifecycle``.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from tests.harness import wait_until
+from tests.support.cluster import HEARTBEAT, THRESHOLD, Cluster, invariant_violations, states_of, wait_for_claims
+
+SLACK = 3.0
+
+REFUSE = {
+    "sqlite": ["CREATE TRIGGER refuse_beats BEFORE UPDATE OF last_heartbeat_at ON {t} "
+               "BEGIN SELECT RAISE(ABORT, 'heartbeats refused by the test'); END"],
+    "postgresql": ["CREATE FUNCTION refuse_beats() RETURNS trigger LANGUAGE plpgsql AS "
+                   "$$ BEGIN RAISE EXCEPTION 'heartbeats refused by the test'; END $$",
+                   "CREATE TRIGGER refuse_beats BEFORE UPDATE OF last_heartbeat_at ON {t} "
+                   "FOR EACH ROW EXECUTE FUNCTION refuse_beats()"],
+}
+ALLOW = {"sqlite": ["DROP TRIGGER refuse_beats"],
+         "postgresql": ["DROP TRIGGER refuse_beats ON {t}", "DROP FUNCTION refuse_beats()"]}
+
+
+@pytest.fixture
+def cluster(tmp_path, db_url):
+    c = Cluster(tmp_path, db_url)
+    yield c
+    c.close()
+
+
+def _execute(cluster: Cluster, statements: dict[str, list[str]]) -> None:
+    engine = create_engine(cluster.db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            for sql in statements[engine.dialect.name]:
+                conn.execute(text(sql.format(t=cluster.store.t.processes.name)))
+    finally:
+        engine.dispose()
+
+
+def test_a_worker_whose_heartbeats_keep_failing_stops_claiming_until_one_gets_through(cluster):
+    a = cluster.worker("a")
+    cluster.send("before", 0)
+    wait_until(lambda: cluster.ended("before", "a"), 30, message="a job to run before the beats fail")
+
+    _execute(cluster, REFUSE)
+    stopped = a.wait_log(r"has not heartbeated for more than alive_threshold.*claiming no new jobs",
+                         THRESHOLD + HEARTBEAT + SLACK + 10)
+    assert "heartbeats refused by the test" in a.log_text()
+    cluster.send("meanwhile", 0)
+    job = cluster.job_id("meanwhile")
+    # Two more refused beats after the send: the claim loop (polling every 0.1 s) had many chances.
+    failures = len(re.findall("heartbeat of .* failed", a.log_text()))
+    wait_until(lambda: len(re.findall("heartbeat of .* failed", a.log_text())) >= failures + 2, 30,
+               message="two more refused heartbeats")
+    assert states_of(cluster.snapshot())[job] == "ready"
+    assert cluster.started("meanwhile") == []
+
+    _execute(cluster, ALLOW)
+    a.wait_log(r"heartbeats again \(process id \d+\): claiming new jobs again", 30)
+    wait_until(lambda: cluster.ended("meanwhile", "a"), 30, message="the job published meanwhile to run")
+    log = a.log_text()
+    assert log.count("claiming no new jobs") == 1 and log.count("claiming new jobs again") == 1, log[-4000:]
+    assert stopped.start() < log.index("claiming new jobs again")
+    wait_until(lambda: states_of(cluster.snapshot())[job] == "finished", 30, message="its finish recorded")
+    assert [m[1] for m in cluster.marks("meanwhile")] == ["start", "end"]
+    assert invariant_violations(cluster.snapshot()) == []
