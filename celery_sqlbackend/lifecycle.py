@@ -30,11 +30,11 @@ import atexit
 import logging
 import threading
 
-from celery import signals
+from celery import current_app, signals
 from celery._state import connect_on_app_finalize
 from kombu.serialization import prepare_accept_content
 
-from . import config_check, failure_results, task_failures
+from . import config_check, failure_results, stale_deliveries, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -60,6 +60,7 @@ def connect_signals() -> None:
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
     signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
     signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
+    signals.worker_process_init.connect(on_pool_process_init, weak=False, dispatch_uid="sqlq.worker_process_init")
     # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
     connect_on_app_finalize(on_app_finalize)
 
@@ -124,6 +125,15 @@ def on_after_setup(sender=None, instance=None, **_):
     proc = worker_process(worker.app)
     if proc is not None and proc.id is not None and proc.concurrency != worker.concurrency:
         proc.set_concurrency(worker.concurrency)
+
+
+def on_pool_process_init(**_):
+    """A prefork pool process starts: it will not start a delivery whose claim was taken back
+    (``stale_deliveries``)."""
+    app = current_app._get_current_object()
+    store = broker_store(app)
+    if store is not None:
+        stale_deliveries.guard_tracers(app, store)
 
 
 def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):

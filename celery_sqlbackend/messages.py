@@ -8,6 +8,7 @@ whichever loop claims it.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -62,6 +63,7 @@ def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int,
     info = props.setdefault("delivery_info", {})
     info["sqlq_job_id"] = job_id
     info["sqlq_process_id"] = process_id
+    info["sqlq_claimed_at"] = time.time()     # (wall clock: see ``stale_deliveries``)
     info["redelivered"] = deliveries > 1
     payload["redelivered"] = deliveries > 1
     return payload

@@ -410,6 +410,12 @@ def held_since(conn: Connection, t: Tables, *, process_id: int, before: datetime
                                                       c.c.claimed_at < before)).scalars())
 
 
+def holds(conn: Connection, t: Tables, *, job_id: int, process_id: int) -> bool:
+    """``process_id`` still holds its claim on ``job_id`` (not pruned, released or finished since)."""
+    c = t.claimed
+    return conn.execute(select(c.c.job_id).where(c.c.job_id == job_id, c.c.process_id == process_id)).first() is not None
+
+
 def take_unowned(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int) -> list[Claimed]:
     """Delete and return up to ``limit`` ready jobs of ``queues`` for a consumer that acks nothing.
 
@@ -468,3 +474,6 @@ class Claims(Gateway):
 
     def held_since(self, *, process_id: int, before: datetime) -> list[int]:
         return self.store.read(held_since, self.t, process_id=process_id, before=before)
+
+    def holds(self, *, job_id: int, process_id: int) -> bool:
+        return self.store.read(holds, self.t, job_id=job_id, process_id=process_id)

@@ -75,3 +75,29 @@ def test_a_worker_whose_heartbeats_keep_failing_stops_claiming_until_one_gets_th
     wait_until(lambda: states_of(cluster.snapshot())[job] == "finished", 30, message="its finish recorded")
     assert [m[1] for m in cluster.marks("meanwhile")] == ["start", "end"]
     assert invariant_violations(cluster.snapshot()) == []
+
+
+def test_a_frozen_worker_never_starts_a_prefetched_job_that_was_released_to_another(cluster):
+    a = cluster.worker("a")                     # one pool process: the second job waits in a's hands
+    cluster.send("first", 2.0)
+    wait_until(lambda: cluster.started("first", "a"), 30, message="the first job to start on a")
+    cluster.send("second", 0.2)
+    wait_for_claims(cluster, 2, "a", started=1)  # "second" is claimed by a, prefetched, not started
+    first, second = cluster.job_id("first"), cluster.job_id("second")
+
+    a.stop()                                    # the whole group: a frozen machine
+    b = cluster.worker("b")
+    try:
+        wait_until(lambda: cluster.ended("second", "b"), THRESHOLD + HEARTBEAT + SLACK + 30, 0.1,
+                   "a to be pruned and the released job to run on b")
+    finally:
+        a.cont()
+
+    a.wait_log(rf"\(job {second}\) not started: its claim under process id \d+ was taken back", 30)
+    wait_until(lambda: cluster.ended("first", "a"), 30, message="a's running task to return after SIGCONT")
+    wait_until(lambda: states_of(cluster.snapshot())[second] == "finished", 30, message="b's finish recorded")
+    assert [(m[1], m[2].split("@")[0]) for m in cluster.marks("second")] == [("start", "b"), ("end", "b")]
+    snap = cluster.snapshot()
+    assert states_of(snap)[first] == "failed" and snap["failed"][first].error_class == "ProcessPrunedError"
+    assert invariant_violations(snap) == []
+    assert a.alive() and b.alive()
