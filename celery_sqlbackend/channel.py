@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import time
 import logging
 from queue import Empty
 from time import monotonic
@@ -256,7 +257,8 @@ class Channel(virtual.Channel):
             if verdict is not None:
                 self._fail_unusable(job, process_id, *verdict)
                 return None
-        return for_delivery(payload, job.job_id, job.deliveries, process_id)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id,
+                            claimed_at=time.time() if self.options.check_stale_deliveries else None)
 
     def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
         """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""

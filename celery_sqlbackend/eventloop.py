@@ -66,12 +66,12 @@ class ClaimFeed:
             self._flush_due = None
             loop.on_tick.add(self._on_tick)
             self._poll = loop.call_repeatedly(transport.options.polling_interval, self.kick)
-            # A wake-up channel the hub can watch (a SQLite file's wake socket): a kick at each commit.
+            # Wake-ups at commit (a SQLite file's wake socket, ``sqlite_wake``): a thread waits on them and
+            # kicks the hub through the pipe above.  (Not the socket itself among the hub's readers: with
+            # AsynPool's descriptors beside it, the hub was seen to stop serving the pool's pipes.)
             self._waker = waiter_for(store_for(transport.client.hostname, transport.options))
-            if self._waker is not None and hasattr(self._waker, "fileno"):
-                loop.add_reader(self._waker.fileno(), self._on_wake)
-            else:
-                self._waker = None
+            if self._waker is not None:
+                threading.Thread(target=self._wait_for_wakes, name="sqlq-wake", daemon=True).start()
         else:
             self._thread = threading.Thread(target=self._run, name="sqlq-claim", daemon=True)
             self._thread.start()
@@ -91,9 +91,10 @@ class ClaimFeed:
             with contextlib.suppress(OSError):
                 os.write(self._w, b"k")
 
-    def _on_wake(self, *_) -> None:
-        self._waker.drain()
-        self.kick()
+    def _wait_for_wakes(self) -> None:
+        while not self._stop.is_set():
+            if self._waker.wait(1.0) and not self._stop.is_set():
+                self.kick()
 
     def _on_tick(self) -> None:
         self._hub_thread = threading.get_ident()
@@ -156,9 +157,6 @@ class ClaimFeed:
         self.transport._wake.set()
         if self.on_hub:
             self.loop.on_tick.discard(self._on_tick)
-            if self._waker is not None:
-                with contextlib.suppress(Exception):
-                    self.loop.remove_reader(self._waker.fileno())
             for timer in (self._poll, self._flush_due):
                 if timer is not None:
                     with contextlib.suppress(Exception):

@@ -131,9 +131,10 @@ def on_pool_process_init(**_):
     """A prefork pool process starts: it will not start a delivery whose claim was taken back
     (``stale_deliveries``)."""
     app = current_app._get_current_object()
-    store = broker_store(app)
-    if store is not None:
-        stale_deliveries.guard_tracers(app, store)
+    if broker_database_url(app.conf) is not None:
+        options = Options.from_mapping(from_celery_conf(app.conf))
+        if options.check_stale_deliveries:
+            stale_deliveries.guard_tracers(app, options.alive_threshold, lambda: broker_store(app))
 
 
 def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):

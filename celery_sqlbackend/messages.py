@@ -8,7 +8,6 @@ whichever loop claims it.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -50,7 +49,7 @@ def to_store(message: dict[str, Any]) -> Stored:
 
 
 def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int,
-                 process_id: int | None = None) -> dict[str, Any]:
+                 process_id: int | None = None, claimed_at: float | None = None) -> dict[str, Any]:
     """Mark a decoded stored message for this delivery (in place; returns it).
 
     Every delivery gets its own tag: the stored one was minted at publish and
@@ -63,7 +62,8 @@ def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int,
     info = props.setdefault("delivery_info", {})
     info["sqlq_job_id"] = job_id
     info["sqlq_process_id"] = process_id
-    info["sqlq_claimed_at"] = time.time()     # (wall clock: see ``stale_deliveries``)
+    if claimed_at is not None:
+        info["sqlq_claimed_at"] = claimed_at     # (wall clock: see ``stale_deliveries``)
     info["redelivered"] = deliveries > 1
     payload["redelivered"] = deliveries > 1
     return payload

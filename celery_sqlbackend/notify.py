@@ -108,7 +108,7 @@ def waiter_for(store: Store) -> NotifyWaiter | SqliteWaker | None:
     """This process's waiter for ready jobs of ``store``: LISTEN on PostgreSQL, the wake socket
     beside a SQLite file (``sqlite_wake``), None where only the poll wakes a worker."""
     if store.dialect.embedded:
-        return sqlite_waiter_for(store.engine) if store.options.use_notify else None
+        return sqlite_waiter_for(store.engine) if store.options.sqlite_wake else None
     return _listener(store, ready_channel(store.t), NotifyWaiter)
 
 

@@ -22,7 +22,11 @@ option                      default   meaning
 ``dispatch_interval``       1.0 s     how often due scheduled (ETA) jobs are promoted
 ``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
                                       the session's ``innodb_lock_wait_timeout``)
-``use_notify``              True      wake idle workers: LISTEN/NOTIFY on PostgreSQL, sockets beside a SQLite file
+``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
+``sqlite_wake``             False     SQLite: wake idle workers at commit through sockets beside
+                                      the file (``sqlite_wake``); opt-in while it is being proven
+``check_stale_deliveries``  False     prefork: a pool process checks an old delivery's claim before
+                                      the task starts (frozen workers: ``stale_deliveries``); opt-in
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
 ``event_loop``              auto      deliver through Celery's event loop (default: on
                                       PostgreSQL and SQLite; False: Celery's blocking
@@ -64,6 +68,8 @@ class Options:
     dispatch_interval: float = 1.0
     busy_timeout: float = 30.0
     use_notify: bool = True
+    sqlite_wake: bool = False
+    check_stale_deliveries: bool = False
     retry_attempts: int = 8
     event_loop: bool | None = None
     record_task_failures: bool = True

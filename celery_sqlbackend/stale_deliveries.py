@@ -60,27 +60,28 @@ def claim_of(request: dict) -> tuple[int, int, float] | None:
     return job_id, process_id, claimed_at
 
 
-def lost(store: Store, request: dict) -> tuple[int, int] | None:
-    """The (job id, process id) of a delivery whose claim no longer stands; None: run it."""
+def lost(threshold: float, store: Callable[[], Store], request: dict) -> tuple[int, int] | None:
+    """The (job id, process id) of a delivery whose claim no longer stands; None: run it.
+    ``store`` is called only when a delivery is old enough to need the check."""
     claim = claim_of(request)
     if claim is None:
         return None
     job_id, process_id, claimed_at = claim
-    if time.time() - claimed_at < store.options.alive_threshold / 2:
+    if time.time() - claimed_at < threshold / 2:
         return None
     try:
-        held = store.claims.holds(job_id=job_id, process_id=process_id)
+        held = store().claims.holds(job_id=job_id, process_id=process_id)
     except Exception as exc:
         log.warning("could not check the claim of job %s before starting it (%s); starting it", job_id, exc)
         return None
     return None if held else (job_id, process_id)
 
 
-def guarded(store: Store, name: str, trace: Callable[..., Any]) -> Callable[..., Any]:
+def guarded(threshold: float, store: Callable[[], Store], name: str, trace: Callable[..., Any]) -> Callable[..., Any]:
     """``trace`` (a task's Celery tracer) that first drops a delivery whose claim was taken back."""
     @functools.wraps(trace)
     def guarded_trace(uuid: str, args: Any, kwargs: Any, request: dict | None = None) -> Any:
-        gone = lost(store, request or {})
+        gone = lost(threshold, store, request or {})
         if gone is None:
             return trace(uuid, args, kwargs, request)
         job_id, process_id = gone
@@ -95,13 +96,17 @@ def guarded(store: Store, name: str, trace: Callable[..., Any]) -> Callable[...,
     return guarded_trace
 
 
-def guard_tracers(app: Any, store: Store) -> int:
-    """Wrap the tracer of every task of ``app`` built in this pool process; returns how many."""
+def guard_tracers(app: Any, threshold: float, store: Callable[[], Store]) -> int:
+    """Wrap the tracer of every task of ``app`` built in this pool process; returns how many.
+
+    ``store`` gives the broker's store when a check needs it: a pool process that never meets an
+    old delivery never touches it.  (Opening it in every pool process as it starts made warm
+    shutdowns stall on SQLite in the test suite, so it is looked up only when needed.)"""
     wrapped = 0
     for name, task in list(app.tasks.items()):
         trace = getattr(task, "__trace__", None)
         if trace is None or getattr(trace, "sqlq_guarded", False):
             continue
-        task.__trace__ = guarded(store, name, trace)
+        task.__trace__ = guarded(threshold, store, name, trace)
         wrapped += 1
     return wrapped

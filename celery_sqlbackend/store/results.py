@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, Row, delete, insert, select, text, update
+from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, text, update
 
 from .dialects import Dialect
 from .gateway import Gateway
@@ -92,7 +92,12 @@ def store_result(conn: Connection, t: Tables, d: Dialect, *, task_id: str, statu
                   content_encoding=content_encoding, payload=payload, name=name, worker=worker,
                   retries=retries, queue=queue, group_id=group_id, date_done=date_done, updated_at=now)
     changes = {k: v for k, v in values.items() if k != "task_id"}
-    stored = _upsert(conn, d, r, "task_id", values, changes, where=r.c.status != "SUCCESS")
+    where = r.c.status != "SUCCESS"
+    if retries is not None:
+        # An earlier attempt's state never replaces a later one's: Celery's retry publishes the next
+        # attempt before it records RETRY, and a worker woken at once may have finished that attempt.
+        where = and_(where, or_(r.c.retries.is_(None), r.c.retries <= retries))
+    stored = _upsert(conn, d, r, "task_id", values, changes, where=where)
     if stored and notify and status in READY_STATES:
         _notify(conn, t, d, [task_id])
     return stored

@@ -2,11 +2,14 @@
 through the wake sockets beside the file, not by its poll; a worker killed with SIGKILL leaves nothing
 that breaks publishing.
 
-The workers poll once a minute here: a job that starts within 10 s of being sent was woken.
+The workers poll once a minute here (and wait on the sockets: ``sqlite_wake=True``): a job that starts
+within 10 s of being sent was woken.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -26,7 +29,7 @@ from celery_sqlbackend.store import Store
 from celery_sqlbackend.store.jobs import NewJob
 from tests.harness import wait_until
 
-from ..compat.conftest import HERE, import_stackapp
+from tests.harness import write_app
 
 POLL = 60.0
 WOKEN_WITHIN = 10.0
@@ -48,14 +51,38 @@ def _started_at(runs_file: Path, label: str) -> float:
     return at
 
 
+TASKS = '''
+import os, time
+
+@app.task(name="wake.record")
+def record(label):
+    fd = os.open(os.environ["WAKE_RUNS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{label} {os.getpid()} {time.time():.6f}\\n".encode())
+    finally:
+        os.close(fd)
+    return label
+'''
+
+
 @pytest.fixture
 def slow_poll(sqlite_url, tmp_path, monkeypatch):
-    yield from import_stackapp(sqlite_url, tmp_path, monkeypatch, STACK_POLL=str(POLL))
+    """(app module, runs file, env): an app polling once a minute, woken through the sockets."""
+    runs = tmp_path / "runs.txt"
+    conf = {"broker_transport_options": {"create_tables": True, "polling_interval": POLL, "sqlite_wake": True},
+            "broker_connection_retry_on_startup": True}
+    write_app(tmp_path, f"sqlq+{sqlite_url}", f"sqlq+{sqlite_url}", extra_conf=conf, tasks_source=TASKS,
+              module="wakeapp")
+    monkeypatch.setenv("WAKE_RUNS", str(runs))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("wakeapp", None)
+    module = importlib.import_module("wakeapp")
+    yield module, runs, {"WAKE_RUNS": str(runs)}
+    sys.modules.pop("wakeapp", None)
 
 
 def _idle_worker(spawn_worker, tmp_path, env, url):
-    worker = spawn_worker(tmp_path, app="stackapp", app_dir=HERE, concurrency=1, env=env,
-                          extra_args=["--without-heartbeat"])
+    worker = spawn_worker(tmp_path, app="wakeapp", concurrency=1, env=env, extra_args=["--without-heartbeat"])
     wait_until(lambda: _sockets_of(url, worker.pid), 30, message=f"the worker's wake socket\n{worker.output()}")
     return worker
 
@@ -106,7 +133,7 @@ def _job(queue: str = "q") -> NewJob:
 
 
 def test_the_waiter_wakes_only_for_commits_and_not_for_in_memory_databases(sqlite_url):
-    store = Store(sqlite_url, Options(create_tables=True))
+    store = Store(sqlite_url, Options(create_tables=True, sqlite_wake=True))
     store.ensure_schema()
     waiter = waiter_for(store)
     waiter.drain()
@@ -126,4 +153,4 @@ def test_the_waiter_wakes_only_for_commits_and_not_for_in_memory_databases(sqlit
     assert waiter.wait(0) is False
 
     assert sqlite_waiter_for(create_engine("sqlite://")) is None      # in memory: no file, poll only
-    assert waiter_for(Store(sqlite_url, Options(create_tables=True, use_notify=False))) is None
+    assert waiter_for(Store(sqlite_url, Options(create_tables=True))) is None     # (opt-in)
