@@ -67,8 +67,8 @@ class ClaimFeed:
             loop.on_tick.add(self._on_tick)
             self._poll = loop.call_repeatedly(transport.options.polling_interval, self.kick)
             # Wake-ups at commit (a SQLite file's wake socket, ``sqlite_wake``): a thread waits on them and
-            # kicks the hub through the pipe above.  (Not the socket itself among the hub's readers: with
-            # AsynPool's descriptors beside it, the hub was seen to stop serving the pool's pipes.)
+            # kicks the hub through the pipe above, as a thread pool's acks do, so the hub's readers stay
+            # the pool's and ours.
             self._waker = waiter_for(store_for(transport.client.hostname, transport.options))
             if self._waker is not None:
                 threading.Thread(target=self._wait_for_wakes, name="sqlq-wake", daemon=True).start()

@@ -39,9 +39,8 @@ same event, on whichever Engine it was made.  A rollback sends nothing.
 
 In-memory databases (and temporary ones) have no file and no other process:
 workers poll.  Workers wait on the sockets only with ``sqlite_wake=True``
-(opt-in for now: with it on, two real-worker tests of the suite failed about
-one run in three under load, a 30 s stall whose cause is not found yet;
-publishers always send, which costs one ``listdir`` when nobody waits).
+(opt-in for now, until it has run in the whole suite; a publisher wakes
+only where the directory exists, that is where some worker has opted in).
 """
 from __future__ import annotations
 
