@@ -24,6 +24,7 @@ from typing import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from .limits import worker as limit_worker
 from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.processes")
@@ -157,6 +158,8 @@ class AckBuffer:
             return False
         if not done:
             self._log_claim_lost(job_id, process_id)
+        else:
+            limit_worker.finished(self.store, [job_id])   # (its Concurrency slot, if it holds one)
         return done
 
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
@@ -232,6 +235,7 @@ class AckBuffer:
         if marks or finishes:
             log.debug("recorded %d started and %d finished job(s)", len(marks), len(finishes))
         done = set(done)
+        limit_worker.finished(self.store, done)   # Concurrency slots of those that hold one
         for job_id, process_id in finishes:
             if job_id not in done:
                 self._log_claim_lost(job_id, process_id)

@@ -155,9 +155,9 @@ def put(store: Store, job: NewJob) -> Enqueued:
     state = scope.batch
     if state is None:
         return insert_one(caller, store.t, store.dialect, job)
-    if job.unique is not None:
-        # Its outcome decides what apply_async returns, so it is written now, after
-        # the jobs buffered before it (first in, first out).
+    if job.unique is not None or job.limits is not None:
+        # Its outcome decides what apply_async returns (a limit: whether it waits), so it is
+        # written now, after the jobs buffered before it (first in, first out).
         _flush(store, state, caller)
         if _stages(store, caller):   # (committed at once: it holds its key from now on)
             return store.run(insert_one, store.t, store.dialect, job)

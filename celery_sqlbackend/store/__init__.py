@@ -45,6 +45,7 @@ from ..errors import ConfigurationError, SchemaMissingError
 from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
+from .blocked import Blocked
 from .claims import Claimed, Claims
 from . import lock_retries
 from .dialects import dialect_of, retry_cause
@@ -54,8 +55,10 @@ from .failed import Failed
 from .jobs import Jobs
 from .processes import Orphan, Processes
 from .queues import Queues
+from .rates import Rates
 from .recurring import Recurring
 from .results import Results
+from .semaphores import Semaphores
 from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
 
@@ -92,6 +95,9 @@ class Store:
         self.results = Results(self)
         self.unique_keys = UniqueKeys(self)
         self.recurring = Recurring(self)
+        self.semaphores = Semaphores(self)
+        self.rates = Rates(self)
+        self.blocked = Blocked(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"

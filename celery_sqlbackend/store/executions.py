@@ -64,7 +64,11 @@ def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limi
     if not rows:
         return 0
     conn.execute(delete(s).where(s.c.id.in_([row.id for row in rows])))
-    make_ready(conn, t, d, [row.job_id for row in rows], now)
+    from .admission import admit_due   # (admission makes jobs ready through this module)
+    limited = admit_due(conn, t, d, job_ids=[row.job_id for row in rows], now=now)
+    plain = [row.job_id for row in rows if row.job_id not in limited]
+    if plain:
+        make_ready(conn, t, d, plain, now)
     return len(rows)
 
 
