@@ -32,10 +32,10 @@ class LimitsStatus:
 def limits_status(store: Store, limit: int = 20) -> LimitsStatus:
     """The ``limit`` keys with the most blocked jobs, and how many jobs are blocked in all."""
     now = utcnow()
-    holds = {row.key: (row.held, row.slots) for row in store.semaphores.holds_by_key(now=now, limit=1000)}
-    rates = {row.key: row for row in store.rates.waiting_keys(limit=1000)}
+    holds = {row.key: (row.held, row.slots) for row in store.limits.holds_by_key(now=now, limit=1000)}
+    rates = {row.key: row for row in store.limits.rate_keys(limit=1000)}
     keys = []
-    for row in store.blocked.counts(limit=limit):
+    for row in store.limits.blocked_counts(limit=limit):
         if row.kind == "rate":
             r = rates.get(row.key)
             keys.append(BlockedKey(row.kind, row.key, row.queue_name, row.jobs, None, r.max_starts if r else None,
@@ -43,4 +43,4 @@ def limits_status(store: Store, limit: int = 20) -> LimitsStatus:
         else:
             held, slots = holds.get(row.key, (0, None))
             keys.append(BlockedKey(row.kind, row.key, row.queue_name, row.jobs, held, slots, None, None))
-    return LimitsStatus(keys=keys, total=store.blocked.total())
+    return LimitsStatus(keys=keys, total=store.limits.blocked_total())

@@ -10,7 +10,7 @@ and release, a pruner or an operator failed the job, the slot's ``duration``
 ran out) is caught by ``chores``, run with the promotion of due jobs (every
 ``dispatch_interval``) and after each heartbeat's pruning.
 
-Rate-blocked jobs are claimed by their own statement (``store.rates``), and
+Rate-blocked jobs are claimed by their own statement (``store.limits.claim_rated``), and
 only once a key can have opened (``RateGate``): while no job waits on a rate
 the claim loop sends nothing more.  Both sides skip everything while the
 database has no limit keys at all (``active``, looked up every ``RECHECK`` s).
@@ -67,7 +67,7 @@ def active(store: Store) -> bool:
     st = _state(store)
     now = time.monotonic()
     if now >= st.active_until:
-        st.active = store.semaphores.in_use()
+        st.active = store.limits.in_use()
         st.active_until = now + RECHECK
     return st.active or bool(st.holding)
 
@@ -92,7 +92,7 @@ def finished(store: Store, job_ids: Iterable[int]) -> None:
     if not mine:
         return
     try:
-        store.semaphores.release(job_ids=sorted(mine), now=utcnow())
+        store.limits.release(job_ids=sorted(mine), now=utcnow())
     except SQLAlchemyError as exc:
         log.warning("could not give back the concurrency slots of job(s) %s (%s); the next chores will",
                     sorted(mine), exc)
@@ -108,11 +108,11 @@ def claim_throttled(store: Store, queues: Sequence[str], limit: int, process_id:
         # Not known to be open: one index read (``next_open``) at most every polling interval.
         if mono < st.next_look:
             return []
-        st.opens_at = store.rates.next_open()
+        st.opens_at = store.limits.next_open()
         st.next_look = mono + store.options.polling_interval
         if st.opens_at is None or st.opens_at > now:
             return []
-    claimed = store.rates.claim(queues=queues, limit=limit, process_id=process_id, now=now)
+    claimed = store.limits.claim_rated(queues=queues, limit=limit, process_id=process_id, now=now)
     # Look again next round; after an empty claim (open keys, but in other queues) not for a while.
     st.opens_at = None
     st.next_look = mono if claimed else mono + LOOK_AFTER_EMPTY
@@ -124,7 +124,7 @@ def chores(store: Store) -> int:
     where a key has room (a limit raised in code, holds gone).  Returns the jobs let in."""
     if not active(store):
         return 0
-    sem, now = store.semaphores, utcnow()
+    sem, now = store.limits, utcnow()
     let_in = 0
     stale = sem.orphaned(limit=BATCH)
     if stale:
@@ -135,10 +135,15 @@ def chores(store: Store) -> int:
         let_in += len(sem.release(job_ids=expired, now=now))
     for key in sem.starved_keys(now=now, limit=BATCH):
         let_in += len(sem.let_in(key=key, now=now))
+    if sem.has_due(now=now):    # scheduled jobs with limits whose ETA came
+        while (n := sem.dispatch_due(now=now, limit=BATCH)):
+            let_in += n
+            if n < BATCH:
+                break
     return let_in
 
 
 def forget_idle(store: Store) -> None:
     """Delete semaphore rows nobody has used for ``IDLE_KEYS_AFTER`` (run with the clearing of history)."""
     if active(store):
-        store.semaphores.forget_idle(before=utcnow() - IDLE_KEYS_AFTER, limit=BATCH)
+        store.limits.forget_idle(before=utcnow() - IDLE_KEYS_AFTER, limit=BATCH)

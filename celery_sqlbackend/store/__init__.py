@@ -45,7 +45,6 @@ from ..errors import ConfigurationError, SchemaMissingError
 from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
-from .blocked import Blocked
 from .claims import Claimed, Claims
 from . import lock_retries
 from .dialects import dialect_of, retry_cause
@@ -53,12 +52,11 @@ from .engine import READ_ONLY, get_engine
 from .executions import Executions
 from .failed import Failed
 from .jobs import Jobs
+from .limits import Limits
 from .processes import Orphan, Processes
 from .queues import Queues
-from .rates import Rates
 from .recurring import Recurring
 from .results import Results
-from .semaphores import Semaphores
 from .schema import add_missing_columns, missing_columns, tables
 from .unique_keys import UniqueKeys
 
@@ -95,9 +93,7 @@ class Store:
         self.results = Results(self)
         self.unique_keys = UniqueKeys(self)
         self.recurring = Recurring(self)
-        self.semaphores = Semaphores(self)
-        self.rates = Rates(self)
-        self.blocked = Blocked(self)
+        self.limits = Limits(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"

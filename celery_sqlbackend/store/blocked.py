@@ -14,7 +14,6 @@ from typing import Any, Sequence
 from sqlalchemy import Connection, delete, func, insert, select
 
 from .dialects import Dialect
-from .gateway import Gateway
 from .schema import Tables
 
 CONCURRENCY = "concurrency"
@@ -66,16 +65,3 @@ def counts(conn: Connection, t: Tables, *, limit: int) -> list[Any]:
 
 def total(conn: Connection, t: Tables) -> int:
     return conn.execute(select(func.count()).select_from(t.blocked)).scalar_one()
-
-
-class Blocked(Gateway):
-    """``store.blocked``: what waits on limits, for the operator (blocking and letting in are part of
-    the enqueue, finish and claim transactions: ``admission``, ``semaphores``, ``rates``)."""
-
-    __slots__ = ()
-
-    def counts(self, *, limit: int = 20) -> list[Any]:
-        return self.store.read(counts, self.t, limit=limit)
-
-    def total(self) -> int:
-        return self.store.read(total, self.t)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, text
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, literal, select, text
 
 from .dialects import Dialect
 from .gateway import Gateway
@@ -58,17 +58,15 @@ def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limi
     """Promote up to ``limit`` scheduled executions whose time has come to ready; returns how many."""
     s = t.scheduled
     due = select(s.c.id, s.c.job_id).where(s.c.scheduled_at <= now).order_by(s.c.scheduled_at, s.c.job_id).limit(limit)
+    # (Jobs with limits are admitted by their limits instead: ``admission.dispatch_due``.)
+    due = due.where(~exists(select(t.job_limits.c.job_id).where(t.job_limits.c.job_id == s.c.job_id)))
     if d.skip_locked:
         due = due.with_for_update(skip_locked=True)
     rows = conn.execute(due).all()
     if not rows:
         return 0
     conn.execute(delete(s).where(s.c.id.in_([row.id for row in rows])))
-    from .admission import admit_due   # (admission makes jobs ready through this module)
-    limited = admit_due(conn, t, d, job_ids=[row.job_id for row in rows], now=now)
-    plain = [row.job_id for row in rows if row.job_id not in limited]
-    if plain:
-        make_ready(conn, t, d, plain, now)
+    make_ready(conn, t, d, [row.job_id for row in rows], now)
     return len(rows)
 
 

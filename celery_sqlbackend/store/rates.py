@@ -26,7 +26,6 @@ from sqlalchemy.dialects import mysql
 from . import blocked, unique_keys
 from .claims import Claimed
 from .dialects import Dialect
-from .gateway import Gateway
 from .schema import Tables
 
 #: A slot is taken again this fraction of a period after it left the window (``limits.rate.GUARD``).
@@ -124,16 +123,3 @@ def waiting_keys(conn: Connection, t: Tables, *, limit: int) -> list[Any]:
                              .where(r.c.next_open.is_not(None)).order_by(r.c.next_open).limit(limit)).all())
 
 
-class Rates(Gateway):
-    """``store.rates``: claiming rate-blocked jobs, and when to try (``next_open``)."""
-
-    __slots__ = ()
-
-    def next_open(self) -> datetime | None:
-        return self.store.read(next_open, self.t)
-
-    def claim(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime) -> list[Claimed]:
-        return self.store.run(claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now)
-
-    def waiting_keys(self, *, limit: int = 20) -> list[Any]:
-        return self.store.read(waiting_keys, self.t, limit=limit)

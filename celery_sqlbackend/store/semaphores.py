@@ -23,7 +23,6 @@ from sqlalchemy.dialects import mysql
 
 from . import blocked
 from .dialects import Dialect
-from .gateway import Gateway
 from .schema import Tables
 
 
@@ -68,47 +67,6 @@ def acquire(conn: Connection, t: Tables, d: Dialect, *, key: str, slots: int, du
         return False
     hold(conn, t, key=key, job_ids=[job_id], duration=duration, now=now)
     return True
-
-
-def release(conn: Connection, t: Tables, d: Dialect, *, job_ids: Sequence[int], now: datetime) -> list[int]:
-    """Give back the slots ``job_ids`` hold and let the next blocked jobs of their keys in.
-
-    Returns the jobs let in.  Holds that are gone already (expired and
-    swept, or released by another path) are simply not there: a no-op.
-    """
-    h = t.semaphore_holds
-    if not job_ids:
-        return []
-    held = conn.execute(select(h.c.key, h.c.job_id).where(h.c.job_id.in_(sorted(set(job_ids))))).all()
-    by_key: dict[str, list[int]] = {}
-    for row in held:
-        by_key.setdefault(row.key, []).append(row.job_id)
-    let_in: list[int] = []
-    for key in sorted(by_key):
-        slots = lock_key(conn, t, d, key=key, slots=None, now=now)
-        conn.execute(delete(h).where(h.c.job_id.in_(sorted(by_key[key])), h.c.key == key))
-        if slots is not None:
-            let_in += _let_in_locked(conn, t, d, key=key, slots=slots, now=now)
-    return let_in
-
-
-def let_in(conn: Connection, t: Tables, d: Dialect, *, key: str, now: datetime) -> list[int]:
-    """Let blocked jobs of ``key`` in while it has free slots (its limit grew, a hold expired)."""
-    slots = lock_key(conn, t, d, key=key, slots=None, now=now)
-    return [] if slots is None else _let_in_locked(conn, t, d, key=key, slots=slots, now=now)
-
-
-def _let_in_locked(conn: Connection, t: Tables, d: Dialect, *, key: str, slots: int, now: datetime) -> list[int]:
-    from .admission import after_slot   # (admission routes a job by all its limits; it imports this module)
-    free = slots - live_holds(conn, t, key=key, now=now)
-    if free <= 0:
-        return []
-    rows = blocked.next_of(conn, t, d, kind=blocked.CONCURRENCY, key=key, limit=free)
-    if not rows:
-        return []
-    blocked.remove(conn, t, [row.id for row in rows])
-    after_slot(conn, t, d, key=key, rows=rows, now=now)
-    return [row.job_id for row in rows]
 
 
 def expired(conn: Connection, t: Tables, *, now: datetime, limit: int) -> list[int]:
@@ -159,37 +117,8 @@ def holds_by_key(conn: Connection, t: Tables, *, now: datetime, limit: int) -> l
 
 
 def in_use(conn: Connection, t: Tables) -> bool:
-    """Any semaphore or rate key at all: whether the workers' limit chores have anything to do."""
-    return (conn.execute(select(t.semaphores.c.key).limit(1)).first() is not None
-            or conn.execute(select(t.rate_keys.c.key).limit(1)).first() is not None)
+    """Any job with limits, semaphore or rate key at all: whether the workers' limit chores have anything to do."""
+    return any(conn.execute(select(column).limit(1)).first() is not None
+               for column in (t.job_limits.c.job_id, t.semaphores.c.key, t.rate_keys.c.key))
 
 
-class Semaphores(Gateway):
-    """``store.semaphores``: releasing slots and the chores of ``Concurrency`` (taking a slot is part of
-    the enqueue: ``admission``)."""
-
-    __slots__ = ()
-
-    def release(self, *, job_ids: Sequence[int], now: datetime) -> list[int]:
-        return self.store.run(release, self.t, self.d, job_ids=job_ids, now=now)
-
-    def let_in(self, *, key: str, now: datetime) -> list[int]:
-        return self.store.run(let_in, self.t, self.d, key=key, now=now)
-
-    def expired(self, *, now: datetime, limit: int) -> list[int]:
-        return self.store.read(expired, self.t, now=now, limit=limit)
-
-    def orphaned(self, *, limit: int) -> list[int]:
-        return self.store.read(orphaned, self.t, limit=limit)
-
-    def starved_keys(self, *, now: datetime, limit: int) -> list[str]:
-        return self.store.read(starved_keys, self.t, now=now, limit=limit)
-
-    def forget_idle(self, *, before: datetime, limit: int) -> int:
-        return self.store.run(forget_idle, self.t, before=before, limit=limit)
-
-    def holds_by_key(self, *, now: datetime, limit: int = 20) -> list[Any]:
-        return self.store.read(holds_by_key, self.t, now=now, limit=limit)
-
-    def in_use(self) -> bool:
-        return self.store.read(in_use, self.t)
