@@ -81,6 +81,8 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
         keys = keys.with_for_update(skip_locked=True)
     taken: list[int] = []
     for row in conn.execute(keys).all():
+        if len(taken) >= limit:
+            break       # (the keys locked beyond are let go, as they were, at commit)
         window = row.period * (1 + GUARD)
         recent = sorted(s for s in json.loads(row.starts) if s > _epoch(now) - window)
         room = min(row.max_starts - len(recent), limit - len(taken))
