@@ -142,3 +142,16 @@ def test_status_shows_blocked_jobs_per_key(limits_app, db_url, tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=directory, env={**os.environ, **env})
     assert "Blocked on limits (5 jobs" in out.stdout and "api:p[red]" in out.stdout    # literal, not markup
     assert "2/2 slots held" in out.stdout
+
+
+def test_a_purged_queue_takes_its_blocked_jobs_and_their_slots_come_back(limits_app, db_url):
+    _, app, _ = limits_app
+    store = _store(app)
+    for n in range(3):
+        app.sync.delay(4, n)
+    assert _state(db_url)[0] == [("account:4", 2)] and len(_state(db_url)[1]) == 1
+    assert store.queues.purge("celery") == 3
+    limit_worker.chores(store)
+    assert _state(db_url) == ([], [], [])
+    app.sync.delay(4, 3)                 # the key's slots are free again
+    assert _state(db_url)[0] == [("account:4", 1)]
