@@ -39,7 +39,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
 from ..errors import ConfigurationError
-from . import fork_gate
+from . import fork_gate, pooler
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -76,8 +76,9 @@ def get_autocommit_engine(url: str) -> Engine:
         with _lock:
             engine = _engines.get(key)
             if engine is None:
-                engine = _engines[key] = create_engine(url, pool_size=5, max_overflow=10,
-                                                       isolation_level="AUTOCOMMIT")
+                parsed, extra = pooler.engine_arguments(url)
+                engine = _engines[key] = create_engine(parsed, pool_size=5, max_overflow=10,
+                                                       isolation_level="AUTOCOMMIT", **extra)
     return engine
 
 
@@ -90,7 +91,8 @@ def _create(url: str, busy_timeout: float) -> Engine:
     try:
         if parsed.get_backend_name() in ("mysql", "mariadb"):
             return _create_mysql(url, busy_timeout)
-        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        parsed, extra = pooler.engine_arguments(parsed)   # (a pooler in transaction mode: no prepared statements)
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, **extra)
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver for {parsed.render_as_string(hide_password=True)!r} is not installed "
