@@ -117,11 +117,14 @@ def db_url(request) -> str:
 
 
 @pytest.fixture
-def private_pg():
-    """A dedicated, started PrivatePostgres (``.url()``, ``.stop(mode)``, ``.start()``, ``.restart()``)."""
+def private_pg(request):
+    """A dedicated, started PrivatePostgres (``.url()``, ``.stop(mode)``, ``.start()``, ``.restart()``).
+
+    Indirect parametrisation passes settings for its postgresql.conf (e.g. ``{"synchronous_commit": "on"}``).
+    """
     server = None
     try:
-        server = PrivatePostgres()
+        server = PrivatePostgres(settings=getattr(request, "param", None))
         server.start()
     except (ServerUnavailable, OSError) as exc:
         if server is not None:
