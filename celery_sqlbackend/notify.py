@@ -54,7 +54,8 @@ class NotifyWaiter:
         return listen(self.driver, self.dsn, self.channel)
 
     def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True if a job became ready meanwhile."""
+        """Block up to ``timeout`` seconds; True if a job became ready meanwhile (or may have: a
+        LISTEN just (re)established missed what was sent before it)."""
         with self._lock:
             if self._conn is None:
                 if time.monotonic() < self._retry_at:
@@ -67,6 +68,9 @@ class NotifyWaiter:
                     self._retry_at = time.monotonic() + 10
                     time.sleep(timeout)
                     return False
+                # A job committed between the caller's last claim and this LISTEN sent its
+                # NOTIFY to nobody: claim once more now that nothing can be missed.
+                return True
             try:
                 return bool(self._conn.wait(timeout))
             except Exception as exc:
