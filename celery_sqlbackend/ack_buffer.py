@@ -24,6 +24,7 @@ from typing import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import stopping_pool
 from .limits import worker as limit_worker
 from .store import Store, utcnow
 
@@ -181,6 +182,12 @@ class AckBuffer:
             # Its task raised and the task's process kept it as failed (``task_failures``): nothing was lost.
             log.debug("job %s ended failed in its task: kept as a failed execution", job_id)
             return
+        if stopping_pool.stopping():
+            job = self.store.jobs.detail(job_id)
+            if job is None or job["state"] == "finished":
+                # Its pool process finished it while the worker stopped (``stopping_pool``).
+                log.debug("job %s was already recorded finished by its pool process", job_id)
+                return
         log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
                   "process was pruned, and the pruner's decision (released or failed) stands",
                   job_id, self._name(), process_id)

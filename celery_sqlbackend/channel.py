@@ -14,7 +14,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance, poison, publishing, unique
+from . import fanout, maintenance, poison, publishing, stopping_pool, unique
 from .limits import keys as limit_keys, worker as limit_worker
 from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
@@ -356,12 +356,17 @@ class Channel(virtual.Channel):
           redelivery): so the claim is marked started (``may_have_run``), and is failed, never re-run.
         * The worker is stopping: Celery closes the channel before its pool has
           drained, so a job a pool process has already started, whose
-          "accepted" the worker has not read yet, still looks unacked here.
+          "accepted" the worker has not read yet, still looks unacked here
+          (and Celery may drop that ack: the pool process finishes the job
+          itself, ``stopping_pool``).
         """
         if self.process.managed:
+            stopping = self.worker.stopping()
+            if stopping:   # (``celery control shutdown`` sends no ``worker_shutting_down``)
+                stopping_pool.mark_stopping()
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
-                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not self.worker.stopping())
+                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not stopping)
             return
         self._release(message.delivery_tag)
 

@@ -23,6 +23,10 @@ option                      default   meaning
 ``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
+``listen_url``              ""        a direct PostgreSQL URL for the LISTEN connection,
+                                      when the store's URL goes through a pooler in
+                                      transaction mode (``store.pooler``); without it,
+                                      such a process polls
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
 ``event_loop``              auto      deliver through Celery's event loop (default: on
                                       PostgreSQL and SQLite; False: Celery's blocking
@@ -64,6 +68,7 @@ class Options:
     dispatch_interval: float = 1.0
     busy_timeout: float = 30.0
     use_notify: bool = True
+    listen_url: str = ""
     retry_attempts: int = 8
     event_loop: bool | None = None
     record_task_failures: bool = True
