@@ -13,7 +13,7 @@ ran out) is caught by ``chores``, run with the promotion of due jobs (every
 Rate-blocked jobs are claimed by their own statement (``store.limits.claim_rated``), and
 only once a key can have opened (``RateGate``): while no job waits on a rate
 the claim loop sends nothing more.  Both sides skip everything while the
-database has no limit keys at all (``active``, looked up every ``RECHECK`` s).
+database has no limited jobs at all (``active``, looked up every ``RECHECK`` s).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from .keys import holds_slot
 
 log = logging.getLogger("celery_sqlbackend.limits")
 
-#: How often a process checks whether the database has limit keys at all (seconds).
-RECHECK = 10.0
+#: How often a process checks whether the database has limited jobs at all (seconds): the longest
+#: the first rate-limited job of an idle database waits for a look.
+RECHECK = 5.0
 #: After a rate claim found nothing for this process's queues, the next look waits this long (seconds).
 LOOK_AFTER_EMPTY = 1.0
 #: Rows per chore batch.

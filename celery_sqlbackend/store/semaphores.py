@@ -117,8 +117,9 @@ def holds_by_key(conn: Connection, t: Tables, *, now: datetime, limit: int) -> l
 
 
 def in_use(conn: Connection, t: Tables) -> bool:
-    """Any job with limits, semaphore or rate key at all: whether the workers' limit chores have anything to do."""
+    """Any job with limits, or slot held, at all: whether the workers' limit chores have anything to do.
+    (Every limited job has its ``job_limits`` row while it exists; a hold may outlive its job.)"""
     return any(conn.execute(select(column).limit(1)).first() is not None
-               for column in (t.job_limits.c.job_id, t.semaphores.c.key, t.rate_keys.c.key))
+               for column in (t.job_limits.c.job_id, t.semaphore_holds.c.job_id))
 
 
