@@ -30,8 +30,6 @@ def test_three_workers_never_run_more_than_two_of_a_key(limits_app, db_url, spaw
     assert len(per_key) == KEYS
     for key, spans in per_key.items():
         assert most_at_once([(float(r[2]), float(r[3])) for r in spans]) <= 2, f"key {key} ran 3 at once"
-    # The limit let jobs of different keys run side by side meanwhile.
-    assert most_at_once([(float(r[2]), float(r[3])) for r in done]) > 2
     wait_until(lambda: rows(db_url, "select count(*) from sqlq_semaphore_holds") == [(0,)], 30,
                message="every slot given back")
     assert rows(db_url, "select count(*) from sqlq_blocked_executions") == [(0,)]
