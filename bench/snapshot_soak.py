@@ -85,6 +85,20 @@ def dead_tuples(store: Store) -> str:
     return ", ".join(f"{name}: {live:,} live / {dead:,} dead, {size / 2**20:.1f} MiB" for name, live, dead, size in rows)
 
 
+def claim_pages(store: Store, batch: int) -> str:
+    """Pages one claim's index walk reads (EXPLAIN ANALYZE, BUFFERS): the claim's cost without the machine's
+    speed in it (this shared machine's speed drifts by several times within a run)."""
+    r = store.t.ready.name
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT id FROM {r} WHERE queue_name = 'soak' "
+            f"ORDER BY priority DESC, job_id LIMIT {batch} FOR UPDATE SKIP LOCKED").scalar()
+        conn.rollback()
+    top = plan[0]["Plan"]
+    return (f"one claim's walk reads {top['Shared Hit Blocks'] + top['Shared Read Blocks']:,} pages "
+            f"in {plan[0]['Execution Time']:.2f} ms")
+
+
 def fresh_store(url: str, prefix: str) -> Store:
     store = Store(url, Options(create_tables=True, table_prefix=prefix))
     store.t.metadata.drop_all(store.engine)
@@ -123,6 +137,7 @@ def main() -> None:
         store = fresh_store(url, args.prefix)
         fresh = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "fresh")
         print("  " + dead_tuples(store))
+        print("  " + claim_pages(store, args.batch))
         base = {"rate": statistics.median(w["rate"] for w in fresh),
                 "claim": statistics.median(w["median_ms"] for w in fresh)}
 
@@ -133,12 +148,14 @@ def main() -> None:
         holder.exec_driver_sql(f"SELECT count(*) FROM {store.t.processes.name}").all()
         held = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "held")
         print("  " + dead_tuples(store))
+        print("  " + claim_pages(store, args.batch) + " (the snapshot still held)")
         holder.exec_driver_sql("COMMIT")
         holder.close()
 
         print(f"after: {args.after:,} more jobs once the held transaction has ended (autovacuum only)", flush=True)
         after = flow(store, args.after, args.chunk, args.batch, args.backlog, args.window, "after")
         print("  " + dead_tuples(store))
+        print("  " + claim_pages(store, args.batch))
         print()
         for name, windows in (("fresh", fresh), ("held", held), ("after", after)):
             print(summary(name, windows, base))
