@@ -187,10 +187,25 @@ def insert_executions(conn: Connection, t: Tables, d: Dialect, placed: Sequence[
         _insert_rows(conn, d, t.scheduled, scheduled)
 
 
-def delete_unplaced(conn: Connection, t: Tables, job_ids: Sequence[int]) -> None:
-    """Delete job rows written without executions (a staged batch that ended in an exception)."""
-    for start in range(0, len(job_ids), 500):
-        conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(job_ids[start:start + 500])))
+def place_range(conn: Connection, t: Tables, d: Dialect, first: int, last: int) -> None:
+    """The executions of the job rows ``first``..``last`` written without them (``insert_rows``), from
+    the rows themselves: ``INSERT … SELECT``, so that a staged batch keeps nothing but id ranges."""
+    j = t.jobs
+    rows = (j.c.id >= first, j.c.id <= last)
+    later = j.c.scheduled_at.is_not(None) & (j.c.scheduled_at > j.c.created_at)   # (``NewJob.scheduled``)
+    conn.execute(insert(t.ready).from_select(
+        ["job_id", "queue_name", "priority", "created_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, j.c.created_at).where(*rows, ~later).order_by(j.c.id)))
+    conn.execute(insert(t.scheduled).from_select(
+        ["job_id", "queue_name", "priority", "scheduled_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, j.c.scheduled_at).where(*rows, later).order_by(j.c.id)))
+    for queue in conn.execute(select(j.c.queue_name).where(*rows, ~later).distinct()).scalars().all():
+        notify_ready(conn, t, d, queue)
+
+
+def delete_range(conn: Connection, t: Tables, first: int, last: int) -> None:
+    """Delete the job rows ``first``..``last`` written without executions (a staged batch that failed)."""
+    conn.execute(delete(t.jobs).where(t.jobs.c.id >= first, t.jobs.c.id <= last))
 
 
 def _insert_rows(conn: Connection, d: Dialect, table: Any, rows: list[dict[str, Any]]) -> None:
