@@ -207,7 +207,8 @@ class Channel(virtual.Channel):
         process_id = proc.ensure_registered()
         # Jobs blocked on a ``Rate`` are claimed apart, within their keys' rates (``limits.worker``:
         # nothing is sent while no key can be open).
-        throttled = limit_worker.claim_throttled(store, queues, limit, process_id)
+        throttled = [] if self._broadcast_only(queues) else limit_worker.claim_throttled(store, queues, limit,
+                                                                                          process_id)
         limit -= len(throttled)
         # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)

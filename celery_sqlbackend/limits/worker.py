@@ -50,8 +50,10 @@ class _State:
     holding: set[int] = field(default_factory=set)     # delivered jobs that hold a Concurrency slot
     active_until: float = 0.0                           # monotonic: ``active`` is known until then
     active: bool = False
-    opens_at: datetime | None = None                    # the soonest a rate key opens, as last looked
-    next_look: float = 0.0                              # monotonic: look again (``next_open``) from then
+    #: Per set of queues claimed from: (the soonest a rate key opens, as last looked; the monotonic
+    #: time from which to look again).  Per set, so that a claim of other queues (remote control's)
+    #: that finds nothing does not hold back the claims of the task queues.
+    gates: dict[tuple[str, ...], tuple[datetime | None, float]] = field(default_factory=dict)
 
 
 _STATES: dict[int, _State] = {}
@@ -103,20 +105,20 @@ def claim_throttled(store: Store, queues: Sequence[str], limit: int, process_id:
     """Rate-blocked jobs of ``queues`` this process may start now (none while no key is open)."""
     if limit <= 0 or not active(store):
         return []
-    st = _state(store)
+    gates, gate = _state(store).gates, tuple(queues)
+    opens_at, next_look = gates.get(gate, (None, 0.0))
     now, mono = utcnow(), time.monotonic()
-    if st.opens_at is None or st.opens_at > now:
+    if opens_at is None or opens_at > now:
         # Not known to be open: one index read (``next_open``) at most every polling interval.
-        if mono < st.next_look:
+        if mono < next_look:
             return []
-        st.opens_at = store.limits.next_open()
-        st.next_look = mono + store.options.polling_interval
-        if st.opens_at is None or st.opens_at > now:
+        opens_at = store.limits.next_open()
+        gates[gate] = (opens_at, mono + store.options.polling_interval)
+        if opens_at is None or opens_at > now:
             return []
     claimed = store.limits.claim_rated(queues=queues, limit=limit, process_id=process_id, now=now)
     # Look again next round; after an empty claim (open keys, but in other queues) not for a while.
-    st.opens_at = None
-    st.next_look = mono if claimed else mono + LOOK_AFTER_EMPTY
+    gates[gate] = (None, mono if claimed else mono + LOOK_AFTER_EMPTY)
     return claimed
 
 
