@@ -97,7 +97,7 @@ def rate_claim_cost(store: Store, batch: int, blocked: int) -> list[float]:
     timings = []
     for _ in range(200):
         start = time.perf_counter()
-        claimed = store.limits.claim_rated(queues=["limited"], limit=batch, process_id=pid, now=utcnow())
+        claimed, _ = store.limits.claim_rated(queues=["limited"], limit=batch, process_id=pid, now=utcnow())
         timings.append(time.perf_counter() - start)
         assert claimed
     return timings

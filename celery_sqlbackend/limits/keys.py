@@ -119,3 +119,9 @@ def holds_slot(payload: Mapping[str, Any]) -> bool:
     """A delivered message whose job took a ``Concurrency`` slot (its finish gives it back)."""
     value = (payload.get("headers") or {}).get(HEADER)
     return bool(value) and isinstance(value, Mapping) and bool(value.get("concurrency"))
+
+
+def counts_rate(payload: Mapping[str, Any]) -> bool:
+    """A delivered message whose job was claimed within a ``Rate``."""
+    value = (payload.get("headers") or {}).get(HEADER)
+    return bool(value) and isinstance(value, Mapping) and bool(value.get("rate"))

@@ -27,7 +27,7 @@ from .concurrency import KeyTemplate
 
 #: Periods by their letter, in seconds (Celery's ``rate_limit`` letters).
 PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-#: Fraction of a period a slot waits beyond it (see the module doc).
+#: Fraction of a period a slot waits beyond it (see the module doc; ``store.rates`` applies it).
 GUARD = 0.02
 _TEXT = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smhd])\s*$")
 

@@ -21,14 +21,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..store import Store, utcnow
 from ..store.claims import Claimed
-from .keys import holds_slot
+from .keys import counts_rate, holds_slot
 
 log = logging.getLogger("celery_sqlbackend.limits")
 
@@ -54,10 +54,16 @@ class _State:
     #: time from which to look again).  Per set, so that a claim of other queues (remote control's)
     #: that finds nothing does not hold back the claims of the task queues.
     gates: dict[tuple[str, ...], tuple[datetime | None, float]] = field(default_factory=dict)
+    #: Rate-claimed jobs not yet delivered -> the time (epoch) their start was counted at.
+    claimed_at: dict[int, float] = field(default_factory=dict)
 
 
 _STATES: dict[int, _State] = {}
 _STATES_LOCK = threading.Lock()
+
+
+def _epoch(at: datetime) -> float:
+    return at.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _state(store: Store) -> _State:
@@ -76,9 +82,18 @@ def active(store: Store) -> bool:
 
 
 def delivered(store: Store, job_id: int, payload: Mapping[str, Any]) -> None:
-    """A job was delivered to this process: note it if it holds a slot (its finish gives it back)."""
+    """A job was delivered to this process: note it if it holds a slot (its finish gives it back).
+
+    A rate-limited job's delivery says when its start was counted (``delivery_info["sqlq_claimed_at"]``,
+    epoch seconds, the claim's time; a task sees it in ``self.request.properties``).
+    """
+    st = _state(store)
+    if st.claimed_at and counts_rate(payload):
+        with st.lock:
+            at = st.claimed_at.pop(job_id, None)
+        if at is not None:
+            payload["properties"]["delivery_info"]["sqlq_claimed_at"] = at
     if holds_slot(payload):
-        st = _state(store)
         with st.lock:
             st.holding.add(job_id)
             st.active = True
@@ -116,7 +131,11 @@ def claim_throttled(store: Store, queues: Sequence[str], limit: int, process_id:
         gates[gate] = (opens_at, mono + store.options.polling_interval)
         if opens_at is None or opens_at > now:
             return []
-    claimed = store.limits.claim_rated(queues=queues, limit=limit, process_id=process_id, now=now)
+    claimed, at = store.limits.claim_rated(queues=queues, limit=limit, process_id=process_id, now=now)
+    if claimed:
+        st = _state(store)
+        with st.lock:
+            st.claimed_at.update(dict.fromkeys((job.job_id for job in claimed), _epoch(at)))
     # Look again next round; after an empty claim (open keys, but in other queues) not for a while.
     gates[gate] = (None, mono if claimed else mono + LOOK_AFTER_EMPTY)
     return claimed

@@ -33,8 +33,9 @@ class Limits(Gateway):
         """Admit scheduled jobs with limits whose ETA came (by their limits)."""
         return self.store.run(admission.dispatch_due, self.t, self.d, now=now, limit=limit)
 
-    def claim_rated(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime) -> list[Claimed]:
-        """Claim rate-blocked jobs within their keys' rates (``rates.claim``)."""
+    def claim_rated(self, *, queues: Sequence[str], limit: int, process_id: int,
+                    now: datetime) -> tuple[list[Claimed], datetime]:
+        """Claim rate-blocked jobs within their keys' rates (``rates.claim``), and the time counted."""
         return self.store.run(rates.claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now)
 
     def next_open(self) -> datetime | None:

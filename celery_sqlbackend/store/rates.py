@@ -65,14 +65,15 @@ def next_open(conn: Connection, t: Tables) -> datetime | None:
 
 
 def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int, process_id: int,
-          now: datetime) -> list[Claimed]:
-    """Claim up to ``limit`` rate-blocked jobs of ``queues`` for ``process_id``, within their keys' rates."""
+          now: datetime) -> tuple[list[Claimed], datetime]:
+    """Claim up to ``limit`` rate-blocked jobs of ``queues`` for ``process_id``, within their keys' rates;
+    returns them and the time their starts were counted at."""
     r, b, p = t.rate_keys, t.blocked, t.processes
     owner = select(p.c.id).where(p.c.id == process_id)
     if d.skip_locked:
         owner = owner.with_for_update(read=True, key_share=True)
     if conn.execute(owner).first() is None:
-        return []
+        return [], now
     waiting = exists(select(b.c.id).where(b.c.kind == blocked.RATE, b.c.key == r.c.key,
                                           b.c.queue_name.in_(list(queues))))
     keys = (select(r.c.key, r.c.max_starts, r.c.period, r.c.starts).where(r.c.next_open <= now, waiting)
@@ -80,7 +81,12 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     if d.skip_locked:
         keys = keys.with_for_update(skip_locked=True)
     taken: list[int] = []
-    for row in conn.execute(keys).all():
+    locked = conn.execute(keys).all()
+    # The time the starts are counted at is read once the keys are locked: ``now`` was read before
+    # this transaction waited for its lock (SQLite's write lock), and an early time would let the
+    # next window open early.
+    now = max(now, datetime.now(timezone.utc).replace(tzinfo=None))
+    for row in locked:
         if len(taken) >= limit:
             break       # (the keys locked beyond are let go, as they were, at commit)
         window = row.period * (1 + GUARD)
@@ -98,8 +104,8 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
             opens = _at(recent[0] + window)
         conn.execute(update(r).where(r.c.key == row.key).values(starts=json.dumps(recent), next_open=opens))
     if not taken:
-        return []
-    return _record_claims(conn, t, d, taken, process_id, now)
+        return [], now
+    return _record_claims(conn, t, d, taken, process_id, now), now
 
 
 def _record_claims(conn: Connection, t: Tables, d: Dialect, job_ids: list[int], process_id: int,

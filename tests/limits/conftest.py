@@ -27,9 +27,10 @@ def sync(account, n, seconds=0.05):
     time.sleep(seconds)
     _mark("sync", account, n, f"{start:.6f}", f"{time.time():.6f}")
 
-@app.task(name="t.partner", sqlq_limits=[Rate("10/s", key="api:{0}")])
-def partner(name, n):
-    _mark("partner", name, n, f"{time.time():.6f}")
+@app.task(name="t.partner", sqlq_limits=[Rate("10/s", key="api:{0}")], bind=True)
+def partner(self, name, n):
+    claimed = self.request.properties["delivery_info"]["sqlq_claimed_at"]
+    _mark("partner", name, n, f"{time.time():.6f}", f"{claimed:.6f}")
 
 @app.task(name="t.hang", sqlq_limits=[Concurrency(1, key="hang", duration=float(os.environ.get("HANG_DURATION", 900)))])
 def hang(n):

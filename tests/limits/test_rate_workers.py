@@ -31,12 +31,16 @@ def test_three_workers_start_at_most_ten_a_second(limits_app, db_url, spawn_work
     x = [r for r in started if r[0] == "x"]
     assert sorted(int(r[1]) for r in x) == list(range(jobs))       # every job, once
     assert [r[0] for r in records(runs, "plain")] == ["0"]
-    starts = [float(r[2]) for r in x]
-    assert most_in_window(starts, 1.0) <= RATE
+    # The rate counts claims (README): no window of a second holds more than 10 of them.  The
+    # tasks' own start times follow a few milliseconds later, more on a loaded machine.
+    claims, starts = [float(r[3]) for r in x], [float(r[2]) for r in x]
+    assert most_in_window(claims, 1.0) <= RATE
+    print(f"most claims in a 1 s window: {most_in_window(claims, 1.0)}; "
+          f"most task starts: {most_in_window(starts, 1.0)}")
     # In order: FIFO within the key (the burst of a window may start in any order).
-    order = [int(r[1]) for r in sorted(x, key=lambda r: float(r[2]))]
+    order = [int(r[1]) for r in sorted(x, key=lambda r: float(r[3]))]
     assert all(order[i] < order[j] for i in range(len(order)) for j in range(i + RATE, len(order)))
     if "SQLQ_TEST_RATE_SECONDS" in os.environ:
-        span = max(starts) - min(starts)
+        span = max(claims) - min(claims)
         assert (jobs - RATE) / span >= 0.9 * RATE, f"{jobs} starts took {span:.1f}s"
     assert rows(db_url, "select count(*) from sqlq_rate_keys where next_open is not null") == [(0,)]   # none waits
