@@ -8,7 +8,8 @@ Celery's ``celery.result_backends`` entry point.
 Enqueueing with the application's data: ``enqueue_in(session_or_connection)``
 (jobs written in the caller's transaction), ``enqueue_many(signatures)`` (one
 transaction, multi-row inserts; groups and chords are batched the same way),
-and unique jobs (``@app.task(sqlq_unique="{0}", sqlq_unique_for=600)``).
+unique jobs (``@app.task(sqlq_unique="{0}", sqlq_unique_for=600)``), and limits across every worker
+(``@app.task(sqlq_limits=[Concurrency(2, key="account:{0}"), Rate("10/s", key="api")])``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ register()
 from .bulk import enqueue_many  # noqa: E402  (after register: the public API)
 from .publishing import WrongDatabaseError, enqueue_in  # noqa: E402
 from .unique import UniqueKeyError  # noqa: E402
+from .limits import Concurrency, LimitKeyError, Rate  # noqa: E402
 
-__all__ = ["register", "enqueue_in", "enqueue_many", "WrongDatabaseError", "UniqueKeyError", "SCHEME",
-           "TRANSPORT", "__version__"]
+__all__ = ["register", "enqueue_in", "enqueue_many", "WrongDatabaseError", "UniqueKeyError", "Concurrency", "Rate",
+           "LimitKeyError", "SCHEME", "TRANSPORT", "__version__"]

@@ -24,6 +24,8 @@ from typing import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import stopping_pool
+from .limits import worker as limit_worker
 from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.processes")
@@ -157,6 +159,8 @@ class AckBuffer:
             return False
         if not done:
             self._log_claim_lost(job_id, process_id)
+        else:
+            limit_worker.finished(self.store, [job_id])   # (its Concurrency slot, if it holds one)
         return done
 
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
@@ -178,6 +182,12 @@ class AckBuffer:
             # Its task raised and the task's process kept it as failed (``task_failures``): nothing was lost.
             log.debug("job %s ended failed in its task: kept as a failed execution", job_id)
             return
+        if stopping_pool.stopping():
+            job = self.store.jobs.detail(job_id)
+            if job is None or job["state"] == "finished":
+                # Its pool process finished it while the worker stopped (``stopping_pool``).
+                log.debug("job %s was already recorded finished by its pool process", job_id)
+                return
         log.error("job %s finished in %s, but its claim (process id %s) had been taken away: the "
                   "process was pruned, and the pruner's decision (released or failed) stands",
                   job_id, self._name(), process_id)
@@ -232,6 +242,7 @@ class AckBuffer:
         if marks or finishes:
             log.debug("recorded %d started and %d finished job(s)", len(marks), len(finishes))
         done = set(done)
+        limit_worker.finished(self.store, done)   # Concurrency slots of those that hold one
         for job_id, process_id in finishes:
             if job_id not in done:
                 self._log_claim_lost(job_id, process_id)

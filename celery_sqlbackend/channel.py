@@ -15,7 +15,8 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.objects import cached_property
 from sqlalchemy import exc as sa_exc
 
-from . import fanout, maintenance, poison, publishing, unique
+from . import fanout, maintenance, poison, publishing, stopping_pool, unique
+from .limits import keys as limit_keys, worker as limit_worker
 from .errors import MalformedMessageError, RejectedError, UndecodableMessageError
 from .messages import for_delivery, to_store
 from .options import Options
@@ -99,7 +100,8 @@ class Channel(virtual.Channel):
         stored, now = to_store(message), utcnow()
         job = NewJob(queue=queue, payload=stored.payload, task_name=stored.task_name, task_id=stored.task_id,
                      priority=self._get_message_priority(message), created_at=now, eta=stored.eta,
-                     expires_at=stored.expires_at, unique=unique.unique_key(message.get("headers") or {}, now))
+                     expires_at=stored.expires_at, unique=unique.unique_key(message.get("headers") or {}, now),
+                     limits=limit_keys.job_limits(message.get("headers") or {}))
         done = publishing.put(self.store, job)
         if done.holder is not None:
             log.info("task %s not enqueued: unique key %r is held by task %s", job.task_id, job.unique.key,
@@ -204,17 +206,23 @@ class Channel(virtual.Channel):
             return [(payload, job.queue_name) for job in taken
                     if (payload := self._decode(job, None)) is not None]
         process_id = proc.ensure_registered()
+        # Jobs blocked on a ``Rate`` are claimed apart, within their keys' rates (``limits.worker``:
+        # nothing is sent while no key can be open).
+        throttled = [] if self._broadcast_only(queues) else limit_worker.claim_throttled(store, queues, limit,
+                                                                                          process_id)
+        limit -= len(throttled)
         # Idle polls stay reads (``Dialect.look_before_claim``); only pending acks need a write.
         # (Not worth a look while the last claim filled its batch: more are likely waiting.)
         busy = self._full_batch_from == tuple(queues)
-        if store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues):
+        if limit <= 0 or (store.dialect.look_before_claim and not busy and not store.executions.has_ready(queues)):
             if proc.acks.has_pending_writes:
                 proc.acks.flush()
-            return []
-
-        # One transaction: the acks since the last loop, then the next batch.
-        claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
-        self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
+            claimed = throttled
+        else:
+            # One transaction: the acks since the last loop, then the next batch.
+            claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
+            self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
+            claimed = throttled + claimed
         messages = []
         finished_no_ack = []
         for job in claimed:
@@ -226,6 +234,7 @@ class Channel(virtual.Channel):
                 finished_no_ack.append(job.job_id)
             else:
                 self._claims[tag] = (job.job_id, process_id)
+                limit_worker.delivered(store, job.job_id, payload)
             messages.append((payload, job.queue_name))
         if finished_no_ack:   # broadcasts: delivered is done; one transaction for all
             self.store.claims.finish_many(claims=[(job_id, process_id) for job_id in finished_no_ack],
@@ -350,12 +359,17 @@ class Channel(virtual.Channel):
           redelivery): so the claim is marked started (``may_have_run``), and is failed, never re-run.
         * The worker is stopping: Celery closes the channel before its pool has
           drained, so a job a pool process has already started, whose
-          "accepted" the worker has not read yet, still looks unacked here.
+          "accepted" the worker has not read yet, still looks unacked here
+          (and Celery may drop that ack: the pool process finishes the job
+          itself, ``stopping_pool``).
         """
         if self.process.managed:
+            stopping = self.worker.stopping()
+            if stopping:   # (``celery control shutdown`` sends no ``worker_shutting_down``)
+                stopping_pool.mark_stopping()
             claim = self._claims.pop(message.delivery_tag, None)
             if claim is not None:
-                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not self.worker.stopping())
+                self.process.acks.adopt(message.delivery_tag, claim, may_have_run=not stopping)
             return
         self._release(message.delivery_tag)
 

@@ -30,6 +30,7 @@ from rich.text import Text
 from . import admin, config_check
 from .cli_support import (AGE, BATCH_SIZE, _app, _console, _emit_json, _fmt_age, _run, _store, _ts,
                           _with_progress, json_option)
+from .limits.status import limits_status
 from .terminal import literal, plain
 from .urls import database_url
 
@@ -59,8 +60,10 @@ def status(ctx, json_out, held, iterative_limit):
     st = _run(lambda: admin.status(store, held_limit=held))
     jobs = _run(lambda: _iterative_jobs(_app(ctx), iterative_limit))
     recurring_tasks = _run(lambda: _recurring_tasks(store))
+    blocked = _run(lambda: limits_status(store))
     if json_out:
-        _emit_json(dict(admin.to_dict(st), iterative_jobs=jobs, recurring=admin.to_dict(recurring_tasks or [])))
+        _emit_json(dict(admin.to_dict(st), iterative_jobs=jobs, recurring=admin.to_dict(recurring_tasks or []),
+                        blocked=admin.to_dict(blocked)))
         return
     from rich.table import Table
     console = _console()
@@ -97,11 +100,30 @@ def status(ctx, json_out, held, iterative_limit):
         console.print("[dim]* started (acked) and running[/dim]")
     if st.scheduled is not None and st.scheduled.total:
         console.print(_scheduled_table(st.scheduled, title="Scheduled (ETA/countdown, soonest first)"))
+    if blocked.total:
+        console.print(_blocked_table(blocked))
     if jobs:
         _print_iterative(console, jobs)
     if recurring_tasks:
         from .cli_recurring import print_table
         print_table(recurring_tasks)
+
+
+def _blocked_table(blocked):
+    """Jobs waiting on a limit (``limits``), per key: the most blocked keys first."""
+    from rich.table import Table
+    bt = Table(title=f"Blocked on limits ({blocked.total} jobs; most blocked keys first)", title_justify="left")
+    for col in ("limit", "key", "queue", "blocked", "state"):
+        bt.add_column(col, justify="right" if col == "blocked" else "left", overflow="fold")
+    for k in blocked.keys:
+        if k.kind == "rate":
+            state = f"{k.limit}/{k.period:g}s" if k.limit else "-"
+            if k.next_open is not None:
+                state += f", opens in {_fmt_age((k.next_open - admin.utcnow()).total_seconds())}"
+        else:
+            state = f"{k.held}/{k.limit if k.limit is not None else '?'} slots held"
+        bt.add_row(k.kind, literal(k.key), literal(k.queue), str(k.blocked), state)
+    return bt
 
 
 def _iterative_jobs(app, limit: int) -> list:

@@ -11,7 +11,9 @@
                        channel (claimed but undelivered jobs go back to ready
                        in place; unacked deliveries keep their claims, since
                        the pool may have started them: see
-                       ``Channel._restore``), and waits for running tasks.
+                       ``Channel._restore``), and waits for running tasks,
+                       which pool processes now finish themselves
+                       (``stopping_pool``: Celery drops some of their acks).
                        Heartbeats go on all the while.
     4. stop heartbeat  ``worker_shutdown``, which Celery sends only after the
                        pool has joined: finish what completed, then stop beating.
@@ -34,7 +36,7 @@ from celery import current_app, signals
 from celery._state import connect_on_app_finalize
 from kombu.serialization import prepare_accept_content
 
-from . import config_check, failure_results, stale_deliveries, task_failures
+from . import config_check, failure_results, stale_deliveries, stopping_pool, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -59,6 +61,8 @@ def connect_signals() -> None:
     signals.celeryd_after_setup.connect(on_after_setup, weak=False, dispatch_uid="sqlq.celeryd_after_setup")
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="sqlq.worker_shutdown")
     signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="sqlq.task_failure")
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False, dispatch_uid="sqlq.worker_shutting_down")
+    signals.task_postrun.connect(on_task_postrun, weak=False, dispatch_uid="sqlq.task_postrun")
     signals.worker_ready.connect(on_worker_ready, weak=False, dispatch_uid="sqlq.worker_ready")
     signals.worker_process_init.connect(on_pool_process_init, weak=False, dispatch_uid="sqlq.worker_process_init")
     # A producer sends no worker signal: its app is checked when it is finalized (the first task call).
@@ -114,6 +118,7 @@ def on_worker_init(sender=None, **_):
     global _worker
     _worker = worker
     atexit.register(on_worker_shutdown, sender=worker)
+    stopping_pool.arm()
     proc.register()
 
 
@@ -144,6 +149,21 @@ def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):
     store = broker_store(sender.app)
     if store is not None:
         task_failures.record(store, sender, task_id, exception, einfo)
+
+
+def on_shutting_down(sender=None, **_):
+    """Step 3 begins (SIGTERM, SIGINT): pool processes finish their own tasks' jobs from now on, since
+    Celery may drop the acks of jobs it already handed them (``stopping_pool``)."""
+    stopping_pool.mark_stopping()
+
+
+def on_task_postrun(sender=None, task_id=None, state=None, **_):
+    """A task ended in a pool process of a stopping worker: record its job finished (``stopping_pool``)."""
+    if sender is None or not stopping_pool.stopping():
+        return
+    store = broker_store(sender.app)
+    if store is not None:
+        stopping_pool.finish_in_pool(store, sender, task_id, state)
 
 
 def on_worker_ready(sender=None, **_):

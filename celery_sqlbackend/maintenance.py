@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
 from . import fanout, pruner
+from .limits import worker as limit_worker
 from .errors import ConfigurationError
 from .store import Store, utcnow
 
@@ -37,9 +38,10 @@ CLEAR_BATCHES_PER_BEAT = 20
 
 
 def promote_due(store: Store) -> int:
-    """Move scheduled jobs whose time has come to ready; returns how many."""
+    """Move scheduled jobs whose time has come to ready (or blocked, by their limits), and let
+    blocked jobs in where slots were freed without a word (``limits.worker.chores``); returns how many."""
     batch = store.options.clear_batch_size
-    total = 0
+    total = limit_worker.chores(store)
     while True:
         n = store.executions.dispatch_due(now=utcnow(), limit=batch)
         total += n
@@ -81,6 +83,7 @@ def prune_now(store: Store, force: Sequence[int] = (),
     ``report_failed`` records the Celery results of the jobs it failed (``failure_results``)."""
     report = pruner.prune(store, force=force)
     orphans = pruner.sweep_orphans(store)
+    limit_worker.chores(store)     # the slots of the jobs it failed
     if report_failed is not None:
         report_failed(report.failed + orphans.failed)
     expired = fanout.maintain(store)
@@ -103,6 +106,7 @@ class Maintenance:
         if first:
             failed += pruner.sweep_orphans(self.store).failed
         failed += pruner.prune(self.store, exclude=exclude).failed
+        limit_worker.chores(self.store)     # the slots of the jobs it failed, and of those gone
         self._clear_finished()
         fanout.maintain(self.store)
         return failed
@@ -117,6 +121,7 @@ class Maintenance:
         self._last_clear = now
         clear_finished(self.store, utcnow() - timedelta(seconds=opts.keep_finished),
                        max_batches=CLEAR_BATCHES_PER_BEAT)
+        limit_worker.forget_idle(self.store)
         # Time-limited unique keys (``sqlq_unique_for=<seconds>``) past their time: nobody
         # needs them (an enqueue takes an expired key over anyway); bounded like the rest.
         for _ in range(CLEAR_BATCHES_PER_BEAT):

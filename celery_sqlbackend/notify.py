@@ -23,16 +23,20 @@ from .sqlite_wake import SqliteWaker
 from .sqlite_wake import waiter_for as sqlite_waiter_for
 from .store import Store
 from .store.executions import ready_channel
+from .store.pooler import PARAMETER as POOL_MODE, driver_url
 from .store.results import notify_channel as results_channel
-from .urls import mask
+from .urls import database_url, mask
 
 log = logging.getLogger("celery_sqlbackend.notify")
 T = TypeVar("T")
 
 
 def _dsn(store: Store) -> dict[str, str]:
-    """The store's URL as libpq connection parameters, for either driver (with the password: never logged)."""
-    url = store.engine.url
+    """The URL to LISTEN on as libpq connection parameters, for either driver (with the password: never logged).
+
+    The store's own URL, or ``listen_url`` when one is given (a direct connection beside a pooler).
+    """
+    url = driver_url(database_url(store.options.listen_url)) if store.options.listen_url else store.engine.url
     args = url.translate_connect_args(username="user", database="dbname")
     return {k: str(v) for k, v in {**args, **url.query}.items()}
 
@@ -52,7 +56,8 @@ class NotifyWaiter:
         return listen(self.driver, self.dsn, self.channel)
 
     def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True if a job became ready meanwhile."""
+        """Block up to ``timeout`` seconds; True if a job became ready meanwhile (or may have: a
+        LISTEN just (re)established missed what was sent before it)."""
         with self._lock:
             if self._conn is None:
                 if time.monotonic() < self._retry_at:
@@ -65,6 +70,9 @@ class NotifyWaiter:
                     self._retry_at = time.monotonic() + 10
                     time.sleep(timeout)
                     return False
+                # A job committed between the caller's last claim and this LISTEN sent its
+                # NOTIFY to nobody: claim once more now that nothing can be missed.
+                return True
             try:
                 return bool(self._conn.wait(timeout))
             except Exception as exc:
@@ -91,6 +99,9 @@ def _listener(store: Store, channel: str, make: Callable[[dict[str, str], str, s
     Keyed by pid: a forked child makes its own rather than share its parent's socket."""
     if not (store.dialect.notify and store.options.use_notify):
         return None
+    if store.pool_mode == "transaction" and not store.options.listen_url:
+        _say_polling(store)
+        return None
     key = (make, store.url, channel, os.getpid())
     listener = _listeners.get(key)
     if listener is None:
@@ -102,6 +113,20 @@ def _listener(store: Store, channel: str, make: Callable[[dict[str, str], str, s
                     return None
                 listener = _listeners[key] = make(_dsn(store), channel, driver)
     return listener
+
+
+_said_polling: set[tuple[str, int]] = set()
+
+
+def _say_polling(store: Store) -> None:
+    """Once per store and process: why this process polls instead of listening."""
+    key = (store.url, os.getpid())
+    if key not in _said_polling:
+        _said_polling.add(key)
+        log.warning("%s: %s=transaction (a pooler such as PgBouncer in transaction mode) cannot carry LISTEN, "
+                    "so this process polls for ready jobs and results every polling_interval instead of being "
+                    "woken; set the listen_url option (sqlq_listen_url) to a direct PostgreSQL URL for wake-ups",
+                    mask(store.engine.url), POOL_MODE)
 
 
 def waiter_for(store: Store) -> NotifyWaiter | SqliteWaker | None:

@@ -23,6 +23,10 @@ option                      default   meaning
 ``busy_timeout``            30 s      SQLite busy timeout / lock wait (MySQL/MariaDB:
                                       the session's ``innodb_lock_wait_timeout``)
 ``use_notify``              True      LISTEN/NOTIFY wake-ups on PostgreSQL
+``listen_url``              ""        a direct PostgreSQL URL for the LISTEN connection,
+                                      when the store's URL goes through a pooler in
+                                      transaction mode (``store.pooler``); without it,
+                                      such a process polls
 ``sqlite_wake``             False     SQLite: wake idle workers at commit through sockets beside
                                       the file (``sqlite_wake``); opt-in while it is being proven
 ``check_stale_deliveries``  False     prefork: a pool process checks an old delivery's claim before
@@ -68,6 +72,7 @@ class Options:
     dispatch_interval: float = 1.0
     busy_timeout: float = 30.0
     use_notify: bool = True
+    listen_url: str = ""
     sqlite_wake: bool = False
     check_stale_deliveries: bool = False
     retry_attempts: int = 8

@@ -40,8 +40,7 @@ from sqlalchemy.orm import Session
 
 from .errors import SQLQError
 from .store import Store
-from .store.jobs import (Enqueued, NewJob, Placed, delete_unplaced, insert_executions, insert_many, insert_one,
-                         insert_rows)
+from .store.jobs import Enqueued, NewJob, delete_range, insert_many, insert_one, insert_rows, place_range
 from .urls import mask, same_database
 
 #: Jobs per multi-row INSERT, and the most a batch buffers before writing.
@@ -60,8 +59,9 @@ class _Batch:
     pending: dict[Store, list[NewJob]] = field(default_factory=dict)
     chars: dict[Store, int] = field(default_factory=dict)
     opened: dict[Store, tuple[Connection, Any]] = field(default_factory=dict)
-    #: SQLite, outside ``enqueue_in``: jobs committed without executions, made ready at the end.
-    staged: dict[Store, list[Placed]] = field(default_factory=dict)
+    #: SQLite, outside ``enqueue_in``: id ranges (first, last) of the jobs committed without
+    #: executions, made ready at the end.
+    staged: dict[Store, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def batch() -> Iterator[None]:
         for store in list(state.staged):
             _place_staged(store, state)
     except BaseException:
-        for store, placed in state.staged.items():
-            _drop_staged(store, placed)
+        for store, ranges in state.staged.items():
+            _drop_staged(store, ranges)
         raise
     finally:
         _SCOPE.reset(token)
@@ -155,9 +155,9 @@ def put(store: Store, job: NewJob) -> Enqueued:
     state = scope.batch
     if state is None:
         return insert_one(caller, store.t, store.dialect, job)
-    if job.unique is not None:
-        # Its outcome decides what apply_async returns, so it is written now, after
-        # the jobs buffered before it (first in, first out).
+    if job.unique is not None or job.limits is not None:
+        # Its outcome decides what apply_async returns (a limit: whether it waits), so it is
+        # written now, after the jobs buffered before it (first in, first out).
         _flush(store, state, caller)
         if _stages(store, caller):   # (committed at once: it holds its key from now on)
             return store.run(insert_one, store.t, store.dialect, job)
@@ -181,8 +181,9 @@ def _flush(store: Store, state: _Batch, caller: Connection | None) -> None:
     if not jobs:
         return
     if _stages(store, caller):
-        staged = state.staged.setdefault(store, [])
-        staged.extend(store.run(insert_rows, store.t, store.dialect, jobs))
+        placed = store.run(insert_rows, store.t, store.dialect, jobs)
+        # (SQLite: the rows of one transaction got consecutive ids: ``insert_rows``)
+        state.staged.setdefault(store, []).append((placed[0].job_id, placed[-1].job_id))
         return
     insert_many(_batch_connection(store, state, caller), store.t, store.dialect, jobs)
 
@@ -193,19 +194,23 @@ def _place_staged(store: Store, state: _Batch) -> None:
     state.chars.pop(store, None)
 
     def place(conn: Connection) -> None:
-        insert_executions(conn, store.t, store.dialect,
-                          state.staged[store] + insert_rows(conn, store.t, store.dialect, jobs))
+        ranges = list(state.staged[store])
+        placed = insert_rows(conn, store.t, store.dialect, jobs)
+        if placed:
+            ranges.append((placed[0].job_id, placed[-1].job_id))
+        for first, last in ranges:
+            place_range(conn, store.t, store.dialect, first, last)
 
     store.run(place)
     del state.staged[store]
 
 
-def _drop_staged(store: Store, placed: list[Placed]) -> None:
+def _drop_staged(store: Store, ranges: list[tuple[int, int]]) -> None:
     try:
-        store.run(delete_unplaced, store.t, [p.job_id for p in placed])
+        store.run(lambda conn: [delete_range(conn, store.t, first, last) for first, last in ranges])
     except Exception as exc:    # (the batch's own exception is the one to raise)
-        log.error("could not delete %d staged job row(s) of a failed batch (%s): they will never run",
-                  len(placed), exc)
+        log.error("could not delete the staged job rows %s of a failed batch (%s): they will never run",
+                  ranges, exc)
 
 
 def _batch_connection(store: Store, state: _Batch, caller: Connection | None) -> Connection:

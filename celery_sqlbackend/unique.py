@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError, SQLQError
+from .limits import keys as limit_keys
 from .store.unique_keys import CLAIMED, FINISHED, UniqueKey
 
 HEADER_KEY = "sqlq_unique"
@@ -107,9 +108,11 @@ def report_duplicate(task_id: str | None, holder: str | None) -> None:
 def _wrap(apply_async: Callable[..., Any]) -> Callable[..., Any]:
     def apply_async_unique(self, args=None, kwargs=None, *rest: Any, **options: Any):
         headers = None if getattr(self, HEADER_KEY, None) is None else headers_for(self, args, kwargs)
-        if headers is None:
+        # (``sqlq_limits`` travel the same way: ``limits.keys``)
+        limits = None if getattr(self, limit_keys.OPTION, None) is None else limit_keys.headers_for(self, args, kwargs)
+        if headers is None and limits is None:
             return apply_async(self, args, kwargs, *rest, **options)
-        options["headers"] = {**(options.get("headers") or {}), **headers}
+        options["headers"] = {**(options.get("headers") or {}), **(headers or {}), **(limits or {})}
         sink: dict[str, str] = {}
         token = _DUPLICATES.set(sink)
         try:

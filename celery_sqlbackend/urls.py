@@ -12,12 +12,13 @@ tools and ``checkpoint`` agree on what a URL means:
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigurationError
@@ -119,6 +120,24 @@ def _mask_whole(text: str) -> str:
     return text if span is None else f"{text[:span[0]]}***{text[span[1]:]}"
 
 
+def postgres_driver(parsed: URL) -> URL:
+    """A plain ``postgresql://`` URL with the PostgreSQL driver that is installed.
+
+    Why: SQLAlchemy's default driver for ``postgresql://`` is psycopg2 up to 2.0
+    and psycopg 3 from 2.1, so the same URL would fail on one or the other
+    depending on the SQLAlchemy release.  An explicit ``+driver`` is kept as written.
+    """
+    if "+" in parsed.drivername:
+        return parsed
+    for driver in ("psycopg", "psycopg2"):
+        try:
+            importlib.import_module(driver)
+        except ImportError:
+            continue
+        return parsed.set(drivername=f"postgresql+{driver}")
+    return parsed
+
+
 def validate(url: str) -> str:
     """Check an SQLAlchemy URL early, with an error that says what to write (and shows no password)."""
     shown = mask(url)
@@ -135,6 +154,8 @@ def validate(url: str) -> str:
             "and install the driver (pip install 'celery-sqlbackend[postgres]')") from None
     except ImportError as exc:
         raise ConfigurationError(_missing_driver(shown, parsed, exc)) from None
+    if parsed.get_backend_name() == "postgresql":
+        parsed = postgres_driver(parsed)   # (what the engine will use)
     try:
         parsed.get_dialect().import_dbapi()
     except ImportError as exc:

@@ -14,6 +14,8 @@ Fixtures:
     mysql_url     the run's MariaDB server; prefer mysql_db_url
     mysql_db_url  a fresh MariaDB database for this test, dropped afterwards
     private_pg    a dedicated PrivatePostgres for this test (stop()/start()/restart() the database)
+    pgbouncer_url the run's PgBouncer (transaction pooling) in front of pg_url: $SQLQ_TEST_PGBOUNCER_URL or private
+    pgbouncer_db  a fresh PostgreSQL database: ``.direct`` (its URL) and ``.through`` (via PgBouncer, declared)
     spawn_worker  factory: spawn_worker(directory, **CeleryWorker kwargs) -> ready worker; all killed at teardown
 """
 from __future__ import annotations
@@ -24,11 +26,12 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from tests.harness import CeleryWorker
-from tests.support import engines
+from tests.support import engines, pgbouncer
 from tests.support.postgres import PrivatePostgres
 from tests.support.servers import ServerUnavailable
 from tests.support.summary import UNAVAILABLE, tag_engine, write_engine_summary
@@ -41,7 +44,7 @@ except ValueError as exc:   # reported by pytest_configure as a usage error
 
 #: The fixtures that tie a test to one engine (beside the ``db_url``/``backend_db`` parameter).
 ENGINE_FIXTURES = {
-    "postgres": {"pg_url", "pg_db_url", "private_pg"},
+    "postgres": {"pg_url", "pg_db_url", "private_pg", "pgbouncer_url", "pgbouncer_db"},
     "mysql": {"mysql_url", "mysql_db_url"},
     "sqlite": {"sqlite_url"},
 }
@@ -114,11 +117,14 @@ def db_url(request) -> str:
 
 
 @pytest.fixture
-def private_pg():
-    """A dedicated, started PrivatePostgres (``.url()``, ``.stop(mode)``, ``.start()``, ``.restart()``)."""
+def private_pg(request):
+    """A dedicated, started PrivatePostgres (``.url()``, ``.stop(mode)``, ``.start()``, ``.restart()``).
+
+    Indirect parametrisation passes settings for its postgresql.conf (e.g. ``{"synchronous_commit": "on"}``).
+    """
     server = None
     try:
-        server = PrivatePostgres()
+        server = PrivatePostgres(settings=getattr(request, "param", None))
         server.start()
     except (ServerUnavailable, OSError) as exc:
         if server is not None:
@@ -126,6 +132,28 @@ def private_pg():
         _no_engine("postgres", str(exc))
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(pg_url) -> str:
+    """URL of the run's PgBouncer (pool_mode=transaction) in front of ``pg_url``'s server, database "postgres"."""
+    try:
+        return pgbouncer.session_bouncer_url(pg_url)
+    except engines.ConfiguredServerBroken as exc:
+        pytest.fail(str(exc), pytrace=False)
+    except ServerUnavailable as exc:
+        _no_engine("postgres", f"no PgBouncer: {exc}")
+
+
+class BouncedDatabase(NamedTuple):
+    direct: str    # the database on PostgreSQL itself (for the test's own reads)
+    through: str   # the same database through PgBouncer, with ?sqlq_pool_mode=transaction
+
+
+@pytest.fixture
+def pgbouncer_db(pg_db_url, pgbouncer_url) -> BouncedDatabase:
+    """A fresh PostgreSQL database, and its URL through the run's PgBouncer."""
+    return BouncedDatabase(pg_db_url, pgbouncer.bouncer_url_for(pg_db_url, pgbouncer_url))
 
 
 @pytest.fixture

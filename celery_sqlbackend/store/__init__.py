@@ -35,6 +35,7 @@ import os
 import random
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
@@ -46,12 +47,13 @@ from ..options import Options
 from ..urls import mask, validate
 from .bindings import Bindings
 from .claims import Claimed, Claims
-from . import lock_retries
+from . import lock_retries, pooler
 from .dialects import dialect_of, retry_cause
 from .engine import READ_ONLY, get_engine
 from .executions import Executions
 from .failed import Failed
 from .jobs import Jobs
+from .limits import Limits
 from .processes import Orphan, Processes
 from .queues import Queues
 from .recurring import Recurring
@@ -79,6 +81,14 @@ class Store:
         self.engine = get_engine(url, self.options.busy_timeout)
         self.t = tables(self.options.table_prefix)
         self.dialect = dialect_of(self.engine)
+        #: ``session`` or ``transaction``: the pooler between us and the server (``store.pooler``).
+        self.pool_mode = pooler.pool_mode(url)
+        #: Settings sent at the start of every transaction on the thread's own connections,
+        #: where a setting for the session would outlive our turn on the server connection.
+        self._local_settings: tuple[str, ...] = ()
+        if self.pool_mode == "transaction":
+            self._local_settings = pooler.per_transaction(self.dialect.own_connection_settings)
+            self.dialect = replace(self.dialect, own_connection_settings=(), server_prepared=False)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._local = threading.local()   # see _own_connection
@@ -92,6 +102,7 @@ class Store:
         self.results = Results(self)
         self.unique_keys = UniqueKeys(self)
         self.recurring = Recurring(self)
+        self.limits = Limits(self)
 
     def __repr__(self) -> str:
         return f"<Store {mask(self.engine.url)}>"
@@ -114,7 +125,8 @@ class Store:
 
     def _run(self, fn, *args, read_only=False, single=False, kept=False, **kwargs):
         attempts = self.options.retry_attempts
-        autocommit = single and self.dialect.autocommit_single
+        local = self._local_settings if kept else ()   # (behind a transaction pooler: SET LOCAL, in a transaction)
+        autocommit = single and self.dialect.autocommit_single and not local
         own = autocommit or (kept and not self.dialect.embedded)   # (SQLite: opening one costs no round trip)
         for attempt in range(1, attempts + 1):
             try:
@@ -122,6 +134,8 @@ class Store:
                     if read_only:
                         conn = conn.execution_options(**READ_ONLY)
                     with conn.begin():
+                        for setting in local:
+                            conn.exec_driver_sql(setting)
                         return fn(conn, *args, **kwargs)
             except Exception as exc:
                 if own:

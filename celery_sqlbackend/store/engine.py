@@ -31,15 +31,15 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 
 from ..errors import ConfigurationError
-from . import fork_gate
+from ..urls import postgres_driver
+from . import fork_gate, pooler
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -76,8 +76,9 @@ def get_autocommit_engine(url: str) -> Engine:
         with _lock:
             engine = _engines.get(key)
             if engine is None:
-                engine = _engines[key] = create_engine(url, pool_size=5, max_overflow=10,
-                                                       isolation_level="AUTOCOMMIT")
+                parsed, extra = pooler.engine_arguments(url)
+                engine = _engines[key] = create_engine(parsed, pool_size=5, max_overflow=10,
+                                                       isolation_level="AUTOCOMMIT", **extra)
     return engine
 
 
@@ -86,11 +87,12 @@ def _create(url: str, busy_timeout: float) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite(url, busy_timeout)
     if parsed.get_backend_name() == "postgresql":
-        parsed = _postgres_driver(parsed)
+        parsed = postgres_driver(parsed)
     try:
         if parsed.get_backend_name() in ("mysql", "mariadb"):
             return _create_mysql(url, busy_timeout)
-        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        parsed, extra = pooler.engine_arguments(parsed)   # (a pooler in transaction mode: no prepared statements)
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, **extra)
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver for {parsed.render_as_string(hide_password=True)!r} is not installed "
@@ -104,24 +106,6 @@ _INSTALL_HINT = {
     "mysql": "pip install 'celery-sqlbackend[mysql]' (mysqlclient, URL mysql+mysqldb://) or "
              "'celery-sqlbackend[pymysql]' (PyMySQL, URL mysql+pymysql://)",
 }
-
-
-def _postgres_driver(parsed: URL) -> URL:
-    """A plain ``postgresql://`` URL with the PostgreSQL driver that is installed.
-
-    Why: SQLAlchemy's default driver for ``postgresql://`` is psycopg2 up to 2.0
-    and psycopg 3 from 2.1, so the same URL would fail on one or the other
-    depending on the SQLAlchemy release.  An explicit ``+driver`` is kept as written.
-    """
-    if "+" in parsed.drivername:
-        return parsed
-    for driver in ("psycopg", "psycopg2"):
-        try:
-            importlib.import_module(driver)
-        except ImportError:
-            continue
-        return parsed.set(drivername=f"postgresql+{driver}")
-    return parsed
 
 
 def _create_mysql(url: str, busy_timeout: float) -> Engine:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select, text
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, literal, select, text
 
 from ..sqlite_wake import wake_at_commit
 from .dialects import Dialect
@@ -63,6 +63,8 @@ def dispatch_due(conn: Connection, t: Tables, d: Dialect, *, now: datetime, limi
     """Promote up to ``limit`` scheduled executions whose time has come to ready; returns how many."""
     s = t.scheduled
     due = select(s.c.id, s.c.job_id).where(s.c.scheduled_at <= now).order_by(s.c.scheduled_at, s.c.job_id).limit(limit)
+    # (Jobs with limits are admitted by their limits instead: ``admission.dispatch_due``.)
+    due = due.where(~exists(select(t.job_limits.c.job_id).where(t.job_limits.c.job_id == s.c.job_id)))
     if d.skip_locked:
         due = due.with_for_update(skip_locked=True)
     rows = conn.execute(due).all()

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Sequence
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select
 
-from . import unique_keys
+from . import admission, unique_keys
+from .admission import JobLimits
 from .dialects import Dialect
 from .engine import get_autocommit_engine
 from .executions import notify_ready, ready_channel
@@ -36,6 +37,7 @@ class NewJob:
     eta: datetime | None = None
     expires_at: datetime | None = None
     unique: UniqueKey | None = None
+    limits: JobLimits | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -83,6 +85,13 @@ def insert_one(conn: Connection, t: Tables, d: Dialect, job: NewJob) -> Enqueued
                                                        job_id=job_id, now=job.created_at):
         conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
         return Enqueued(None, unique_keys.holder(conn, t, d, key=job.unique.key))
+    if job.limits is not None:    # ready, or blocked on a limit (``admission``)
+        admission.enqueue(conn, t, d, job_id=job_id, limits=job.limits, queue=job.queue, priority=job.priority,
+                          now=job.created_at, scheduled=job.scheduled)
+        if job.scheduled:
+            conn.execute(insert(t.scheduled).values(job_id=job_id, queue_name=job.queue, priority=job.priority,
+                                                    scheduled_at=job.eta))
+        return Enqueued(job_id)
     if job.scheduled:
         conn.execute(insert(t.scheduled).values(job_id=job_id, queue_name=job.queue, priority=job.priority,
                                                 scheduled_at=job.eta))
@@ -178,10 +187,25 @@ def insert_executions(conn: Connection, t: Tables, d: Dialect, placed: Sequence[
         _insert_rows(conn, d, t.scheduled, scheduled)
 
 
-def delete_unplaced(conn: Connection, t: Tables, job_ids: Sequence[int]) -> None:
-    """Delete job rows written without executions (a staged batch that ended in an exception)."""
-    for start in range(0, len(job_ids), 500):
-        conn.execute(delete(t.jobs).where(t.jobs.c.id.in_(job_ids[start:start + 500])))
+def place_range(conn: Connection, t: Tables, d: Dialect, first: int, last: int) -> None:
+    """The executions of the job rows ``first``..``last`` written without them (``insert_rows``), from
+    the rows themselves: ``INSERT … SELECT``, so that a staged batch keeps nothing but id ranges."""
+    j = t.jobs
+    rows = (j.c.id >= first, j.c.id <= last)
+    later = j.c.scheduled_at.is_not(None) & (j.c.scheduled_at > j.c.created_at)   # (``NewJob.scheduled``)
+    conn.execute(insert(t.ready).from_select(
+        ["job_id", "queue_name", "priority", "created_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, j.c.created_at).where(*rows, ~later).order_by(j.c.id)))
+    conn.execute(insert(t.scheduled).from_select(
+        ["job_id", "queue_name", "priority", "scheduled_at"],
+        select(j.c.id, j.c.queue_name, j.c.priority, j.c.scheduled_at).where(*rows, later).order_by(j.c.id)))
+    for queue in conn.execute(select(j.c.queue_name).where(*rows, ~later).distinct()).scalars().all():
+        notify_ready(conn, t, d, queue)
+
+
+def delete_range(conn: Connection, t: Tables, first: int, last: int) -> None:
+    """Delete the job rows ``first``..``last`` written without executions (a staged batch that failed)."""
+    conn.execute(delete(t.jobs).where(t.jobs.c.id >= first, t.jobs.c.id <= last))
 
 
 def _insert_rows(conn: Connection, d: Dialect, table: Any, rows: list[dict[str, Any]]) -> None:
@@ -240,7 +264,7 @@ class Jobs(Gateway):
     def add(self, job: NewJob) -> Enqueued:
         """Enqueue one job in a transaction of its own; on PostgreSQL, without a unique key, one round trip
         (``insert_one_statement`` in autocommit, on a pool that does not ping: ``get_autocommit_engine``)."""
-        if job.unique is None and self.d.dml_cte and self.d.autocommit_single:
+        if job.unique is None and job.limits is None and self.d.dml_cte and self.d.autocommit_single:
             self.store.ensure_schema()
             with get_autocommit_engine(self.store.url).connect() as conn:
                 return Enqueued(insert_one_statement(conn, self.t, self.d, job))

@@ -34,14 +34,17 @@ def paused(conn: Connection, t: Tables) -> list[str]:
 
 
 def purge(conn: Connection, t: Tables, *, queue: str) -> int:
-    """Delete every waiting (ready or scheduled) job of ``queue``; claimed ones are left to finish."""
+    """Delete every waiting (ready, scheduled or blocked on a limit) job of ``queue``; claimed ones are
+    left to finish.  (Slots the deleted jobs held come back with the next limit chores.)"""
     j = t.jobs
     waiting = select(t.ready.c.job_id).where(t.ready.c.queue_name == queue).union_all(
-        select(t.scheduled.c.job_id).where(t.scheduled.c.queue_name == queue))
+        select(t.scheduled.c.job_id).where(t.scheduled.c.queue_name == queue),
+        select(t.blocked.c.job_id).where(t.blocked.c.queue_name == queue))
     job_ids = list(conn.execute(waiting).scalars())
     for chunk in chunks(job_ids, 500):
         conn.execute(delete(t.ready).where(t.ready.c.job_id.in_(chunk)))
         conn.execute(delete(t.scheduled).where(t.scheduled.c.job_id.in_(chunk)))
+        conn.execute(delete(t.blocked).where(t.blocked.c.job_id.in_(chunk)))
         conn.execute(delete(j).where(j.c.id.in_(chunk)))
     return len(job_ids)
 

@@ -243,6 +243,67 @@ class Tables:
             Index(f"ix_{p}unique_keys_expires", "expires_at"),
         )
 
+        # Limits (celery_sqlbackend.limits): what a limited job declared, kept while it exists, so
+        # that a job whose ETA comes, or that a slot lets in, is routed by its own limits.
+        self.job_limits = Table(
+            f"{p}job_limits", md,
+            Column("job_id", Id, ForeignKey(f"{p}jobs.id", ondelete="CASCADE"), primary_key=True,
+                   autoincrement=False),
+            Column("concurrency_key", String(255)),
+            Column("concurrency_limit", Integer),
+            Column("concurrency_duration", Float),
+            Column("rate_key", String(255)),
+            Column("rate_limit", Integer),
+            Column("rate_period", Float),
+        )
+
+        # ``Concurrency``: one row per key (its current limit, locked by whoever counts its
+        # holds), and one hold per job running or ready under it.  Holds have no foreign
+        # key: a finish that deletes its job row must still find the key to let the next in.
+        self.semaphores = Table(
+            f"{p}semaphores", md,
+            Column("key", String(255), primary_key=True),
+            Column("slots", Integer, nullable=False),
+            _ts("updated_at", nullable=False),
+        )
+        self.semaphore_holds = Table(
+            f"{p}semaphore_holds", md,
+            Column("job_id", Id, primary_key=True, autoincrement=False),
+            Column("key", String(255), nullable=False),
+            _ts("expires_at", nullable=False),
+            Index(f"ix_{p}semaphore_holds_key", "key", "expires_at"),
+            Index(f"ix_{p}semaphore_holds_expires", "expires_at"),
+        )
+
+        # Jobs waiting on a limit: ``kind`` "concurrency" (for a slot of ``key``) or "rate" (for
+        # a start of ``key``).  The index is the order they are let in: priority, then FIFO.
+        self.blocked = Table(
+            f"{p}blocked_executions", md,
+            Column("id", Id, primary_key=True, autoincrement=True),
+            job_fk(),
+            Column("queue_name", String(255), nullable=False),
+            Column("priority", Integer, nullable=False, default=0),
+            Column("kind", String(16), nullable=False),
+            Column("key", String(255), nullable=False),
+            _ts("created_at", nullable=False),
+            UniqueConstraint("job_id", name=f"uq_{p}blocked_job"),
+            Index(f"ix_{p}blocked_next", "kind", "key", Column("priority").desc(), "job_id"),
+            Index(f"ix_{p}blocked_queue", "queue_name"),
+        )
+
+        # ``Rate``: per key, the claim times of its last ``max_starts`` starts (JSON, epoch
+        # seconds) and when it next opens (NULL: no job waits on it).
+        self.rate_keys = Table(
+            f"{p}rate_keys", md,
+            Column("key", String(255), primary_key=True),
+            Column("max_starts", Integer, nullable=False),
+            Column("period", Float, nullable=False),
+            Column("starts", Text, nullable=False),
+            _ts("next_open"),
+            _ts("updated_at", nullable=False),
+            Index(f"ix_{p}rate_keys_next_open", "next_open"),
+        )
+
         # Recurring tasks (celery_sqlbackend.beat): the declared baseline (``beat_schedule``,
         # ``declared``) and runtime additions, read by every scheduler on each tick.
         # ``schedule`` is JSON (see celery_sqlbackend.slots); slots after ``since_at``

@@ -69,9 +69,11 @@ def workers(tmp_path):
     class Factory:
         directory = tmp_path
         items = Items(tmp_path)
+        #: Environment every worker gets (a test module may set it: the broker of its engine).
+        env: dict = {}
 
-        def start(self, pool: str = "prefork", **kwargs) -> CheckpointWorker:
-            worker = CheckpointWorker(tmp_path, pool=pool, **kwargs)
+        def start(self, pool: str = "prefork", env: Optional[dict] = None, **kwargs) -> CheckpointWorker:
+            worker = CheckpointWorker(tmp_path, pool=pool, env={**self.env, **(env or {})}, **kwargs)
             started.append(worker)
             return worker.wait_ready(30)
 

@@ -1,7 +1,7 @@
 """Real workers, real signals: the stop flag reaches the task, and iterative jobs survive restarts.
 
-Every test starts ``celery worker`` subprocesses on the sqlq transport
-(SQLite file broker) running ``ckapp``; see ``workers.py``.
+Every test starts ``celery worker`` subprocesses on the sqlq transport running ``ckapp``, once per engine
+(``db_url``: a SQLite file, a PostgreSQL database); see ``conftest.py``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from celery import Celery
 
 import celery_sqlbackend  # noqa: F401
+from celery_sqlbackend import admin
 
 from tests.harness import wait_until
 
@@ -20,15 +21,33 @@ POOLS = ["prefork", "threads", "solo"]
 N = 10_000
 
 
-def producer(directory) -> Celery:
-    app = Celery("ck-producer", broker=f"sqlq+sqlite:///{directory}/jobs.sqlite3")
+def engine_pools(pools, server_pools=("prefork",)) -> list:
+    """(engine, pool) cases: every pool on SQLite, ``server_pools`` on the servers (the pools' own part is
+    the same on every engine; the servers' is the store, and CI's time is short)."""
+    cases = [("sqlite", pool) for pool in pools]
+    cases += [(engine, pool) for engine in ("postgres", "mysql") for pool in server_pools]
+    return [pytest.param(engine, pool, id=f"{engine}-{pool}") for engine, pool in cases]
+
+
+def producer(broker_url: str) -> Celery:
+    app = Celery("ck-producer", broker=broker_url)
     app.conf.broker_transport_options = {"polling_interval": 0.05}
     return app
 
 
 @pytest.fixture
+def workers(workers, db_url):
+    """The checkpoint workers (conftest), on this test's engine: broker, durable cursors and results in ``db_url``."""
+    if not db_url.startswith("sqlite"):
+        admin.migrate(db_url)   # servers get their tables from migrations, never at run time
+    workers.broker_url = f"sqlq+{db_url}"
+    workers.env = {"CK_BROKER": workers.broker_url}
+    return workers
+
+
+@pytest.fixture
 def send(workers):
-    app = producer(workers.directory)
+    app = producer(workers.broker_url)
     yield lambda name, *args, **options: app.send_task(name, args=args, **options)
     app.close()
 
@@ -50,7 +69,7 @@ def test_flag_reaches_the_task_within_a_second_of_term(workers, send, pool):
 
 
 def _flag_latency(worker, trigger):
-    worker_send = producer(worker.directory)
+    worker_send = producer(worker.env["CK_BROKER"])
     try:
         worker_send.send_task("ck.watch_flag", args=(30.0,))
         wait_until(lambda: worker.items.mark("watch_started"), 20, message="task started")
@@ -74,7 +93,8 @@ def test_flag_is_set_before_the_soft_shutdown_wait(workers):
     # the soft wait, when the task has been killed; the wrapper sets the flag first.
     worker = workers.start(env={"CK_SOFT_SHUTDOWN": "10"})
     latency, pid = _flag_latency(worker, lambda app: worker.send(signal.SIGQUIT))
-    assert latency < 1.0 and pid != worker.pid
+    # Seen well inside the 10 s soft wait (after it, the task would have been killed unflagged).
+    assert latency < 5.0 and pid != worker.pid
     worker.wait_exit()
 
 
@@ -100,7 +120,7 @@ def _assert_each_item_once(items):
     assert items.duplicates() == []
 
 
-@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("db_url, pool", engine_pools(POOLS), indirect=["db_url"])
 def test_term_several_times_mid_run_processes_every_item_exactly_once(workers, send, pool):
     task_id = str(uuid.uuid4())
     send("ck.count_to", N, task_id=task_id)
@@ -127,7 +147,7 @@ def test_term_several_times_mid_run_processes_every_item_exactly_once(workers, s
     assert resumed_at == sorted(resumed_at) and resumed_at[0] >= thresholds[0] - 1
 
 
-@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("db_url, pool", engine_pools(POOLS), indirect=["db_url"])
 def test_max_job_runtime_reenqueues_and_processes_every_item_exactly_once(workers, send, pool):
     task_id = str(uuid.uuid4())
     send("ck.count_to", N, task_id=task_id)
@@ -145,7 +165,7 @@ def test_max_job_runtime_reenqueues_and_processes_every_item_exactly_once(worker
     assert worker.proc.poll() is None, "max_job_runtime must not stop the worker"
 
 
-@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("db_url, pool", engine_pools(POOLS), indirect=["db_url"])
 def test_after_kill_items_are_redone_only_back_to_the_last_durable_checkpoint(workers, send, pool):
     every = 250
     task_id = str(uuid.uuid4())
@@ -174,8 +194,7 @@ def test_after_kill_items_are_redone_only_back_to_the_last_durable_checkpoint(wo
 
 
 def test_async_result_waits_across_interruptions_for_the_final_run(workers):
-    results = Celery("ck-results", broker=f"sqlq+sqlite:///{workers.directory}/jobs.sqlite3",
-                     backend=f"sqlq+sqlite:///{workers.directory}/jobs.sqlite3")
+    results = Celery("ck-results", broker=workers.broker_url, backend=workers.broker_url)
     try:
         result = results.send_task("ck.count_to", args=(3000,))
         env = {"CK_RESULTS": "1"}
@@ -191,7 +210,7 @@ def test_async_result_waits_across_interruptions_for_the_final_run(workers):
         results.close()
 
 
-@pytest.mark.parametrize("pool", ["solo", "threads"])
+@pytest.mark.parametrize("db_url, pool", engine_pools(["solo", "threads"], ["threads"]), indirect=["db_url"])
 def test_jobs_received_after_term_are_handed_back_without_starting(workers, send, pool):
     """A stopping solo/threads worker drains queued jobs: they go back untouched, no on_start, no empty run."""
     ids = [str(uuid.uuid4()) for _ in range(3)]

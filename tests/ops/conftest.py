@@ -2,7 +2,7 @@
 
 One-shot commands run in children forked from a process that has already imported Celery and the plugin
 (tests/support/zygote.py): the real entry point in a real process, without 1.4 s of imports each.
-``SQLQ_TEST_CLI_EXEC=1`` runs them with exec instead.
+``SQLQ_TEST_EXEC=1`` runs them with exec instead.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, write_app
-from tests.support.zygote import CeleryCommandZygote
+from tests.support.zygote import forking_enabled, zygote
 
 TASKS = '''
 import os, time
@@ -40,17 +40,6 @@ def boom():
 TRANSPORT_OPTIONS = {"polling_interval": 0.2, "create_tables": True}
 
 
-_zygote: list[CeleryCommandZygote] = []   # one per test process, started on first use
-
-
-def _celery_command_zygote() -> CeleryCommandZygote:
-    if not _zygote:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
-               "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-        _zygote.append(CeleryCommandZygote(env))
-    return _zygote[0]
-
-
 class Cli:
     """Runs ``python -m celery -A testapp …`` in the app's directory, as an operator would."""
 
@@ -65,11 +54,11 @@ class Cli:
         return [sys.executable, "-m", "celery", "-A", self.app, *args]
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        if os.environ.get("SQLQ_TEST_CLI_EXEC"):
+        if not forking_enabled():
             out = subprocess.run(self.argv(*args), cwd=self.directory, env=self.env, capture_output=True,
                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         else:
-            out = _celery_command_zygote().run(["-A", self.app, *args], self.directory, self.env, timeout)
+            out = zygote().run(["-A", self.app, *args], self.directory, self.env, timeout)
         if check and out.returncode != 0:
             raise AssertionError(f"celery {' '.join(args)} exited {out.returncode}\n"
                                  f"--- stdout ---\n{out.stdout}\n--- stderr ---\n{out.stderr}")

@@ -20,13 +20,13 @@ def _drift(store: Store) -> list:
 
 def test_migrate_creates_the_schema_of_schema_py(db_url):
     """Fails when schema.py changes without a migration: add a revision (never edit 0001)."""
-    assert admin.migrate(db_url, prefix="mg_") == admin.head_revision() == "0006"
+    assert admin.migrate(db_url, prefix="mg_") == admin.head_revision() == "0007"
     store = Store(db_url, Options(table_prefix="mg_", create_tables=False))
     names = set(inspect(store.engine).get_table_names())
     assert {t.name for t in tables("mg_").metadata.sorted_tables} | {"mg_alembic_version"} == names
     assert _drift(store) == []
-    assert admin.current_revision(store) == "0006"
-    assert admin.migrate(db_url, prefix="mg_") == "0006"          # idempotent
+    assert admin.current_revision(store) == "0007"
+    assert admin.migrate(db_url, prefix="mg_") == "0007"          # idempotent
     checks = {c.name: c for c in admin.check(store)}
     assert checks["migrations"].ok and "at head" in checks["migrations"].detail
     # The store works on migrated tables.
@@ -40,8 +40,8 @@ def test_migrate_adopts_tables_created_without_migrations(sqlite_url):
     assert admin.current_revision(store) is None
     checks = {c.name: c for c in admin.check(store)}
     assert checks["migrations"].level == "warning" and "sqlq migrate" in checks["migrations"].detail
-    assert admin.migrate(sqlite_url) == "0006"
-    assert admin.current_revision(store) == "0006" and _drift(store) == []
+    assert admin.migrate(sqlite_url) == "0007"
+    assert admin.current_revision(store) == "0007" and _drift(store) == []
 
 
 def test_check_reports_a_database_without_tables(sqlite_url):

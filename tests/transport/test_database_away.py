@@ -86,9 +86,13 @@ def test_a_started_mark_made_while_the_database_is_away_lands_after(private_pg):
             with contextlib.suppress(Exception):   # (the heartbeat thread may have tried first)
                 proc.acks.flush()
             private_pg.start()
-            wait_until(lambda: rows(url, "select count(*) from sqlq_claimed_executions where acked_at is not null")
-                       == [(1,)], timeout=30, message="the started mark made while the database was away")
-            assert rows(url, "select finished_at from sqlq_jobs") == [(None,)]
+            try:
+                wait_until(lambda: rows(url, "select count(*) from sqlq_claimed_executions where acked_at is not "
+                                             "null") == [(1,)],
+                           timeout=30, message="the started mark made while the database was away")
+                assert rows(url, "select finished_at from sqlq_jobs") == [(None,)]
+            finally:
+                proc.stop()    # (a worker's process is stopped by the worker, not by closing its channel)
 
 
 def test_a_delivery_put_back_by_a_lost_connection_is_kept_then_failed_never_run_again(private_pg):

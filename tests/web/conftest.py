@@ -133,5 +133,16 @@ def shots() -> Path:
 
 
 def wait_for(driver, predicate, timeout: float = 20.0, what: str = "the page"):
-    """Poll the browser until ``predicate(driver)`` is truthy (no fixed sleeps)."""
-    return wait_until(lambda: predicate(driver), timeout, 0.1, what)
+    """Poll the browser until ``predicate(driver)`` is truthy (no fixed sleeps).
+
+    The pages swap parts of themselves as they refresh: an element found an instant before a
+    swap is stale by the time it is read, which means "look again", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def check():
+        try:
+            return predicate(driver)
+        except StaleElementReferenceException:
+            return None
+
+    return wait_until(check, timeout, 0.1, what)
