@@ -106,3 +106,38 @@ def test_after_a_fork_parent_and_child_both_get_connections(tmp_path):
     assert fork_gate._forking_thread is None
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+
+
+def test_a_fork_waits_for_a_connection_another_thread_is_opening(tmp_path):
+    """Opening a connection (``sqlite3.connect`` and its PRAGMAs) takes SQLite's process-wide
+    mutexes: a child forked in that window inherited them held and hung in its own connect."""
+    import time
+
+    from tests.harness import wait_until
+
+    path = str(tmp_path / "opening.db")
+    sqlite3.connect(path).execute("CREATE TABLE t(x)")
+    engine = get_engine(f"sqlite:///{path}")
+    engine.connect().close()    # (the engine's first connect runs under a lock of its own)
+    engine.dispose()
+    opening, release = threading.Event(), threading.Event()
+
+    @sa.event.listens_for(engine, "connect")
+    def held_open(_dbapi_conn, _record):   # (the window, made long enough to fork into)
+        opening.set()
+        release.wait(10)
+
+    opener = threading.Thread(target=lambda: engine.connect().close())
+    opener.start()
+    assert opening.wait(10)
+    outcome = []
+    forker = threading.Thread(target=lambda: outcome.append((_fork_and_write(path), time.monotonic())))
+    forker.start()
+    wait_until(lambda: fork_gate._forking_thread is not None, 10, 0.01, "the fork to be pending")
+    assert not outcome, "the fork went ahead while a connection was being opened"
+    released_at = time.monotonic()
+    release.set()
+    forker.join(30)
+    opener.join(10)
+    [(wrote, forked_after)] = outcome
+    assert wrote and forked_after > released_at

@@ -45,25 +45,49 @@ _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 def guard(engine: Engine) -> Engine:
     """Make ``engine``'s checkouts wait for a pending fork, and forks wait for them."""
+    event.listen(engine, "do_connect", _on_connect)
     event.listen(engine, "checkout", _on_checkout)
     event.listen(engine, "checkin", _on_checkin)
     _engines.add(engine)
     return engine
 
 
-def _on_checkout(_dbapi_conn, record, _proxy) -> None:
-    me = threading.get_ident()
+def _enter(me: int) -> None:
     with _cond:
         while _forking_thread is not None and _forking_thread != me:
             _cond.wait()
         _in_use[me] = _in_use.get(me, 0) + 1
+
+
+def _on_connect(_dialect, record, _cargs, _cparams) -> None:
+    """Opening a connection counts as using one, until its checkout: ``sqlite3.connect`` and the
+    connection's PRAGMAs take SQLite's process-wide mutexes and the WAL-index locks, and a child
+    forked meanwhile inherits them held (seen: a pool process hung for ever in ``sqlite3.connect``).
+    (A connect that fails leaves the count up: a fork then waits its bounded wait.)"""
+    me = threading.get_ident()
+    _enter(me)
+    record.record_info["fork_gate_connecting"] = me
+
+
+def _on_checkout(_dbapi_conn, record, _proxy) -> None:
+    me = threading.get_ident()
+    connecting = record.record_info.pop("fork_gate_connecting", None)
+    if connecting == me:
+        pass    # the connect's count carries over to this checkout: no fork passes in between
+    else:
+        if connecting is not None:
+            _leave(connecting)
+        _enter(me)
     record.record_info["fork_gate_thread"] = me
 
 
 def _on_checkin(_dbapi_conn, record) -> None:
     owner = record.record_info.pop("fork_gate_thread", None)
-    if owner is None:
-        return
+    if owner is not None:
+        _leave(owner)
+
+
+def _leave(owner: int) -> None:
     with _cond:
         left = _in_use.get(owner, 0) - 1
         if left > 0:

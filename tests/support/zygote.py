@@ -66,6 +66,9 @@ def child(req):
             os.dup2(opened, fd)
             os.close(opened)
         sys.stdin = open(os.devnull)
+        # SIGUSR2 dumps every thread's stack to the log, even from a thread stuck in C (a lock wait).
+        import faulthandler, signal
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
         sys.argv = ["celery", *req["args"]]
         try:
             celery.__main__.main()
