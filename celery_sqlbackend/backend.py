@@ -225,6 +225,11 @@ class SQLBackend(BaseBackend):
         """Wait for one result: woken by NOTIFY on PostgreSQL, a backing-off poll elsewhere."""
         for _, meta in self.get_many([task_id], timeout=timeout, interval=interval, on_interval=on_interval,
                                      _raise_message="The operation timed out."):
+            if on_interval is not None and meta["status"] in states.PROPAGATE_STATES:
+                # Celery's ``on_interval`` raises a failed parent's error (a chord's header before
+                # its body's ChordError): look once more, or which one the caller sees would depend
+                # on whether both failures landed between the same two polls.
+                on_interval()
             return meta
         return self.get_task_meta(task_id)
 
