@@ -26,9 +26,14 @@ REFUSE = {
                    "$$ BEGIN RAISE EXCEPTION 'heartbeats refused by the test'; END $$",
                    "CREATE TRIGGER refuse_beats BEFORE UPDATE OF last_heartbeat_at ON {t} "
                    "FOR EACH ROW EXECUTE FUNCTION refuse_beats()"],
+    "mysql": ["CREATE TRIGGER refuse_beats BEFORE UPDATE ON {t} FOR EACH ROW BEGIN "
+              "IF NOT (NEW.last_heartbeat_at <=> OLD.last_heartbeat_at) THEN "
+              "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'heartbeats refused by the test'; END IF; END"],
 }
+REFUSE["mariadb"] = REFUSE["mysql"]
 ALLOW = {"sqlite": ["DROP TRIGGER refuse_beats"],
-         "postgresql": ["DROP TRIGGER refuse_beats ON {t}", "DROP FUNCTION refuse_beats()"]}
+         "postgresql": ["DROP TRIGGER refuse_beats ON {t}", "DROP FUNCTION refuse_beats()"],
+         "mysql": ["DROP TRIGGER refuse_beats"], "mariadb": ["DROP TRIGGER refuse_beats"]}
 
 
 @pytest.fixture

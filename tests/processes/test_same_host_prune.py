@@ -102,6 +102,29 @@ def test_a_killed_workers_jobs_recover_within_15s_of_a_new_worker_on_the_same_ho
         producer.close()
 
 
+def _freeze_between_writes(worker, db_url: str) -> None:
+    """SIGSTOP the worker at a moment it holds no SQLite write lock.
+
+    A process frozen inside a write transaction keeps SQLite's one write lock, and nobody can write
+    until it runs again: that is SQLite, not the scenario here (a frozen worker and an operator's prune).
+    """
+    import sqlite3
+    for _ in range(100):
+        worker.stop()
+        if not db_url.startswith("sqlite"):
+            return
+        probe = sqlite3.connect(db_url.split(":///", 1)[1], timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            worker.cont()
+        finally:
+            probe.close()
+    raise AssertionError("the worker always held the write lock when frozen")
+
+
 def test_prune_process_forces_a_live_one_out_only_once_confirmed(tmp_path, db_url):
     producer = _setup(tmp_path, db_url)
     a = CeleryWorker(tmp_path, hostname="a@%h", concurrency=2, queues="main")
@@ -114,7 +137,7 @@ def test_prune_process_forces_a_live_one_out_only_once_confirmed(tmp_path, db_ur
     try:
         a.wait_ready(60)
         early, late, _, _ = _start_both(tmp_path, db_url, producer)
-        a.stop()                              # frozen, not dead: only an operator's decision prunes it
+        _freeze_between_writes(a, db_url)     # frozen, not dead: only an operator's decision prunes it
 
         assert prune().returncode == 0
         assert rows(db_url, "SELECT count(*) FROM sqlq_processes WHERE name = :n", {"n": name}) == [(1,)]

@@ -136,13 +136,13 @@ def wait_for(driver, predicate, timeout: float = 20.0, what: str = "the page"):
     """Poll the browser until ``predicate(driver)`` is truthy (no fixed sleeps).
 
     The pages swap parts of themselves as they refresh: an element found an instant before a
-    swap is stale by the time it is read, which means "look again", not a failure."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    swap is stale (or briefly gone) by the time it is read, which means "look again", not a failure."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     def check():
         try:
             return predicate(driver)
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, NoSuchElementException):
             return None
 
     return wait_until(check, timeout, 0.1, what)
