@@ -13,6 +13,7 @@ from typing import Any, Callable
 import click
 
 from . import admin
+from .durations import human
 from .errors import SQLQError
 from .urls import mask
 
@@ -88,17 +89,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+    return human(seconds, compact=True)
 
 
 def _ts(value) -> str:

@@ -5,21 +5,12 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from ..durations import human
 from ..store import utcnow
 
 
 def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+    return human(seconds)
 
 
 def since(value: datetime | None) -> str:
