@@ -206,6 +206,9 @@ class Channel(virtual.Channel):
             return [(payload, job.queue_name) for job in taken
                     if (payload := self._decode(job, None)) is not None]
         process_id = proc.ensure_registered()
+        # Stamped before the claim is sent, never after it returns: a freeze between the claim's commit
+        # and a later stamp would make a taken-back delivery look fresh (``stale_deliveries``).
+        claimed_at = time.time() if self.options.check_stale_deliveries else None
         # Jobs blocked on a ``Rate`` are claimed apart, within their keys' rates (``limits.worker``:
         # nothing is sent while no key can be open).
         throttled = [] if self._broadcast_only(queues) else limit_worker.claim_throttled(store, queues, limit,
@@ -226,7 +229,7 @@ class Channel(virtual.Channel):
         messages = []
         finished_no_ack = []
         for job in claimed:
-            payload = self._decode(job, process_id)
+            payload = self._decode(job, process_id, claimed_at)
             if payload is None:
                 continue
             tag = payload["properties"]["delivery_tag"]
@@ -241,7 +244,7 @@ class Channel(virtual.Channel):
                                           now=utcnow(), keep=False)
         return messages
 
-    def _decode(self, job, process_id: int | None) -> dict | None:
+    def _decode(self, job, process_id: int | None, claimed_at: float | None = None) -> dict | None:
         """The stored message with a fresh delivery tag, or None (and the job failed) if a worker cannot use it.
 
         In a Celery worker a task message is checked as Celery will read it (``poison``): what would be
@@ -266,8 +269,7 @@ class Channel(virtual.Channel):
             if verdict is not None:
                 self._fail_unusable(job, process_id, *verdict)
                 return None
-        return for_delivery(payload, job.job_id, job.deliveries, process_id,
-                            claimed_at=time.time() if self.options.check_stale_deliveries else None)
+        return for_delivery(payload, job.job_id, job.deliveries, process_id, claimed_at=claimed_at)
 
     def _fail_unusable(self, job, process_id: int | None, error_class: str, why: str) -> None:
         """File an unusable claimed job as failed (``process_id`` None: taken unclaimed, already gone)."""
