@@ -6,27 +6,21 @@ Create Date: 2026-12-02
 
 Frozen: later schema changes get a new revision, never an edit here.
 """
-from alembic import context, op
+from alembic import op
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
+
+from celery_sqlbackend.store.migrations.revision_support import Id, Ts, already_created, table_prefix
 
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # as jobs.id
-Ts = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-
-
-def _prefix() -> str:
-    return context.config.attributes.get("table_prefix", "sqlq_")
-
 
 def upgrade() -> None:
-    p = _prefix()
+    p = table_prefix()
     # Tables SQLite's create path made already (a database adopted by ``migrate``) are left alone.
-    if not context.is_offline_mode() and sa.inspect(op.get_bind()).has_table(f"{p}semaphores"):
+    if already_created(f"{p}semaphores"):
         return
     op.create_table(
         f"{p}job_limits",
@@ -80,6 +74,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    p = _prefix()
+    p = table_prefix()
     for table in ("rate_keys", "blocked_executions", "semaphore_holds", "semaphores", "job_limits"):
         op.drop_table(f"{p}{table}")
