@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,35 @@ class Cli:
                                  f"--- stdout ---\n{out.stdout}\n--- stderr ---\n{out.stderr}")
         return out
 
+    def run_together(self, *commands: tuple[str, ...], timeout: float = 60) -> list[subprocess.CompletedProcess]:
+        """Run several commands at once (each a real process, as separate operators would) and return their
+        results in order. Commands that each wait out a ``--timeout`` cost one timeout together."""
+        started = []
+        try:
+            for i, args in enumerate(commands):
+                out, err = (self.directory / f".together-{os.getpid()}-{i}.{name}" for name in ("out", "err"))
+                if forking_enabled():
+                    proc = zygote().spawn(["-A", self.app, *args], self.directory, self.env, out, err)
+                else:
+                    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+                        proc = subprocess.Popen(self.argv(*args), cwd=self.directory, env=self.env,
+                                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                                start_new_session=True)
+                started.append((args, proc, out, err))
+            deadline = time.monotonic() + timeout
+            statuses = [proc.wait(max(0.0, deadline - time.monotonic())) for _, proc, _, _ in started]
+        finally:
+            for _, proc, _, _ in started:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        results = []
+        for (args, _, out, err), status in zip(started, statuses):
+            results.append(subprocess.CompletedProcess(self.argv(*args), status, out.read_text(errors="replace"),
+                                                       err.read_text(errors="replace")))
+            out.unlink()
+            err.unlink()
+        return results
+
     def json(self, *args: str, check: bool = True):
         out = self.run(*args, "--json", check=check)
         try:
@@ -92,7 +123,6 @@ def procs():
     """Extra subprocesses (celery events, flower) killed with their group at teardown."""
     started: list[subprocess.Popen] = []
     yield started
-    import signal
     for p in started:
         if p.poll() is None:
             try:
