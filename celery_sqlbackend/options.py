@@ -27,10 +27,10 @@ option                      default   meaning
                                       when the store's URL goes through a pooler in
                                       transaction mode (``store.pooler``); without it,
                                       such a process polls
-``sqlite_wake``             False     SQLite: wake idle workers at commit through sockets beside
-                                      the file (``sqlite_wake``); opt-in while it is being proven
-``check_stale_deliveries``  False     prefork: a pool process checks an old delivery's claim before
-                                      the task starts (frozen workers: ``stale_deliveries``); opt-in
+``sqlite_wake``             True      SQLite: wake idle workers at commit through sockets beside
+                                      the file (``sqlite_wake``); False: poll only
+``check_stale_deliveries``  True      prefork: a pool process checks an old delivery's claim before
+                                      the task starts (frozen workers: ``stale_deliveries``)
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
 ``event_loop``              auto      deliver through Celery's event loop (default: on
                                       PostgreSQL and SQLite; False: Celery's blocking
@@ -73,8 +73,8 @@ class Options:
     busy_timeout: float = 30.0
     use_notify: bool = True
     listen_url: str = ""
-    sqlite_wake: bool = False
-    check_stale_deliveries: bool = False
+    sqlite_wake: bool = True
+    check_stale_deliveries: bool = True
     retry_attempts: int = 8
     event_loop: bool | None = None
     record_task_failures: bool = True

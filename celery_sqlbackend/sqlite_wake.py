@@ -38,9 +38,9 @@ nothing and lets SQLAlchemy's commit raise as usual).  This covers
 same event, on whichever Engine it was made.  A rollback sends nothing.
 
 In-memory databases (and temporary ones) have no file and no other process:
-workers poll.  Workers wait on the sockets only with ``sqlite_wake=True``
-(opt-in for now, until it has run in the whole suite; a publisher wakes
-only where the directory exists, that is where some worker has opted in).
+workers poll.  On by default; with ``sqlite_wake=False`` a worker makes no
+socket and polls (a publisher wakes only where the directory exists, that is
+where some worker waits on it).
 """
 from __future__ import annotations
 

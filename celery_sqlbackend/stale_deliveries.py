@@ -28,10 +28,8 @@ the task is not run: the tracer reports Celery's ``Ignore``, so the worker
 acks the delivery (a fenced write that records nothing) and writes no result.
 If the read itself fails, the task runs, as it would have without this check.
 
-Opt-in (``check_stale_deliveries=True``) for now: it landed while a flaky
-warm-shutdown test of the suite was being chased, and was switched off until
-it is shown to be unrelated.  Without it, the delivery carries no claim time
-and the tracers are left alone.
+On by default; ``check_stale_deliveries=False`` turns it off: deliveries then
+carry no claim time and the tracers are left alone.
 
 Scope: the prefork pool (Celery's default), where tracers are built per pool
 process.  The threads, solo, gevent and eventlet pools start tasks in the

@@ -82,15 +82,8 @@ def test_a_worker_whose_heartbeats_keep_failing_stops_claiming_until_one_gets_th
     assert invariant_violations(cluster.snapshot()) == []
 
 
-@pytest.fixture
-def checking_cluster(tmp_path, db_url):
-    c = Cluster(tmp_path, db_url, check_stale_deliveries=True)
-    yield c
-    c.close()
-
-
-def test_a_frozen_worker_never_starts_a_prefetched_job_that_was_released_to_another(checking_cluster):
-    cluster = checking_cluster
+def test_a_frozen_worker_never_starts_a_prefetched_job_that_was_released_to_another(cluster):
+    # (check_stale_deliveries: on by default)
     a = cluster.worker("a")                     # one pool process: the second job waits in a's hands
     cluster.send("first", 2.0)
     wait_until(lambda: cluster.started("first", "a"), 30, message="the first job to start on a")

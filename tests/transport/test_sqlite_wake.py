@@ -2,7 +2,7 @@
 through the wake sockets beside the file, not by its poll; a worker killed with SIGKILL leaves nothing
 that breaks publishing.
 
-The workers poll once a minute here (and wait on the sockets: ``sqlite_wake=True``): a job that starts
+The workers poll once a minute here (and wait on the sockets, as they do by default): a job that starts
 within 10 s of being sent was woken.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def record(label):
 def slow_poll(sqlite_url, tmp_path, monkeypatch):
     """(app module, runs file, env): an app polling once a minute, woken through the sockets."""
     runs = tmp_path / "runs.txt"
-    conf = {"broker_transport_options": {"create_tables": True, "polling_interval": POLL, "sqlite_wake": True},
+    conf = {"broker_transport_options": {"create_tables": True, "polling_interval": POLL},
             "broker_connection_retry_on_startup": True}
     write_app(tmp_path, f"sqlq+{sqlite_url}", f"sqlq+{sqlite_url}", extra_conf=conf, tasks_source=TASKS,
               module="wakeapp")
@@ -133,7 +133,7 @@ def _job(queue: str = "q") -> NewJob:
 
 
 def test_the_waiter_wakes_only_for_commits_and_not_for_in_memory_databases(sqlite_url):
-    store = Store(sqlite_url, Options(create_tables=True, sqlite_wake=True))
+    store = Store(sqlite_url, Options(create_tables=True))    # (on by default)
     store.ensure_schema()
     waiter = waiter_for(store)
     waiter.drain()
@@ -153,4 +153,4 @@ def test_the_waiter_wakes_only_for_commits_and_not_for_in_memory_databases(sqlit
     assert waiter.wait(0) is False
 
     assert sqlite_waiter_for(create_engine("sqlite://")) is None      # in memory: no file, poll only
-    assert waiter_for(Store(sqlite_url, Options(create_tables=True))) is None     # (opt-in)
+    assert waiter_for(Store(sqlite_url, Options(create_tables=True, sqlite_wake=False))) is None  # turned off
