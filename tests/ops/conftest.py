@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -42,6 +43,14 @@ def boom():
 TRANSPORT_OPTIONS = {"polling_interval": 0.2, "create_tables": True}
 
 
+class Started(NamedTuple):
+    """A command ``Cli.start`` left running: its argv, process and output files."""
+    argv: list[str]
+    proc: Any
+    out: Path
+    err: Path
+
+
 class Cli:
     """Runs ``python -m celery -A testapp …`` in the app's directory, as an operator would."""
 
@@ -66,33 +75,48 @@ class Cli:
                                  f"--- stdout ---\n{out.stdout}\n--- stderr ---\n{out.stderr}")
         return out
 
-    def run_together(self, *commands: tuple[str, ...], timeout: float = 60) -> list[subprocess.CompletedProcess]:
+    def start(self, *args: str) -> "Started":
+        """Start a command without waiting for it (``finish`` collects it): a client that waits out its
+        ``--timeout`` while the test goes on."""
+        out, err = (self.directory / f".cli-{os.getpid()}-{time.monotonic_ns()}.{name}" for name in ("out", "err"))
+        if forking_enabled():
+            proc = zygote().spawn(["-A", self.app, *args], self.directory, self.env, out, err)
+        else:
+            with open(out, "wb") as stdout, open(err, "wb") as stderr:
+                proc = subprocess.Popen(self.argv(*args), cwd=self.directory, env=self.env, stdin=subprocess.DEVNULL,
+                                        stdout=stdout, stderr=stderr, start_new_session=True)
+        return Started(self.argv(*args), proc, out, err)
+
+    def finish(self, started: "Started", check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Wait for a ``start``ed command (killed if it outlives ``timeout``) and return what it printed."""
+        try:
+            status = started.proc.wait(timeout)
+        finally:
+            if started.proc.poll() is None:
+                os.killpg(started.proc.pid, signal.SIGKILL)
+        out = subprocess.CompletedProcess(started.argv, status, started.out.read_text(errors="replace"),
+                                          started.err.read_text(errors="replace"))
+        started.out.unlink()
+        started.err.unlink()
+        if check and out.returncode != 0:
+            raise AssertionError(f"{' '.join(started.argv[2:])} exited {out.returncode}\n"
+                                 f"--- stdout ---\n{out.stdout}\n--- stderr ---\n{out.stderr}")
+        return out
+
+    def run_together(self, *commands: tuple[str, ...], check: bool = True,
+                     timeout: float = 60) -> list[subprocess.CompletedProcess]:
         """Run several commands at once (each a real process, as separate operators would) and return their
         results in order. Commands that each wait out a ``--timeout`` cost one timeout together."""
-        started = []
+        started: list[Started] = []
         try:
-            for i, args in enumerate(commands):
-                out, err = (self.directory / f".together-{os.getpid()}-{i}.{name}" for name in ("out", "err"))
-                if forking_enabled():
-                    proc = zygote().spawn(["-A", self.app, *args], self.directory, self.env, out, err)
-                else:
-                    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-                        proc = subprocess.Popen(self.argv(*args), cwd=self.directory, env=self.env,
-                                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                                start_new_session=True)
-                started.append((args, proc, out, err))
-            deadline = time.monotonic() + timeout
-            statuses = [proc.wait(max(0.0, deadline - time.monotonic())) for _, proc, _, _ in started]
+            for args in commands:
+                started.append(self.start(*args))
         finally:
-            for _, proc, _, _ in started:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-        results = []
-        for (args, _, out, err), status in zip(started, statuses):
-            results.append(subprocess.CompletedProcess(self.argv(*args), status, out.read_text(errors="replace"),
-                                                       err.read_text(errors="replace")))
-            out.unlink()
-            err.unlink()
+            results = [self.finish(s, check=False, timeout=timeout) for s in started]
+        for args, out in zip(commands, results):
+            if check and out.returncode != 0:
+                raise AssertionError(f"celery {' '.join(args)} exited {out.returncode}\n"
+                                     f"--- stdout ---\n{out.stdout}\n--- stderr ---\n{out.stderr}")
         return results
 
     def json(self, *args: str, check: bool = True):

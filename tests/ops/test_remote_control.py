@@ -26,17 +26,19 @@ def test_inspect_ping_answered_by_two_workers(db_url, make_app, spawn_worker, tm
     spawn_worker(tmp_path, hostname="beta@%h", pool="solo")
     host = socket.gethostname()
 
-    replies = cli.run("inspect", "ping", "--json", "--timeout", "5")
+    # Two clients at once (each waits out its whole --timeout), each with its own replies.
+    replies, stats_out = cli.run_together(("inspect", "ping", "--json", "--timeout", "5"),
+                                          ("inspect", "stats", "--json", "--timeout", "5"))
     answered = json.loads(replies.stdout)
     assert answered == {f"alpha@{host}": {"ok": "pong"}, f"beta@{host}": {"ok": "pong"}}, replies.stdout
 
-    # The reply queue of the finished client is gone from the database (deleted,
+    # The reply queues of the finished clients are gone from the database (deleted,
     # or expiring); the workers' own pidbox queues are bound, with an expiry.
     pidbox = {q for q, _ in _bindings(db_url, "celery.pidbox")}
     assert pidbox == {f"alpha@{host}.celery.pidbox", f"beta@{host}.celery.pidbox"}
     assert all(exp is not None for _, exp in _bindings(db_url, "celery.pidbox"))
 
-    stats = json.loads(cli.run("inspect", "stats", "--json", "--timeout", "5").stdout)
+    stats = json.loads(stats_out.stdout)
     assert set(stats) == {f"alpha@{host}", f"beta@{host}"}
     assert stats[f"alpha@{host}"]["broker"]["transport"] == "sqlq"
 
@@ -50,8 +52,9 @@ def test_control_revoke_stops_a_queued_task(db_url, make_app, spawn_worker, tmp_
     # when the revoke arrives; then let it go.
     cli.run("sqlq", "queue", "pause", "celery")
     task_id = cli.run("call", "testapp.touch", "--args", json.dumps([str(marker)])).stdout.strip()
-    out = cli.run("control", "revoke", task_id, "--timeout", "5")
-    assert "revoked" in out.stdout, out.stdout
+    # The client waits out its --timeout for replies; the test goes on once the worker has the revoke.
+    revoke = cli.start("control", "revoke", task_id, "--timeout", "5")
+    worker.wait_log(rf"Tasks flagged as revoked: {task_id}", timeout=30)
     cli.run("sqlq", "queue", "resume", "celery")
 
     worker.wait_log(rf"Discarding revoked task: testapp\.touch\[{task_id}\]", timeout=20)
@@ -60,6 +63,8 @@ def test_control_revoke_stops_a_queued_task(db_url, make_app, spawn_worker, tmp_
     wait_until(other.exists, 20, message="the next task to run")
     assert not marker.exists()
     assert rows(db_url, "SELECT count(*) FROM sqlq_ready_executions")[0][0] == 0
+    out = cli.finish(revoke)
+    assert "revoked" in out.stdout, out.stdout   # the worker's reply reached the client
 
 
 def test_events_dump_sees_task_events_and_its_queue_expires(db_url, make_app, spawn_worker, tmp_path, procs):
