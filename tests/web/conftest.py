@@ -3,7 +3,8 @@
     web_store     a Store on ``db_url`` (every engine) with its tables
     client        factory: client(store, **create_app options) -> Starlette TestClient
     web_server    factory: web_server(directory, *args) -> address of a real `celery sqlq web` process
-    browser       a headless Chromium (selenium + chromedriver); skipped without them, failed under CI
+    browser       a headless Chromium (selenium + chromedriver), cleared for each test; skipped without them,
+                  failed under CI (one Chromium per module: ``chromium``)
     shots         the directory screenshots go to (tests/web/screenshots, or $SQLQ_WEB_SCREENSHOTS)
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, wait_until
+from tests.support.zygote import forking_enabled, zygote
 
 pytest.importorskip("starlette", reason="the dashboard tests need the web extra: pip install -e '.[test]'")
 
@@ -61,33 +64,51 @@ def csrf_of(html: str) -> str:
 
 @pytest.fixture
 def web_server():
-    """Start `celery -A <app> sqlq web --port 0` in ``directory``; returns the printed address."""
-    procs: list[subprocess.Popen] = []
+    """Start `celery -A <app> sqlq web --port 0` in ``directory``; returns the address it prints.
+
+    Forked from the preloaded zygote (tests/support/zygote.py) like the other ``celery`` commands, unless
+    ``SQLQ_TEST_EXEC=1`` or the test passes an ``env`` of its own."""
+    procs: list = []
 
     def start(directory: Path, *args: str, app: str = "testapp", env: dict | None = None) -> str:
-        log = open(Path(directory) / f"web-{len(procs)}.log", "w+b")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, "sqlq", "web", "--port", "0", *args],
-            cwd=directory, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)]), "PYTHONUNBUFFERED": "1",
-                 **(env or {})})
+        directory = Path(directory)
+        out, log = directory / f"web-{len(procs)}.out", directory / f"web-{len(procs)}.log"
+        argv = ["-A", app, "sqlq", "web", "--port", "0", *args]
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)]), "PYTHONUNBUFFERED": "1",
+                   **(env or {})}
+        if forking_enabled() and not env:
+            proc = zygote().spawn(argv, directory, environ, out, log)
+        else:
+            with open(out, "wb") as stdout, open(log, "wb") as stderr:
+                proc = subprocess.Popen([sys.executable, "-m", "celery", *argv], cwd=directory, stdout=stdout,
+                                        stderr=stderr, start_new_session=True, env=environ)
         procs.append(proc)
-        line = proc.stdout.readline().decode()
-        m = ADDRESS.search(line)
-        if not m:
-            proc.kill()
-            log.seek(0)
-            raise AssertionError(f"`sqlq web` printed {line!r}, not its address\n{log.read().decode()[-3000:]}")
-        return m.group(1)
+
+        def text(path: Path) -> str:   # (a forked server opens its files an instant after the fork)
+            return path.read_text(errors="replace") if path.exists() else ""
+
+        def address():
+            m = ADDRESS.search(text(out))
+            if m:
+                return m.group(1)
+            if proc.poll() is not None:
+                raise AssertionError(f"`sqlq web` exited {proc.poll()} before printing its address\n"
+                                     f"{text(out)}\n{text(log)[-3000:]}")
+            return None
+        try:
+            return wait_until(address, 60, 0.05, "`sqlq web` to print its address")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{text(log)[-3000:]}") from None
 
     yield start
     for proc in procs:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -101,8 +122,10 @@ def _missing_browser(reason: str):
     pytest.skip(f"headless Chromium unavailable (apt-get install chromium chromium-driver): {reason}")
 
 
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for a module's browser tests: starting one costs seconds of CPU (tens of seconds
+    when several start at once on a loaded machine), and every test gets it in a clean state (``browser``)."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -123,6 +146,17 @@ def browser():
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium on a blank page with no cookies (each test's dashboard is a server of its own,
+    but cookies are per host, not per port)."""
+    chromium.get("about:blank")
+    chromium.delete_all_cookies()
+    yield chromium
+    chromium.get("about:blank")
+    chromium.delete_all_cookies()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import json
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import Connection, insert
 
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.store import Store, utcnow
@@ -38,29 +38,34 @@ def message(task: str, args: list, queue: str, task_id: str) -> str:
 
 def add_job(store: Store, queue: str, task: str, args: list, state: str = "ready", *,
             error_class: str = "ValueError", error: str = "ValueError: boom", process_id: int | None = None,
-            created_at: datetime | None = None) -> int:
-    """One job in ``state`` (ready, scheduled, claimed, failed, finished); returns its id."""
+            created_at: datetime | None = None, conn: Connection | None = None) -> int:
+    """One job in ``state`` (ready, scheduled, claimed, failed, finished); returns its id.
+
+    Pass ``conn`` (in a transaction) to add many jobs in one commit."""
+    if conn is None:
+        with store.engine.begin() as conn:
+            return add_job(store, queue, task, args, state, error_class=error_class, error=error,
+                           process_id=process_id, created_at=created_at, conn=conn)
     t, now = store.t, utcnow()
     created = created_at or now
     task_id = str(uuid.uuid4())
-    with store.engine.begin() as conn:
-        job_id = conn.execute(insert(t.jobs).values(
-            queue_name=queue, task_name=task, task_id=task_id, priority=0,
-            payload=message(task, args, queue, task_id), created_at=created,
-            scheduled_at=now + timedelta(hours=1) if state == "scheduled" else None,
-            finished_at=now if state == "finished" else None, deliveries=0 if state in ("ready", "scheduled") else 1,
-            releases=0)).inserted_primary_key[0]
-        if state == "ready":
-            conn.execute(insert(t.ready).values(job_id=job_id, queue_name=queue, priority=0, created_at=created))
-        elif state == "scheduled":
-            conn.execute(insert(t.scheduled).values(job_id=job_id, queue_name=queue, priority=0,
-                                                    scheduled_at=now + timedelta(hours=1)))
-        elif state == "claimed":
-            conn.execute(insert(t.claimed).values(job_id=job_id, process_id=process_id, queue_name=queue,
-                                                  claimed_at=now))
-        elif state == "failed":
-            conn.execute(insert(t.failed).values(job_id=job_id, queue_name=queue, error_class=error_class,
-                                                 error=error, failed_at=now))
+    job_id = conn.execute(insert(t.jobs).values(
+        queue_name=queue, task_name=task, task_id=task_id, priority=0,
+        payload=message(task, args, queue, task_id), created_at=created,
+        scheduled_at=now + timedelta(hours=1) if state == "scheduled" else None,
+        finished_at=now if state == "finished" else None, deliveries=0 if state in ("ready", "scheduled") else 1,
+        releases=0)).inserted_primary_key[0]
+    if state == "ready":
+        conn.execute(insert(t.ready).values(job_id=job_id, queue_name=queue, priority=0, created_at=created))
+    elif state == "scheduled":
+        conn.execute(insert(t.scheduled).values(job_id=job_id, queue_name=queue, priority=0,
+                                                scheduled_at=now + timedelta(hours=1)))
+    elif state == "claimed":
+        conn.execute(insert(t.claimed).values(job_id=job_id, process_id=process_id, queue_name=queue,
+                                              claimed_at=now))
+    elif state == "failed":
+        conn.execute(insert(t.failed).values(job_id=job_id, queue_name=queue, error_class=error_class,
+                                             error=error, failed_at=now))
     return job_id
 
 

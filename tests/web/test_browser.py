@@ -13,7 +13,8 @@ from tests.harness import wait_until, write_app
 from tests.web.conftest import wait_for
 from tests.web.data import add_job, add_process, store_at
 
-pytestmark = pytest.mark.chromium
+#: One xdist worker runs them all, on one Chromium (the module-scoped ``chromium`` fixture).
+pytestmark = [pytest.mark.chromium, pytest.mark.xdist_group("web-browser")]
 
 TASKS = '''
 import time
@@ -80,8 +81,10 @@ def test_pause_and_resume_a_queue_while_a_worker_waits(site, browser, spawn_work
 
 def test_retry_and_discard_failed_jobs(site, browser, shots):
     directory, store, serve = site
-    broken = [add_job(store, "reports", "proj.build", [i], state="failed", error_class="KeyError",
-                      error="Traceback (most recent call last):\n  ...\nKeyError: 'month'") for i in range(700)]
+    with store.engine.begin() as conn:   # (one commit)
+        broken = [add_job(store, "reports", "proj.build", [i], state="failed", error_class="KeyError",
+                          error="Traceback (most recent call last):\n  ...\nKeyError: 'month'", conn=conn)
+                  for i in range(700)]
     pruned = [add_job(store, "emails", "proj.send", [i], state="failed", error_class="ProcessPrunedError",
                       error=f"ProcessPrunedError: process w1 was pruned (job {i})") for i in range(3)]
     base = serve()
@@ -109,8 +112,9 @@ def test_retry_and_discard_failed_jobs(site, browser, shots):
 
 def test_filter_jobs_and_open_one(site, browser, shots):
     directory, store, serve = site
-    for i in range(40):
-        add_job(store, "billing", "proj.invoice", [f"customer-{i}"], state="finished")
+    with store.engine.begin() as conn:
+        for i in range(40):
+            add_job(store, "billing", "proj.invoice", [f"customer-{i}"], state="finished", conn=conn)
     wanted = add_job(store, "billing", "proj.invoice", ["customer-7", "<b>not bold</b>"], state="failed",
                      error_class="ValueError", error="ValueError: bad <b>amount</b>")
     add_process(store, "w1@host", queues=("billing",))
