@@ -2,8 +2,9 @@
 
 Both are bounded for CI and longer on demand:
 
-    SQLQ_SOAK_SECONDS=300            heartbeat soak (default 30)
-    SQLQ_FAULT_SECONDS=120           fault injection time per database (default 40)
+    SQLQ_SOAK_SECONDS=300            heartbeat soak (default 15: 15 beats of each worker under load)
+    SQLQ_FAULT_SECONDS=120           fault injection time per database (default 20: a fault every 0.75-2 s
+                                     while two workers are healthy, 7-10 faults in a run)
     SQLQ_FAULT_SEED=1234             replay a fault run (the seed is printed on every run)
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 from tests.harness import wait_until
 from tests.support.cluster import HEARTBEAT, THRESHOLD, Cluster, invariant_violations, states_of, utc_ts
 
-SOAK_SECONDS = float(os.environ.get("SQLQ_SOAK_SECONDS", 30))
-FAULT_SECONDS = float(os.environ.get("SQLQ_FAULT_SECONDS", 40))
+SOAK_SECONDS = float(os.environ.get("SQLQ_SOAK_SECONDS", 15))
+FAULT_SECONDS = float(os.environ.get("SQLQ_FAULT_SECONDS", 20))
 
 KNOWN_FAILURES = {"ProcessPrunedError", "MaxReleasesExceeded", "WorkerShutdownError"}
 
@@ -57,7 +58,9 @@ class Feeder(threading.Thread):
 def test_two_busy_workers_on_one_sqlite_file_beat_on_time(tmp_path, sqlite_url):
     cluster = Cluster(tmp_path, sqlite_url)
     try:
-        workers = [cluster.worker(f"busy{i}", concurrency=2) for i in range(2)]
+        workers = [cluster.worker(f"busy{i}", concurrency=2, ready=False) for i in range(2)]
+        for w in workers:   # (started together, waited for together)
+            w.wait_ready(60)
         feeder = Feeder(cluster, lambda i: (f"j{i}", 0.01, i % 2 == 0), backlog=40)
         feeder.start()
         beats: dict[str, list[float]] = defaultdict(list)
@@ -115,21 +118,24 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
     draining = {}          # name -> worker (TERM sent)
     hard_hit: set[str] = set()   # names that were KILLed or frozen: the only ones a pruner may prune
 
-    def start():
+    def start(ready: bool = True):
         name = f"w{next(counter)}"
-        healthy[name] = cluster.worker(name, concurrency=2)
+        healthy[name] = cluster.worker(name, concurrency=2, ready=ready)
         events.append(f"{time.monotonic():.1f} start {name}")
 
     def job(i):
         long = rng.random() < 0.2
-        return f"j{i}", rng.uniform(2, 6) if long else rng.uniform(0.02, 0.5), rng.random() < 0.5
+        return f"j{i}", rng.uniform(1.5, 4) if long else rng.uniform(0.02, 0.5), rng.random() < 0.5
 
     for _ in range(3):
-        start()
+        start(ready=False)
+    for w in healthy.values():   # (started together, waited for together)
+        w.wait_ready(60)
     feeder = Feeder(cluster, job, backlog=12)
     feeder.start()
     violations: list[str] = []
-    next_fault = time.monotonic() + rng.uniform(2, 4)
+    faults = 0
+    next_fault = time.monotonic() + rng.uniform(1, 2)
     deadline = time.monotonic() + FAULT_SECONDS
     while time.monotonic() < deadline:
         now = time.monotonic()
@@ -161,9 +167,10 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
                 hard_hit.add(name)
                 action += f" for {pause:.1f}s"
             events.append(f"{now:.1f} {action} {name}")
+            faults += 1
             if action != "STOP" and len(healthy) + len(frozen) < 3:
                 start()
-            next_fault = time.monotonic() + rng.uniform(1.5, 4)
+            next_fault = time.monotonic() + rng.uniform(0.75, 2)
         violations += invariant_violations(cluster.snapshot())
         assert not violations, violations
         time.sleep(0.3)   # pacing of the fault loop, not synchronisation
@@ -200,4 +207,5 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
     assert sum(1 for s in states.values() if s == "finished") >= feeder.sent // 2
     for w in cluster.workers:
         assert "database is locked" not in w.log_text()
-    print(f"fault run: {feeder.sent} jobs, {len(snap['failed'])} failed, events: {len(events)}")
+    assert faults >= 3, f"only {faults} faults in {FAULT_SECONDS}s"
+    print(f"fault run: {feeder.sent} jobs, {len(snap['failed'])} failed, {faults} faults, events: {len(events)}")
