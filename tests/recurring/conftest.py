@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, rows, write_app
+from tests.support.zygote import forking_enabled, zygote
 
 TICK = 0.25     # sqlq_beat_tick in the test apps
 GRACE = 1.5     # sqlq_beat_grace
@@ -32,17 +33,23 @@ def make_app(directory: Path, db_url: str, schedule: dict | None = None) -> Path
 
 
 class Beat:
-    """A real ``celery beat -S celery_sqlbackend.beat:DatabaseScheduler`` in its own session."""
+    """A real ``celery beat -S celery_sqlbackend.beat:DatabaseScheduler`` in its own session, forked from the
+    preloaded zygote (tests/support/zygote.py) unless ``SQLQ_TEST_EXEC=1``."""
 
     def __init__(self, directory: Path, name: str, extra_args: tuple[str, ...] = ()) -> None:
         self.directory, self.name = Path(directory), name
         self.log_path = self.directory / f"beat-{name}.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)]), "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "celery", "-A", "recapp", "beat", "-S", "celery_sqlbackend.beat:DatabaseScheduler",
+        args = ["-A", "recapp", "beat", "-S", "celery_sqlbackend.beat:DatabaseScheduler",
                 "--loglevel=INFO", "-s", str(self.directory / f"unused-{name}"), "--pidfile=", *extra_args]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.log_path.touch()
+        if forking_enabled():
+            self.proc = zygote().spawn(args, directory, env, self.log_path, self.log_path, append=True)
+        else:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "celery", *args], cwd=directory, env=env,
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -59,7 +66,20 @@ class Beat:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 9)
             self.proc.wait(10)
-        self._log.close()
+
+
+def recurring_cli(directory: Path, *args: str) -> str:
+    """``celery -A recapp sqlq recurring <args>`` (forked from the zygote like the other one-shot commands);
+    fails the test unless it exits 0, and returns its output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)])}
+    argv = ["-A", "recapp", "sqlq", "recurring", *args]
+    if forking_enabled():
+        out = zygote().run(argv, directory, env, timeout=120)
+    else:
+        out = subprocess.run([sys.executable, "-m", "celery", *argv], cwd=directory, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
 
 
 @pytest.fixture

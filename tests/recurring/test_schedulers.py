@@ -1,22 +1,20 @@
 """Several real ``celery beat -S celery_sqlbackend.beat:DatabaseScheduler`` processes on one database.
 
-The issue asks for 60 s of a 1-second schedule; this runs ~20 s per engine (the same assertions, a
-shorter CI): every slot in the window enqueued exactly once, with a scheduler killed (SIGKILL) half-way:
-the one that enqueued the latest slot, and the next slots still come from the others within a tick.
+The issue asks for 60 s of a 1-second schedule; this runs ~12 s per engine (the same assertions over a
+dozen slots, a shorter CI): every slot in the window enqueued exactly once, with a scheduler killed (SIGKILL)
+half-way: the one that enqueued the latest slot, and the next slots still come from the others within a tick.
 """
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 
-from tests.harness import REPO, wait_until
-from tests.recurring.conftest import TICK, has_table, job_headers, make_app, slot_rows
+from tests.harness import wait_until
+from tests.recurring.conftest import TICK, has_table, job_headers, make_app, recurring_cli, slot_rows
 
-RUN_SECONDS = 20
+RUN_SECONDS = 12
 
 
 def _slots(db_url, key="every-second") -> list[datetime]:
@@ -58,42 +56,33 @@ def test_three_schedulers_enqueue_each_slot_once_and_survive_a_kill(tmp_path, db
     assert sum(1 for p in procs if p.sent_slots()) >= 2
 
 
-def _cli(tmp_path, *args) -> str:
-    import os
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    out = subprocess.run([sys.executable, "-m", "celery", "-A", "recapp", "sqlq", "recurring", *args],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
 def test_runtime_add_pause_resume_remove_seen_by_running_schedulers(tmp_path, db_url, beats):
     make_app(tmp_path, db_url, schedule={})
     procs = [beats("b0"), beats("b1")]
     wait_until(lambda: all("beat: Starting" in p.log() for p in procs) and has_table(db_url), timeout=120)
-    assert "dyn: added" in _cli(tmp_path, "add", "dyn", "rec.ping", "--every", "1s", "--args", "[7]", "--queue", "side",
-                           "--priority", "3")
+    assert "dyn: added" in recurring_cli(tmp_path, "add", "dyn", "rec.ping", "--every", "1s", "--args", "[7]",
+                                         "--queue", "side", "--priority", "3")
     added = time.monotonic()
     wait_until(lambda: _slots(db_url, "dyn"), timeout=30, message="the added task's first slot")
     assert time.monotonic() - added < TICK + 1 + 5     # a tick, the next slot, and a slow machine's margin
-    listed = json.loads(_cli(tmp_path, "list", "--json"))
+    listed = json.loads(recurring_cli(tmp_path, "list", "--json"))
     assert [t["key"] for t in listed] == ["dyn"] and listed[0]["options"] == {"priority": 3, "queue": "side"}
     assert listed[0]["next_run_at"] and listed[0]["last_task_id"]
 
-    _cli(tmp_path, "pause", "dyn")
+    recurring_cli(tmp_path, "pause", "dyn")
     paused_count = len(_slots(db_url, "dyn"))
     wait_until(lambda: len(_slots(db_url, "dyn")) <= paused_count + 1 and _paused_for(db_url, 3.0), timeout=30)
     frozen = len(_slots(db_url, "dyn"))
     wait_until(lambda: _paused_for(db_url, 3.0 + 2.5), timeout=30)
     assert len(_slots(db_url, "dyn")) == frozen, "a paused task was enqueued"
 
-    _cli(tmp_path, "resume", "dyn")
+    recurring_cli(tmp_path, "resume", "dyn")
     wait_until(lambda: len(_slots(db_url, "dyn")) >= frozen + 2, timeout=30, message="slots after resume")
-    out = _cli(tmp_path, "run-now", "dyn")
+    out = recurring_cli(tmp_path, "run-now", "dyn")
     assert "sent" in out
     assert any(r[3] for r in slot_rows(db_url, "dyn")), "run-now's row is marked manual"
 
-    _cli(tmp_path, "remove", "dyn")
+    recurring_cli(tmp_path, "remove", "dyn")
     removed = len(_slots(db_url, "dyn"))
     wait_until(lambda: _removed_for(db_url, 3.0), timeout=30)
     assert len(_slots(db_url, "dyn")) <= removed + 1     # at most a slot already in flight at the removal
