@@ -115,14 +115,16 @@ def test_enqueue_many_of_100000_jobs_keeps_the_producer_memory_bounded(app_dir, 
 
     What the producer still holds at the end is what it asked for, the AsyncResults (about 1 KB
     each); the rest of the peak is the transient working set, about one chunk, whatever ``n`` is.
-    The suite writes 10,000 jobs (about 45 MB of payloads), enough for the bound to show: the
-    transient peak is one chunk whatever ``n`` is.  ``SQLQ_TEST_BULK_JOBS=100000`` runs the issue's
-    full size (Celery builds every message, a few hundred per second under tracemalloc: minutes
-    per engine, too long for every CI run).
+    The suite writes 1,000 jobs of 60,000-character arguments (about 82 MB of payloads): a chunk is
+    then bounded by ``CHUNK_CHARS`` (4 MB, ~50 jobs; its transient is ~16 MB on PyMySQL, which copies
+    the statement), so the bound shows more clearly than with ten times more small jobs, at a tenth of
+    Celery's message building (a few hundred messages per second under tracemalloc).
+    ``SQLQ_TEST_BULK_JOBS=100000`` runs the issue's full size, in 2,000-character jobs (chunks of
+    ``CHUNK_ROWS``; minutes per engine, too long for every CI run).
     """
     _, app, _ = app_dir
-    n = int(os.environ.get("SQLQ_TEST_BULK_JOBS", "10000"))
-    blob = "x" * 2000
+    full = os.environ.get("SQLQ_TEST_BULK_JOBS")
+    n, blob = (int(full), "x" * 2000) if full else (1000, "x" * 60_000)
     app.add.delay(0, 0)     # connect and create the tables outside the measurement
     tracemalloc.start(1)
     try:
