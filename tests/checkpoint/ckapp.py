@@ -15,9 +15,11 @@ Configured by environment variables so one module serves every test:
     CK_QUEUE      task_default_queue (isolates tests sharing one Redis)
     CK_VISIBILITY Redis visibility_timeout (seconds); restores unacked messages every second
     CK_DEFAULT_RUNTIME  1: leave max_job_runtime at the library default
+    CK_BACKOFF    interruption_backoff of the counting tasks (default 1.0; the library's is 3.0)
 """
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import threading
@@ -92,6 +94,11 @@ def mark(name: str) -> None:
 def _ready(sender=None, **kwargs):
     init_items_db()
     mark(f"ready:{os.getpid()}")
+    # The test harness forks workers from a process that has imported Celery, SQLAlchemy and the plugin
+    # (tests/support/zygote.py). At exit the interpreter's last garbage collection walks every object
+    # inherited that way, copying each page it touches: 1-2 s per worker exit on a busy two-core machine,
+    # and these tests stop workers again and again. Objects alive now live as long as the worker anyway.
+    gc.freeze()
 
 
 class CountTo(IterativeTask):
@@ -100,6 +107,9 @@ class CountTo(IterativeTask):
     name = "ck.count_to"
     checkpoint_every = int(os.environ.get("CK_CHECKPOINT_EVERY", "100"))
     checkpoint_interval = 3600.0
+    # A job interrupted by TERM comes back after this countdown. The library's 3 s outlasts a stopping
+    # worker's last drain; these tests restart the worker after every TERM and would wait out most of it.
+    interruption_backoff = float(os.environ.get("CK_BACKOFF", "1.0"))
     max_job_runtime = (float(os.environ["CK_MAX_RUNTIME"]) if os.environ.get("CK_MAX_RUNTIME")
                        else None if os.environ.get("CK_DEFAULT_RUNTIME") else float("inf"))
 
