@@ -32,6 +32,11 @@ def populate_large(url: str, finished: int = 1_000_000, failed: int = 100_000, p
     p = prefix
     engine = create_engine(url, poolclass=NullPool)
     with engine.begin() as conn:
+        # The jobs' secondary indexes are built once after the bulk insert (the same definitions, from the
+        # store's tables): maintained row by row, they made the insert take ~24 s instead of a few.
+        indexes = list(store.t.jobs.indexes)
+        for index in indexes:
+            index.drop(conn)
         conn.execute(text(
             f"INSERT INTO {p}jobs (id, queue_name, task_name, task_id, priority, payload, created_at, "
             f"finished_at, deliveries, releases) "
@@ -47,6 +52,9 @@ def populate_large(url: str, finished: int = 1_000_000, failed: int = 100_000, p
             f"'MaxReleasesExceeded'])[1 + id % 4], 'Traceback (most recent call last): ... job ' || id, "
             f"created_at + interval '1 second' FROM {p}jobs WHERE finished_at IS NULL"))
         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{p}jobs', 'id'), :total)"), {"total": total})
+        conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))   # (index builds in memory)
+        for index in indexes:
+            index.create(conn)
         # A little live work: ready, scheduled and claimed by a registered process.
         conn.execute(text(
             f"INSERT INTO {p}processes (kind, name, hostname, pid, pool, concurrency, queues, started_at, "
