@@ -72,9 +72,12 @@ def rows(url: str, sql: str, params: Optional[dict] = None) -> list[tuple]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
+    from celery_sqlbackend.store import pymysql_tls
+
     if url.startswith("sqlq+"):
         url = url[len("sqlq+"):]
-    engine = create_engine(url, poolclass=NullPool)
+    # (PyMySQL: one TLS context per process, not one per call: see celery_sqlbackend.store.pymysql_tls)
+    engine = pymysql_tls.install(create_engine(url, poolclass=NullPool))
     try:
         with engine.begin() as conn:
             result = conn.execute(text(sql), params or {})

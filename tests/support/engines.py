@@ -80,9 +80,12 @@ def _pg_connect(url: URL, **kwargs):
 def _mysql_connect(url: URL):
     import pymysql
 
+    from celery_sqlbackend.store import pymysql_tls
+
+    connect = pymysql_tls.connection_class() or pymysql.connect   # (one TLS context per process, not per call)
     params = {"host": url.host or "127.0.0.1", "port": url.port or 3306, "user": url.username,
               "password": url.password or "", "database": url.database}
-    return pymysql.connect(**{k: v for k, v in params.items() if v is not None}, connect_timeout=10, autocommit=True)
+    return connect(**{k: v for k, v in params.items() if v is not None}, connect_timeout=10, autocommit=True)
 
 
 def _check(engine: str, url: str) -> None:

@@ -39,6 +39,9 @@ import json, os, select, sys, traceback
 import celery.__main__, celery.bin.celery, celery.worker, celery.apps.worker  # noqa: F401  (preloaded)
 import celery.concurrency.prefork, celery.concurrency.thread, kombu, sqlalchemy, click, rich  # noqa: F401
 import celery_sqlbackend, celery_sqlbackend.cli, celery_sqlbackend.transport, celery_sqlbackend.backend  # noqa
+if "mysql" in os.environ.get("SQLQ_TEST_ENGINES", ""):   # PyMySQL's TLS context, once for every child
+    from celery_sqlbackend.store import pymysql_tls
+    pymysql_tls.warm()
 
 requests_fd, replies = os.dup(0), os.fdopen(os.dup(1), "w")
 
