@@ -65,6 +65,8 @@ class RoundResult:
     slots_free: bool      # any prefetch slot free (so an empty round means empty queues)
     #: Why the round could not reach the database, if it could not (``Outage``).
     database_away: BaseException | None = None
+    #: The worker is shutting down: the round claimed nothing and no later round will.
+    stopping: bool = False
 
 
 class Outage:
@@ -147,7 +149,7 @@ def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Call
     first = channels[0]           # (every channel of a connection shares one process)
     first.finish_completed()
     if first.worker is not None and first.worker.stopping():
-        return RoundResult(channels, claimed, slots_free)   # a worker shutting down takes no new jobs
+        return RoundResult(channels, claimed, slots_free, stopping=True)   # a worker shutting down takes no new jobs
     if not first.process.may_claim():
         return RoundResult(channels, claimed, slots_free)   # heartbeats failing: see LocalProcess.may_claim
     tasks: list[tuple[Any, Messages]] = []

@@ -147,6 +147,12 @@ class Transport(virtual.Transport):
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("timed out")  # socket.timeout is TimeoutError
             wait = interval if remaining is None else min(interval, remaining)
+            if round_.stopping:
+                # Back to Celery's loop after one poll interval (not at once: no spinning if its
+                # loop goes on a while), where it ends: waiting out the rest of its 2 s timeout
+                # here held every warm shutdown up by 1-2 s.
+                self._wake.wait(wait)
+                raise TimeoutError("the worker is shutting down")
             if self._outage.waited_out(round_, self._wake, interval, remaining):   # see claim_round
                 continue
             if waiter is None and self.channels:
