@@ -50,6 +50,9 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("CK_PREFETCH", "1")),
     worker_hijack_root_logger=False,
     task_ignore_result=True,
+    # When a pool child dies mid-task, Celery waits this long for a result that cannot come before it
+    # declares the job lost (default 10 s). The killed-child tests are about what happens next.
+    worker_lost_wait=1.0,
 )
 if os.environ.get("CK_QUEUE"):
     app.conf.task_default_queue = os.environ["CK_QUEUE"]
