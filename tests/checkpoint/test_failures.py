@@ -51,12 +51,12 @@ def test_retries_resume_at_the_item_that_failed(workers, broker, producer):
 
 def test_a_decorated_shared_task_resumes_across_interruptions(workers, broker, producer):
     """@iterative_task without app= (shared_task): re-enqueued by max_job_runtime, every item once."""
-    result = producer.send_task("ck.decorated_count", args=(3000,))
+    result = producer.send_task("ck.decorated_count", args=(1500,))   # ~1 s of items: 0.3 s runs
     workers.start(env=broker.env(CK_MAX_RUNTIME="0.3", CK_ITEM_DELAY="0.0005"))
     outcome = result.get(timeout=90)
-    assert outcome["iterations"] == 3000 and outcome["times_interrupted"] >= 1
+    assert outcome["iterations"] == 1500 and outcome["times_interrupted"] >= 1
     items = workers.items
-    assert items.count() == 3000 and items.duplicates() == []
+    assert items.count() == 1500 and items.duplicates() == []
     events = [e[0] for e in _events(items, result.id)]
     assert events[0] == "start" and events[-1] == "complete" and events.count("start") == 1
     assert _row(broker, result.id).state == "done"
@@ -88,11 +88,12 @@ def test_a_job_split_in_partitions_completes_as_one(workers, broker, producer):
 
 def test_a_killed_pool_child_resumes_from_the_last_durable_checkpoint(workers, broker, producer):
     every = 250
-    result = producer.send_task("ck.count_to", args=(4000,))
+    n = 2000
+    result = producer.send_task("ck.count_to", args=(n,))
     env = broker.env(CK_CHECKPOINT_EVERY=str(every), CK_ITEM_DELAY="0.001")
     worker = workers.start(env=env)
     items = workers.items
-    wait_until(lambda: items.count() >= 1200, 60, message="1200 items")
+    wait_until(lambda: items.count() >= 700, 60, message="700 items")   # between two checkpoints (500 and 750)
     child = [r for r in items.runs() if r["event"] == "start"][0]["pid"]
     assert child != worker.pid
     os.kill(child, signal.SIGKILL)  # the OOM killer's choice: the child alone
@@ -103,14 +104,14 @@ def test_a_killed_pool_child_resumes_from_the_last_durable_checkpoint(workers, b
         outcome = result.get(timeout=90)
     except Exception as exc:
         raise AssertionError(f"{exc!r}; runs: {items.runs()}\n{worker.output()}") from None
-    assert outcome == {"iterations": 4000, "times_interrupted": 0}, "not failed: WorkerLostError"
+    assert outcome == {"iterations": n, "times_interrupted": 0}, "not failed: WorkerLostError"
     assert worker.alive()
     resume = [e for e in _events(items, result.id) if e[0] == "resume"]
     assert len(resume) == 1
     saved = int(resume[0][1])
     assert (saved + 1) % every == 0 and done_before_kill - every <= saved < done_before_kill
     assert [i for i, _ in items.duplicates()] == list(range(saved + 1, done_before_kill))
-    assert items.count() == 4000
+    assert items.count() == n
 
 
 def _gone(pid):
@@ -165,7 +166,8 @@ def test_typed_and_non_unique_keysets_walk_every_row_once(workers, broker, produ
     # A hand-made cursor: an ISO timestamp string, bound as a timestamp.
     after = "2024-02-28T23:00:40"
     handmade = producer.send_task("ck.walk_rows", args=(broker.db_url, "created", 100_000), kwargs={"cursor": [after]})
-    workers.start(env=broker.env(CK_MAX_RUNTIME="0.25", CK_ITEM_DELAY="0.002"))
+    # Runs of 0.25 s: several batches of 37 rows each, and several resumes per job.
+    workers.start(env=broker.env(CK_MAX_RUNTIME="0.25", CK_ITEM_DELAY="0.0005"))
     items = workers.items
     for result in results + [handmade]:
         wait_until(lambda: any(e[0] == "complete" for e in _events(items, result.id)) or result.failed(), 120,
