@@ -42,6 +42,8 @@ import celery_sqlbackend, celery_sqlbackend.cli, celery_sqlbackend.transport, ce
 if "mysql" in os.environ.get("SQLQ_TEST_ENGINES", ""):   # PyMySQL's TLS context, once for every child
     from celery_sqlbackend.store import pymysql_tls
     pymysql_tls.warm()
+import gc
+gc.freeze()   # the preloaded objects never collected in a child: its exit-time GC then copies no shared page
 
 requests_fd, replies = os.dup(0), os.fdopen(os.dup(1), "w")
 
