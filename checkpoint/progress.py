@@ -21,8 +21,9 @@ from typing import Any, Iterable, Optional, Union
 
 import sqlalchemy as sa
 
-from celery_sqlbackend.store import pooler
+from celery_sqlbackend.store import pooler, pymysql_tls
 from celery_sqlbackend.store.schema import DEFAULT_PREFIX, tables
+from celery_sqlbackend.urls import database_url
 
 __all__ = ["JobProgress", "list_progress", "STATES"]
 
@@ -58,9 +59,8 @@ class JobProgress:
 def _engine(url_or_engine: Union[str, sa.Engine]) -> tuple[sa.Engine, bool]:
     if isinstance(url_or_engine, sa.Engine):
         return url_or_engine, False
-    url = url_or_engine[len("sqlq+"):] if url_or_engine.startswith("sqlq+") else url_or_engine
-    url, extra = pooler.engine_arguments(url)   # (a pooler in transaction mode: no prepared statements)
-    return sa.create_engine(url, poolclass=sa.pool.NullPool, **extra), True
+    url, extra = pooler.engine_arguments(database_url(url_or_engine))   # (a pooler in transaction mode: no prepared statements)
+    return pymysql_tls.install(sa.create_engine(url, poolclass=sa.pool.NullPool, **extra)), True
 
 
 def list_progress(url_or_engine: Union[str, sa.Engine], *, states: Optional[Iterable[str]] = None,

@@ -30,7 +30,7 @@ from typing import Any, Optional, Protocol
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from celery_sqlbackend.store import fork_gate, pooler
+from celery_sqlbackend.store import fork_gate, pooler, pymysql_tls
 from celery_sqlbackend.store.schema import DEFAULT_PREFIX, tables
 from celery_sqlbackend.urls import broker_database_url, database_url
 
@@ -205,7 +205,7 @@ class SQLCursorStore:
             # The main process forks pool children at any time: none may inherit a transaction of ours.
             return fork_gate.guard(sa.create_engine(self.url, **options))
         url, extra = pooler.engine_arguments(self.url)   # (a pooler in transaction mode: no prepared statements)
-        return sa.create_engine(url, **{**extra, **options})
+        return pymysql_tls.install(sa.create_engine(url, **{**extra, **options}))   # (no-op but for PyMySQL)
 
     def _ensure_table(self, engine: sa.Engine) -> None:
         if engine.dialect.name == "sqlite":
