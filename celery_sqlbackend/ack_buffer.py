@@ -85,6 +85,7 @@ class AckBuffer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._writes_waiting.set()   # (else the writer sleeps out its 1 s wait before it sees the stop)
         writer, self._writer = self._writer, None
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout=self.store.options.busy_timeout + 5)

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,6 +43,23 @@ from .notify import waiter_for
 from .store import store_for
 
 log = logging.getLogger("celery_sqlbackend.eventloop")
+
+
+#: The feeds of this process, for ``wake_hubs``.
+_feeds: "weakref.WeakSet[ClaimFeed]" = weakref.WeakSet()
+
+
+def wake_hubs() -> None:
+    """Wake every event loop of this process now: the worker is stopping.
+
+    Why: Celery looks at its stop flag only between two waits of the hub, and
+    an idle hub whose claims come from a thread (PostgreSQL) has no timer of
+    ours to end its wait: it slept on until Celery's next timer, seconds after
+    the SIGTERM.  Called from the signal handler (``worker_shutting_down``);
+    a write to a pipe is safe there.
+    """
+    for feed in list(_feeds):
+        feed.wake()
 
 
 class ClaimFeed:
@@ -60,6 +78,7 @@ class ClaimFeed:
         self._kicked = False
         self._outage = Outage("claim thread" if not on_hub else "event loop")
         loop.add_reader(self._r, self.on_readable)
+        _feeds.add(self)
         if on_hub:
             self._thread = None
             self._hub_thread: int | None = None
@@ -90,6 +109,12 @@ class ClaimFeed:
         if threading.get_ident() != self._hub_thread:
             with contextlib.suppress(OSError):
                 os.write(self._w, b"k")
+
+    def wake(self) -> None:
+        """End the hub's current wait (``wake_hubs``).  Not once stopping: the pipe may be closed."""
+        if not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"w")
 
     def _wait_for_wakes(self) -> None:
         while not self._stop.is_set():
@@ -154,6 +179,7 @@ class ClaimFeed:
     def stop(self) -> None:
         """Stop claiming, wait for a claim in flight, give back what was not delivered."""
         self._stop.set()
+        _feeds.discard(self)
         self.transport._wake.set()
         if self.on_hub:
             self.loop.on_tick.discard(self._on_tick)

@@ -36,7 +36,7 @@ from celery import current_app, signals
 from celery._state import connect_on_app_finalize
 from kombu.serialization import prepare_accept_content
 
-from . import config_check, failure_results, stale_deliveries, stopping_pool, task_failures
+from . import config_check, eventloop, failure_results, stale_deliveries, stopping_pool, task_failures
 from .options import Options, from_celery_conf
 from .processes import LocalProcess, local_process
 from .store import store_for
@@ -153,8 +153,10 @@ def on_task_failure(sender=None, task_id=None, exception=None, einfo=None, **_):
 
 def on_shutting_down(sender=None, **_):
     """Step 3 begins (SIGTERM, SIGINT): pool processes finish their own tasks' jobs from now on, since
-    Celery may drop the acks of jobs it already handed them (``stopping_pool``)."""
+    Celery may drop the acks of jobs it already handed them (``stopping_pool``); an idle event loop
+    wakes at once to see the stop (``eventloop.wake_hubs``)."""
     stopping_pool.mark_stopping()
+    eventloop.wake_hubs()
 
 
 def on_task_postrun(sender=None, task_id=None, state=None, **_):
