@@ -3,7 +3,7 @@
 Every engine-level test takes ``db_url`` and runs once per selected engine, in the manner of River's
 driver conformance suite; adding an engine is one entry here and one fixture in ``tests/conftest.py``.
 
-    SQLQ_TEST_ENGINES     comma list of sqlite, postgres, mysql (default: sqlite,postgres)
+    SQLQ_TEST_ENGINES     comma list of sqlite, postgres, mysql (default: all three)
     SQLQ_TEST_PG_URL      a PostgreSQL server whose user may CREATE DATABASE (postgresql+psycopg://...)
     SQLQ_TEST_MYSQL_URL   a MariaDB/MySQL server whose user may CREATE DATABASE (mysql+pymysql://...)
 
@@ -32,7 +32,7 @@ __all__ = ["ENGINES", "DEFAULT_ENGINES", "URL_ENV", "selected_engines", "engine_
            "session_server_url", "fresh_database", "stop_shared_servers", "SHARED_DIR_ENV", "ROOT_PID_ENV"]
 
 ENGINES = ("sqlite", "postgres", "mysql")
-DEFAULT_ENGINES = ("sqlite", "postgres")   # mysql: opt-in until its suite fits the CI budget (issue #14)
+DEFAULT_ENGINES = ENGINES
 ENGINES_ENV = "SQLQ_TEST_ENGINES"
 URL_ENV = {"postgres": "SQLQ_TEST_PG_URL", "mysql": "SQLQ_TEST_MYSQL_URL"}
 SHARED_DIR_ENV = "SQLQ_TEST_SHARED_DIR"
