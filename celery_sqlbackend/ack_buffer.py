@@ -11,7 +11,7 @@ Every state change is fenced on the process id the job was *claimed under*,
 not the current one: after being pruned while alive a process registers
 under a new id, and must not finish (under that new id) a job it claimed
 again since.  A change that fails because the database is away is deferred
-and retried from the heartbeat thread (``retry_deferred``) until it lands.
+and retried from the maintenance thread (``retry_deferred``) until it lands.
 """
 from __future__ import annotations
 
@@ -153,8 +153,8 @@ class AckBuffer:
             done = self.store.claims.finish(job_id=job_id, process_id=process_id, now=utcnow(), keep=keep)
         except SQLAlchemyError as exc:
             # The database is away: the job did finish, so keep trying from the
-            # heartbeat thread rather than leaving it claimed forever.
-            log.warning("could not record job %s as finished (%s); retrying from the heartbeat thread",
+            # maintenance thread rather than leaving it claimed forever.
+            log.warning("could not record job %s as finished (%s); retrying from the maintenance thread",
                         job_id, exc)
             self._deferred[job_id] = ("finish", process_id)
             return False
@@ -234,7 +234,7 @@ class AckBuffer:
         except SQLAlchemyError as exc:
             if marks or finishes:
                 log.warning("could not record %d started and %d finished job(s) (%s); retrying from the "
-                            "heartbeat thread", len(marks), len(finishes), exc)
+                            "maintenance thread", len(marks), len(finishes), exc)
             for job_id, process_id in marks:   # (a finish deferred for the same job supersedes its mark)
                 self._deferred.setdefault(job_id, ("mark", process_id))
             for job_id, process_id in finishes:
@@ -252,7 +252,7 @@ class AckBuffer:
     # ------------------------------------------------------------------ releases and hand-overs
 
     def defer_release(self, job_id: int, process_id: int | None = None) -> None:
-        """Remember a release that failed (database down) to retry from the heartbeat thread."""
+        """Remember a release that failed (database down) to retry from the maintenance thread."""
         self._deferred[job_id] = ("release", self._default(process_id))
 
     def retry_deferred(self) -> list[int]:
@@ -285,7 +285,7 @@ class AckBuffer:
     def dead_letter(self, job_id: int, process_id: int, error_class: str, error: str) -> bool:
         """A reject without requeue: claimed -> failed, fenced on the claim.
 
-        If the database is away it is retried from the heartbeat thread: a
+        If the database is away it is retried from the maintenance thread: a
         rejected job whose claim were left standing would be released by
         ``reconcile`` and run again.
         """
@@ -293,7 +293,7 @@ class AckBuffer:
             return self.store.claims.fail(job_id=job_id, process_id=process_id, error_class=error_class,
                                           error=error, now=utcnow())
         except SQLAlchemyError as exc:
-            log.warning("could not record job %s as rejected (%s); retrying from the heartbeat thread", job_id, exc)
+            log.warning("could not record job %s as rejected (%s); retrying from the maintenance thread", job_id, exc)
             self._dead_letters[job_id] = (error_class, error)
             self._deferred[job_id] = ("dead_letter", process_id)
             return False

@@ -338,7 +338,7 @@ class Channel(virtual.Channel):
             if not self.store.claims.release(job_id=job_id, process_id=process_id, now=utcnow()):
                 log.warning("could not release job %s: this process no longer holds it", job_id)
         except sa_exc.SQLAlchemyError as exc:
-            log.warning("release of job %s failed (%s); retrying from the heartbeat thread", job_id, exc)
+            log.warning("release of job %s failed (%s); retrying from the maintenance thread", job_id, exc)
             self.process.acks.defer_release(job_id, process_id)
 
     def _dead_letter(self, tag: str) -> None:

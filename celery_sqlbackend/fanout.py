@@ -38,7 +38,7 @@ Nothing here may pile up when its reader goes away:
   beyond the newest ``TRANSIENT_MAX_BACKLOG`` per queue.
 
 ``maintain`` runs with the rest of the periodic maintenance (the worker's
-heartbeat thread) and from ``celery sqlq prune``.
+maintenance thread, after each heartbeat) and from ``celery sqlq prune``.
 """
 from __future__ import annotations
 

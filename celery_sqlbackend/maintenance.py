@@ -1,7 +1,7 @@
 """Keeping the store tidy: everything that is nobody's job in particular, in one place.
 
 Why one module: these chores run from two places, and must do the same
-there: every worker's heartbeat thread (``Maintenance.run``, each beat) and
+there: every worker's maintenance thread (``Maintenance.run``, after each beat) and
 the operator's ``celery sqlq prune`` / ``clear-finished`` (``prune_now``,
 ``clear_finished``).  Each chore is a series of short transactions of at
 most ``clear_batch_size`` rows, safe to run from any number of processes at

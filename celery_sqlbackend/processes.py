@@ -11,8 +11,9 @@ running: Solid Queue #568).  It beats from registration until ``stop()``,
 which the worker calls only after the pool has drained (see ``lifecycle``).
 Each beat is one UPDATE in its own short transaction; a failed beat is
 logged and retried at the next interval, leaving nothing half-done.  After
-each beat the same thread tidies this process (deferred acks, lost claims)
-and runs the store's maintenance (:mod:`.maintenance`).
+each beat a second thread tidies this process (deferred acks, lost claims)
+and runs the store's maintenance (:mod:`.maintenance`): a chore waiting on a
+lock never holds up a beat.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ class LocalProcess:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Maintenance runs after each beat on a thread of its own (``_maintenance_loop``).
+        self._maintenance_due = threading.Event()
+        self._maintainer: threading.Thread | None = None
         # Channels claiming for this process, so that ``reconcile`` can tell
         # which claimed jobs it really has in hand.
         self._channels: "weakref.WeakSet[ClaimHolder]" = weakref.WeakSet()
@@ -139,9 +143,12 @@ class LocalProcess:
     def stop(self) -> None:
         """Stop heartbeating (and the ack writer): call only when this process holds no running job."""
         self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self.store.options.busy_timeout + 5)
+        self._maintenance_due.set()   # (wakes the maintenance thread to see the stop)
+        threads = (self._thread, self._maintainer)
+        self._thread = self._maintainer = None
+        for thread in threads:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=self.store.options.busy_timeout + 5)
         self.acks.stop()
 
     def deregister(self, reason: str = "the worker shut down before the job finished", crashed: bool = False) -> None:
@@ -175,13 +182,18 @@ class LocalProcess:
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
+        self._maintenance_due.clear()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="sqlq-heartbeat", daemon=True)
+        self._maintainer = threading.Thread(target=self._maintenance_loop, name="sqlq-maintenance", daemon=True)
         self._thread.start()
+        self._maintainer.start()
         self.acks.start()
 
     def _heartbeat_loop(self) -> None:
-        # Beats are scheduled on a fixed monotonic grid, so that time spent in
-        # maintenance (pruning, clearing) never pushes the next beat later.
+        # Beats are scheduled on a fixed monotonic grid, and maintenance runs on
+        # a thread of its own: a chore waiting for a lock (a frozen peer's open
+        # transaction holds it until its connection goes) never delays a beat,
+        # or the live process would look dead and be pruned.
         interval = self.store.options.heartbeat_interval
         next_beat = time.monotonic() + interval
         try:
@@ -192,11 +204,21 @@ class LocalProcess:
                 # After a long stall (SIGSTOP, a suspended VM) beat once, not once per missed slot.
                 next_beat = max(next_beat + interval, now + interval / 2)
                 self.beat()
-                if self._stop.is_set():
+                self._maintenance_due.set()   # (one run at a time: a beat during a long one adds none)
+        finally:
+            # The connection this thread kept for its writes (``Store.run(single=True)``).
+            self.store.close_own_connection()
+
+    def _maintenance_loop(self) -> None:
+        """Prune, promote, clear, flush deferred acks: after each beat, on this thread."""
+        try:
+            while True:
+                self._maintenance_due.wait()
+                self._maintenance_due.clear()
+                if self._stop.is_set() or os.getpid() != self.pid:
                     return
                 self._maintain()
         finally:
-            # The connection this thread kept for its writes (``Store.run(single=True)``).
             self.store.close_own_connection()
 
     def beat(self) -> bool:
