@@ -194,7 +194,7 @@ class SQLBackend(BaseBackend):
             content_encoding=self.content_encoding, payload=payload, now=now,
             date_done=now if state in self.READY_STATES else None,
             name=_short(meta.get("name")), worker=_short(meta.get("worker")),
-            retries=meta.get("retries") if isinstance(meta.get("retries"), int) else None,
+            retries=_attempt(meta, request),
             queue=_short(meta.get("queue")), group_id=_short(meta.get("group_id")),
         )
         return result
@@ -421,3 +421,13 @@ def _short(value, limit: int = 255):
         return None
     value = str(value)
     return value if len(value) <= limit else value[:limit]
+
+
+def _attempt(meta: dict, request) -> int | None:
+    """Which attempt of the task a state comes from (Celery's ``retries``), for ``store_result``'s rule
+    that an earlier attempt never overwrites a later one.  The meta carries it only with
+    ``result_extended``; the request always does."""
+    for retries in (meta.get("retries"), getattr(request, "retries", None)):
+        if isinstance(retries, int) and not isinstance(retries, bool):
+            return retries
+    return None

@@ -82,7 +82,7 @@ def store_result(conn: Connection, t: Tables, d: Dialect, *, task_id: str, statu
                  content_encoding: str, payload: bytes, now: datetime, date_done: datetime | None = None,
                  name: str | None = None, worker: str | None = None, retries: int | None = None,
                  queue: str | None = None, group_id: str | None = None, notify: bool = True) -> bool:
-    """Insert or replace the result of ``task_id``, unless it is already SUCCESS.
+    """Insert or replace the result of ``task_id``, unless it is already SUCCESS (or a later attempt's).
 
     Returns whether the row was written.  A written ready result is announced
     on ``notify_channel`` (PostgreSQL; delivered on commit).
@@ -93,6 +93,9 @@ def store_result(conn: Connection, t: Tables, d: Dialect, *, task_id: str, statu
                   retries=retries, queue=queue, group_id=group_id, date_done=date_done, updated_at=now)
     changes = {k: v for k, v in values.items() if k != "task_id"}
     where = r.c.status != "SUCCESS"
+    if status == "RETRY":
+        # A RETRY comes from an attempt that a later one follows: never over that one's outcome.
+        where = and_(where, r.c.status.not_in(READY_STATES))
     if retries is not None:
         # An earlier attempt's state never replaces a later one's: Celery's retry publishes the next
         # attempt before it records RETRY, and a worker woken at once may have finished that attempt.

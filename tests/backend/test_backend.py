@@ -205,6 +205,28 @@ def test_get_times_out(app):
     assert time.monotonic() - t0 < 2
 
 
+def test_an_earlier_attempts_retry_never_overwrites_the_last_attempts_outcome(app):
+    """Celery's retry publishes the next attempt before it stores RETRY; a pool process woken at once
+    may store that attempt's FAILURE first.  The late RETRY must not replace it (``.get()`` would
+    then wait for ever), with or without ``result_extended``."""
+    from celery.app.task import Context
+
+    b = app.backend
+    for extended in (False, True):
+        app.conf.result_extended = extended
+        t = tid()
+        b.mark_as_failure(t, RuntimeError("again"), request=Context(id=t, retries=2))
+        b.mark_as_retry(t, RuntimeError("again"), request=Context(id=t, retries=1))
+        b.mark_as_retry(t, RuntimeError("again"))          # (no request at all: still not over FAILURE)
+        assert b.get_status(t) == states.FAILURE, extended
+        with pytest.raises(RuntimeError):
+            app.AsyncResult(t).get(timeout=5, interval=0.1)
+        later = tid()
+        b.mark_as_retry(later, RuntimeError("once"), request=Context(id=later, retries=0))
+        b.mark_as_done(later, "ok", request=Context(id=later, retries=1))   # in order: the later wins
+        assert b.get_status(later) == states.SUCCESS
+
+
 # --------------------------------------------------------------------------- connection drops
 
 class Proxy:
