@@ -55,7 +55,7 @@ def test_a_mysql_database_is_dropped_even_with_a_transaction_left_open_in_it(mys
 
 def test_engine_selection(monkeypatch):
     monkeypatch.delenv("SQLQ_TEST_ENGINES", raising=False)
-    assert engines.selected_engines() == ("sqlite", "postgres")
+    assert engines.selected_engines() == ("sqlite", "postgres", "mysql")
     monkeypatch.setenv("SQLQ_TEST_ENGINES", " MySQL,sqlite ")
     assert engines.selected_engines() == ("sqlite", "mysql")
     monkeypatch.setenv("SQLQ_TEST_ENGINES", "sqlite,oracle")

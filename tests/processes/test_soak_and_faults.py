@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.harness import wait_until
+from tests.harness import READY_LINE, wait_until
 from tests.support.cluster import HEARTBEAT, THRESHOLD, Cluster, invariant_violations, states_of, utc_ts
 
 SOAK_SECONDS = float(os.environ.get("SQLQ_SOAK_SECONDS", 15))
@@ -118,10 +118,24 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
     draining = {}          # name -> worker (TERM sent)
     hard_hit: set[str] = set()   # names that were KILLed or frozen: the only ones a pruner may prune
 
+    starting = {}          # name -> worker started in the loop, not ready yet: no fault for it
+    #                        (waiting for it there would keep a frozen worker frozen past its pause)
+
     def start(ready: bool = True):
         name = f"w{next(counter)}"
-        healthy[name] = cluster.worker(name, concurrency=2, ready=ready)
+        w = cluster.worker(name, concurrency=2, ready=False)
+        (healthy if ready else starting)[name] = w
+        if ready:
+            w.wait_ready(60)
         events.append(f"{time.monotonic():.1f} start {name}")
+
+    def promote_started():
+        for name, w in list(starting.items()):
+            if READY_LINE.search(w.log_text()):
+                healthy[name] = starting.pop(name)
+                events.append(f"{time.monotonic():.1f} {name} ready")
+            else:
+                assert w.alive(), f"{name} exited {w.returncode} before ready:\n{w.log_text()[-3000:]}"
 
     def job(i):
         long = rng.random() < 0.2
@@ -129,8 +143,9 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
 
     for _ in range(3):
         start(ready=False)
-    for w in healthy.values():   # (started together, waited for together)
+    for w in starting.values():   # (started together, waited for together)
         w.wait_ready(60)
+    promote_started()
     feeder = Feeder(cluster, job, backlog=12)
     feeder.start()
     violations: list[str] = []
@@ -139,6 +154,7 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
     deadline = time.monotonic() + FAULT_SECONDS
     while time.monotonic() < deadline:
         now = time.monotonic()
+        promote_started()
         for name, (w, at) in list(frozen.items()):
             if now >= at:
                 w.cont()
@@ -168,8 +184,8 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
                 action += f" for {pause:.1f}s"
             events.append(f"{now:.1f} {action} {name}")
             faults += 1
-            if action != "STOP" and len(healthy) + len(frozen) < 3:
-                start()
+            if action != "STOP" and len(healthy) + len(frozen) + len(starting) < 3:
+                start(ready=False)
             next_fault = time.monotonic() + rng.uniform(0.75, 2)
         violations += invariant_violations(cluster.snapshot())
         assert not violations, violations
@@ -180,6 +196,9 @@ def _fault_run(cluster: Cluster, rng: random.Random, events: list[str]) -> None:
         w.cont()
         healthy[name] = w
         events.append(f"CONT {name} (end)")
+    for name, w in list(starting.items()):
+        w.wait_ready(60)
+    promote_started()
     while len(healthy) < 2:
         start()
 
