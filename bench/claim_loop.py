@@ -37,6 +37,12 @@ def one_round(store: Store, jobs: int, batch: int) -> list[float]:
                                             deliveries=0, releases=0) for i in range(jobs)])
         conn.execute(text(f"INSERT INTO {t.ready.name} (job_id, queue_name, priority, created_at) "
                           f"SELECT id, queue_name, priority, created_at FROM {t.jobs.name}"))
+    return timed_loops(store, batch)
+
+
+def timed_loops(store: Store, batch: int) -> list[float]:
+    """Drain queue "bench" as a worker's claim loop does (the last batch's finishes, then a claim of
+    ``batch``), one thread; the time of each loop.  (bench/limits.py runs the same loop.)"""
     pid = store.processes.register(kind="bench", name="bench", hostname="h", pid=1, pool=None, concurrency=None,
                                    queues="[]", now=utcnow())
     finishes: list[tuple[int, int]] = []

@@ -27,6 +27,8 @@ from celery_sqlbackend.store import Store, utcnow  # noqa: E402
 from celery_sqlbackend.store.admission import JobLimits  # noqa: E402
 from celery_sqlbackend.store.jobs import NewJob, insert_one  # noqa: E402
 
+from claim_loop import timed_loops  # noqa: E402  (bench/ is this script's own directory on sys.path)
+
 
 def clear(store: Store) -> None:
     t = store.t
@@ -60,18 +62,7 @@ def plain_loop(store: Store, jobs: int, batch: int, blocked: int) -> list[float]
                for i in range(jobs)]
         conn.execute(t.ready.insert(), [dict(job_id=i, queue_name="bench", priority=n % 3, created_at=now)
                                         for n, i in enumerate(ids)])
-    pid = store.processes.register(kind="bench", name="bench", hostname="h", pid=1, pool=None, concurrency=None,
-                                   queues="[]", now=utcnow())
-    finishes: list[tuple[int, int]] = []
-    timings = []
-    while True:     # the loop of bench/claim_loop.py
-        start = time.perf_counter()
-        _, claimed = store.claims.acks_and_claim(marks=[], finishes=finishes, keep=True, queues=["bench"],
-                                                 limit=batch, process_id=pid, now=utcnow())
-        timings.append(time.perf_counter() - start)
-        if not claimed:
-            return timings
-        finishes = [(job.job_id, pid) for job in claimed]
+    return timed_loops(store, batch)
 
 
 def release_cost(store: Store, batch: int, blocked: int) -> list[float]:
