@@ -1,6 +1,7 @@
 """Heartbeat gaps, with real ``celery worker`` processes: a worker whose heartbeats keep failing stops
 claiming until one gets through; a frozen (SIGSTOP) worker that wakes never starts a prefetched job that
-was released to another worker meanwhile.
+was released to another worker meanwhile; a maintenance chore waiting on a lock (a frozen peer's open
+transaction) never holds up a live worker's heartbeats.
 
 The heartbeats fail for real: a trigger in the database refuses every write to the process row's
 heartbeat column (its other columns stay writable), and dropping it lets them through again.
@@ -107,3 +108,50 @@ def test_a_frozen_worker_never_starts_a_prefetched_job_that_was_released_to_anot
     assert states_of(snap)[first] == "failed" and snap["failed"][first].error_class == "ProcessPrunedError"
     assert invariant_violations(snap) == []
     assert a.alive() and b.alive()
+
+
+#: A lock a maintenance chore needs (``fanout.maintain`` reads and expires bindings every run) and a
+#: heartbeat does not: held by the test, it stands for a frozen peer's open transaction.
+LOCK_BINDINGS = {"postgresql": "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE", "mysql": "LOCK TABLES {t} WRITE",
+                 "mariadb": "LOCK TABLES {t} WRITE"}
+
+
+def _beats_go_on_while_maintenance_waits_for_a_lock(tmp_path, url: str) -> None:
+    cluster = Cluster(tmp_path, url)
+    try:
+        a = cluster.worker("a")
+        cluster.send("before", 0)
+        wait_until(lambda: cluster.ended("before", "a"), 30, message="a job to run (the worker is registered)")
+        processes = cluster.store.t.processes.name
+        watcher = create_engine(url, poolclass=NullPool)
+        locker = create_engine(url, poolclass=NullPool)
+        try:
+            with locker.connect() as held:
+                transaction = held.begin()
+                held.execute(text(LOCK_BINDINGS[locker.dialect.name].format(t=cluster.store.t.bindings.name)))
+                seen: set = set()
+
+                def beats_recorded():
+                    with watcher.connect() as conn:
+                        seen.add(conn.execute(text(f"SELECT last_heartbeat_at FROM {processes}")).scalar_one())
+                    return len(seen) >= 2 + int(THRESHOLD / HEARTBEAT)
+                # Beats keep landing well past alive_threshold while the chore waits for the lock.
+                wait_until(beats_recorded, THRESHOLD + 4 * HEARTBEAT + SLACK, 0.1,
+                           "heartbeats to go on while maintenance waits for a lock")
+                transaction.rollback()
+        finally:
+            locker.dispose()
+            watcher.dispose()
+        assert "has not heartbeated" not in a.log_text()
+        assert a.alive()
+    finally:
+        cluster.close()
+
+
+def test_heartbeats_go_on_while_maintenance_waits_for_a_lock_postgres(tmp_path, pg_db_url):
+    _beats_go_on_while_maintenance_waits_for_a_lock(tmp_path, pg_db_url)
+
+
+def test_heartbeats_go_on_while_maintenance_waits_for_a_lock_mariadb(tmp_path, mysql_db_url):
+    # (SQLite has one write lock for the whole file: a peer holding it stops every writer, beats included.)
+    _beats_go_on_while_maintenance_waits_for_a_lock(tmp_path, mysql_db_url)
