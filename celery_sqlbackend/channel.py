@@ -208,7 +208,7 @@ class Channel(virtual.Channel):
         process_id = proc.ensure_registered()
         # Stamped before the claim is sent, never after it returns: a freeze between the claim's commit
         # and a later stamp would make a taken-back delivery look fresh (``stale_deliveries``).
-        claimed_at = time.time() if self.options.check_stale_deliveries else None
+        claimed_at = time.time()
         # Jobs blocked on a ``Rate`` are claimed apart, within their keys' rates (``limits.worker``:
         # nothing is sent while no key can be open).
         throttled = [] if self._broadcast_only(queues) else limit_worker.claim_throttled(store, queues, limit,

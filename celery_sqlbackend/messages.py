@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 from kombu.utils.uuid import uuid
 
@@ -46,6 +46,23 @@ def to_store(message: dict[str, Any]) -> Stored:
         payload=json.dumps(message), task_name=headers.get("task"), task_id=headers.get("id"),
         eta=utc_naive(headers.get("eta")),
         expires_at=utc_naive(headers.get("expires")) or fanout.expiry_of(message))
+
+
+class DeliveredClaim(NamedTuple):
+    """The claim a delivery was made under, as ``for_delivery`` marked it."""
+    job_id: int
+    process_id: int
+    claimed_at: float | None    # (wall clock, epoch seconds; None in a message from an older version)
+
+
+def delivered_claim(properties: Mapping[str, Any] | None) -> DeliveredClaim | None:
+    """The claim behind a delivered message, from its properties (a task request's
+    ``properties``), or None: not delivered by this broker, or run eagerly."""
+    info = (properties or {}).get("delivery_info") or {}
+    job_id, process_id = info.get("sqlq_job_id"), info.get("sqlq_process_id")
+    if job_id is None or process_id is None:
+        return None
+    return DeliveredClaim(job_id, process_id, info.get("sqlq_claimed_at"))
 
 
 def for_delivery(payload: dict[str, Any], job_id: int, deliveries: int,

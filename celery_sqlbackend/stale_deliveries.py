@@ -28,8 +28,8 @@ the task is not run: the tracer reports Celery's ``Ignore``, so the worker
 acks the delivery (a fenced write that records nothing) and writes no result.
 If the read itself fails, the task runs, as it would have without this check.
 
-On by default; ``check_stale_deliveries=False`` turns it off: deliveries then
-carry no claim time and the tracers are left alone.
+On by default; ``check_stale_deliveries=False`` turns it off: the tracers are
+left alone.
 
 Scope: the prefork pool (Celery's default), where tracers are built per pool
 process.  The threads, solo, gevent and eventlet pools start tasks in the
@@ -49,25 +49,17 @@ from celery.app.trace import TraceInfo, trace_ok_t
 from celery.exceptions import Ignore
 from billiard.einfo import ExceptionInfo
 
+from .messages import delivered_claim
 from .store import Store
 
 log = logging.getLogger("celery_sqlbackend.stale_deliveries")
 
 
-def claim_of(request: dict) -> tuple[int, int, float] | None:
-    """(job id, process id, claimed at) of the delivery behind a tracer's ``request``, if ours."""
-    info = (request.get("properties") or {}).get("delivery_info") or {}   # (as ``task_failures`` reads it)
-    job_id, process_id, claimed_at = info.get("sqlq_job_id"), info.get("sqlq_process_id"), info.get("sqlq_claimed_at")
-    if job_id is None or process_id is None or claimed_at is None:
-        return None
-    return job_id, process_id, claimed_at
-
-
 def lost(threshold: float, store: Callable[[], Store], request: dict) -> tuple[int, int] | None:
     """The (job id, process id) of a delivery whose claim no longer stands; None: run it.
     ``store`` is called only when a delivery is old enough to need the check."""
-    claim = claim_of(request)
-    if claim is None:
+    claim = delivered_claim(request.get("properties"))
+    if claim is None or claim.claimed_at is None:
         return None
     job_id, process_id, claimed_at = claim
     if time.time() - claimed_at < threshold / 2:

@@ -72,7 +72,7 @@ def finish_in_pool(store: Store, task: Any, task_id: str | None, state: str | No
     claim = delivered_claim(task.request)
     if claim is None:
         return False
-    job_id, process_id = claim
+    job_id, process_id, _ = claim
     try:
         done = store.claims.finish(job_id=job_id, process_id=process_id, now=utcnow(),
                                    keep=store.options.keep_finished > 0)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .messages import DeliveredClaim
+from .messages import delivered_claim as read_claim
 from .store import Store, utcnow
 
 log = logging.getLogger("celery_sqlbackend.task_failures")
@@ -29,14 +31,9 @@ log = logging.getLogger("celery_sqlbackend.task_failures")
 MAX_ERROR_CHARS = 65_536
 
 
-def delivered_claim(request: Any) -> tuple[int, int] | None:
-    """(job id, process id) of the claim a task's request was delivered under, or None
-    (not delivered by this broker, or run eagerly)."""
-    info = (getattr(request, "properties", None) or {}).get("delivery_info") or {}
-    job_id, process_id = info.get("sqlq_job_id"), info.get("sqlq_process_id")
-    if job_id is None or process_id is None:
-        return None
-    return job_id, process_id
+def delivered_claim(request: Any) -> DeliveredClaim | None:
+    """The claim a task's request was delivered under (``messages.delivered_claim``), or None."""
+    return read_claim(getattr(request, "properties", None))
 
 
 def record(store: Store, task: Any, task_id: str | None, exception: BaseException, einfo: Any) -> bool:
@@ -44,7 +41,7 @@ def record(store: Store, task: Any, task_id: str | None, exception: BaseExceptio
     claim = delivered_claim(task.request)
     if claim is None or not store.options.record_task_failures:
         return False
-    job_id, process_id = claim
+    job_id, process_id, _ = claim
     kind = type(exception).__name__
     trace = getattr(einfo, "traceback", None) or ""
     error = f"{kind}: {exception}\n\n{trace}".rstrip()
