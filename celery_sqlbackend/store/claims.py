@@ -20,7 +20,7 @@ from typing import Sequence
 from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
-from . import unique_keys
+from . import claim_packet, unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
@@ -48,8 +48,13 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     """Move up to ``limit`` ready jobs of ``queues`` to claimed by ``process_id``.
 
     Higher priority first, FIFO within a priority: the ORDER BY is exactly the
-    ``ix_*ready_poll`` index.  Paused queues are skipped.
+    ``ix_*ready_poll`` index.  Paused queues are skipped.  MariaDB, one queue:
+    the packet of ``claim_packet``, as in the claim loop.
     """
+    if d.loop_packet and claim_packet.usable(queues):
+        _, rows = claim_packet.acks_and_claim(conn, t, marks=[], finishes=[], keep=True, queue=queues[0],
+                                              limit=limit, process_id=process_id, now=now)
+        return [Claimed(*row) for row in rows]
     if d.dml_cte:
         rows = conn.execute(prebuilt(t, d, "claim_in_one", lambda: _claim_in_one(t, d)),
                             {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
@@ -291,7 +296,14 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
     Returns (job ids finished, jobs claimed).  On PostgreSQL, when every ack
     names one process id, this is a single statement (``_loop_in_one``), so
     the caller can run it without BEGIN and COMMIT: one round trip per loop.
+    On MariaDB, a loop that claims from one queue is one packet of statements
+    and the commit (``claim_packet``).
     """
+    if d.loop_packet and claim_packet.usable(queues):
+        done, rows = claim_packet.acks_and_claim(conn, t, marks=_without_finishing(marks, finishes), finishes=finishes,
+                                                 keep=keep, queue=queues[0], limit=limit, process_id=process_id,
+                                                 now=now)
+        return done, [Claimed(*row) for row in rows]
     if not one_statement(d, marks, finishes):
         return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
             claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)

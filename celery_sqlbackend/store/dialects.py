@@ -73,6 +73,9 @@ class Dialect:
     #: wait on a server (PostgreSQL).  Otherwise the hub's thread claims (SQLite,
     #: where a claim is CPU in this process, and a thread would only compete for the GIL).
     claim_thread: bool = False
+    #: The claim loop goes to the server as one packet of statements
+    #: (``claim_packet``): MariaDB, through a driver that sends several per packet.
+    loop_packet: bool = False
 
 
 def dialect_of(engine: Engine) -> Dialect:
@@ -94,8 +97,14 @@ def dialect_of(engine: Engine) -> Dialect:
         # (a claim is eight or nine round trips, each parsed by the driver in Python, on a thread
         # competing with the hub for the GIL); see bench/README.md.
         return Dialect(name="mariadb" if mariadb else "mysql", skip_locked=True, delete_returning=mariadb,
-                       delete_in_limited_subquery=False, look_before_claim=True)
+                       delete_in_limited_subquery=False, look_before_claim=True,
+                       loop_packet=mariadb and sends_statement_packets(engine))
     return Dialect(name=name, look_before_claim=True)
+
+
+def sends_statement_packets(engine: Engine) -> bool:
+    """The driver's cursors take several statements in one packet and walk their results (``nextset``)."""
+    return engine.dialect.name in ("mysql", "mariadb") and engine.dialect.driver in ("pymysql", "mysqldb")
 
 
 def _is_mariadb(engine: Engine) -> bool:

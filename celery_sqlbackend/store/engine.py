@@ -41,7 +41,8 @@ from sqlalchemy.engine import make_url
 
 from ..errors import ConfigurationError
 from ..urls import postgres_driver
-from . import fork_gate, pooler, pymysql_tls
+from . import claim_packet, fork_gate, pooler, pymysql_tls
+from .dialects import sends_statement_packets
 
 #: Execution option for transactions that only read: on SQLite they begin
 #: DEFERRED so that readers never queue behind the write lock.
@@ -113,6 +114,8 @@ _INSTALL_HINT = {
 def _create_mysql(url: str, busy_timeout: float) -> Engine:
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                            isolation_level="READ COMMITTED")
+    if sends_statement_packets(engine):
+        claim_packet.enable(engine)   # (the claim loop's packet of statements; before pymysql_tls connects)
     pymysql_tls.install(engine)   # (PyMySQL >= 1.2 would build a TLS context per connection)
 
     @event.listens_for(engine, "connect")
