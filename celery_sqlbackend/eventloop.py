@@ -1,4 +1,4 @@
-"""Delivery through Celery's event loop (asynloop and AsynPool), on PostgreSQL and SQLite.
+"""Delivery through Celery's event loop (asynloop and AsynPool), on every engine.
 
 Why: Celery runs a transport that has no event loop in its blocking loop,
 where under prefork the main thread waits inside billiard for a free pool
@@ -17,6 +17,9 @@ Who claims (``Dialect.claim_thread``):
   thread would only compete with the hub for the GIL.  The hub claims when
   kicked: by an ack that frees a prefetch slot, by a commit that made a job
   ready (the wake socket beside the file, ``sqlite_wake``), or by the polling interval.
+* MariaDB: the hub's thread too, a whole prefetch at a time.  A claim is two
+  round trips there (``store.claim_packet``); fewer, larger claims on the hub
+  drained faster than a claim thread's (``bench/README.md``).
 
 Each turn claims with the claim round every loop shares
 (:mod:`.claim_round`, which also says how much to claim at once).

@@ -32,9 +32,8 @@ option                      default   meaning
 ``check_stale_deliveries``  True      prefork: a pool process checks an old delivery's claim before
                                       the task starts (frozen workers: ``stale_deliveries``)
 ``retry_attempts``          8         attempts for a transaction that lost a lock race
-``event_loop``              auto      deliver through Celery's event loop (default: on
-                                      PostgreSQL and SQLite; False: Celery's blocking
-                                      loop, MySQL/MariaDB's default)
+``event_loop``              auto      deliver through Celery's event loop (on every
+                                      supported engine; False: Celery's blocking loop)
 ``record_task_failures``    True      a task that raised with no retries left keeps its
                                       job as a failed execution (class, message,
                                       traceback) for ``celery sqlq failed``; False: the

@@ -25,11 +25,10 @@ See :mod:`celery_sqlbackend.options` (one table, every default).
 
 Loops
 =====
-On PostgreSQL and SQLite the transport registers with Celery's event loop
+The transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
-SQLite the hub's own thread does.  On MySQL/MariaDB (where it measured faster)
-or with ``event_loop=False`` Celery runs its blocking loop, which calls
-:meth:`Transport.drain_events`.
+SQLite and MySQL/MariaDB the hub's own thread does.  With ``event_loop=False``
+Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 

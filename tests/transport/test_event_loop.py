@@ -20,7 +20,7 @@ from tests.harness import rows
 
 from .test_kombu_api import OPTS, _publish
 
-EVENT_LOOP = {**OPTS, "event_loop": True}   # the default on PostgreSQL; forced here on SQLite too
+EVENT_LOOP = {**OPTS, "event_loop": True}   # the default; said here all the same
 
 
 def count(db_url, table):
@@ -47,16 +47,13 @@ def run_hub_until(hub, predicate, timeout=10.0):
         hub.run_once()
 
 
-def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_postgresql_and_on_the_hub_on_sqlite(db_url):
+def test_the_default_loop_is_the_event_loop_claiming_on_a_thread_on_postgresql_and_on_the_hub_elsewhere(db_url):
     with Connection(f"sqlq+{db_url}", transport_options=OPTS) as conn:
-        if db_url.startswith("mysql"):   # Celery's blocking loop: it measured faster there (bench/README.md)
-            assert not conn.transport.implements.asynchronous
-            return
         assert conn.transport.implements.asynchronous
         hub = Hub()
         conn.transport.register_with_event_loop(conn.connection, hub)
         feed = conn.transport._feed
-        assert feed.on_hub == db_url.startswith("sqlite") and (feed._thread is None) == feed.on_hub
+        assert feed.on_hub == (not db_url.startswith("postgresql")) and (feed._thread is None) == feed.on_hub
     with Connection(f"sqlq+{db_url}", transport_options={**OPTS, "event_loop": False}) as conn:
         assert not conn.transport.implements.asynchronous
 
