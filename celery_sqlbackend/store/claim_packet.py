@@ -7,7 +7,8 @@ one statement, ``claims._loop_in_one``), but it runs several statements sent
 in one packet (the ``CLIENT_MULTI_STATEMENTS`` flag, set on the store's
 connections by ``enable``).  The statements below need nothing from each
 other's results, so the whole loop is that packet and the commit: two
-round trips.
+round trips.  (Written as SQL text, not Core: SQLAlchemy compiles and runs one
+statement per execution; the driver's own cursor sends the packet.)
 
 How the claim finds its own rows without a result in between: the claim is an
 ``INSERT … SELECT … FOR UPDATE SKIP LOCKED`` straight from the ready rows
