@@ -96,7 +96,9 @@ class Executions(Gateway):
     __slots__ = ()
 
     def has_ready(self, queues: Sequence[str]) -> bool:
-        return self.store.read(has_ready, self.t, self.d, queues=queues)
+        # (On the claiming thread's own connection, as its claims: no pool checkout, whose ping
+        # would be one more round trip before every look.)
+        return self.store.run(has_ready, self.t, self.d, queues=queues, read_only=True, kept=True)
 
     def ready_count(self, queue: str) -> int:
         return self.store.read(ready_count, self.t, queue=queue)
