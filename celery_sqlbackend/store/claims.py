@@ -52,9 +52,8 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     the packet of ``claim_packet``, as in the claim loop.
     """
     if d.loop_packet and claim_packet.usable(queues):
-        _, rows = claim_packet.acks_and_claim(conn, t, marks=[], finishes=[], keep=True, queue=queues[0],
-                                              limit=limit, process_id=process_id, now=now)
-        return [Claimed(*row) for row in rows]
+        return _by_packet(conn, t, marks=[], finishes=[], keep=True, queues=queues, limit=limit,
+                          process_id=process_id, now=now)[1]
     if d.dml_cte:
         rows = conn.execute(prebuilt(t, d, "claim_in_one", lambda: _claim_in_one(t, d)),
                             {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
@@ -300,10 +299,8 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
     and the commit (``claim_packet``).
     """
     if d.loop_packet and claim_packet.usable(queues):
-        done, rows = claim_packet.acks_and_claim(conn, t, marks=_without_finishing(marks, finishes), finishes=finishes,
-                                                 keep=keep, queue=queues[0], limit=limit, process_id=process_id,
-                                                 now=now)
-        return done, [Claimed(*row) for row in rows]
+        return _by_packet(conn, t, marks=marks, finishes=finishes, keep=keep, queues=queues, limit=limit,
+                          process_id=process_id, now=now)
     if not one_statement(d, marks, finishes):
         return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
             claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
@@ -317,6 +314,14 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
     done = [row.id for row in rows if row.queue_name is None]
     claimed = sorted((row for row in rows if row.queue_name is not None), key=lambda row: (-row.priority, row.id))
     return done, [Claimed(*row) for row in claimed]
+
+
+def _by_packet(conn: Connection, t: Tables, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str],
+               limit: int, process_id: int, now: datetime) -> tuple[list[int], list[Claimed]]:
+    """``acks_and_claim`` through MariaDB's packet (``claim_packet``), from the one queue of ``queues``."""
+    done, rows = claim_packet.acks_and_claim(conn, t, marks=_without_finishing(marks, finishes), finishes=finishes,
+                                             keep=keep, queue=queues[0], limit=limit, process_id=process_id, now=now)
+    return done, [Claimed(*row) for row in rows]
 
 
 def one_statement(d: Dialect, marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]]) -> bool:
