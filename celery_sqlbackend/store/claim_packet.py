@@ -85,11 +85,12 @@ def usable(queues: Sequence[str]) -> bool:
 def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queue: str, limit: int,
                    process_id: int, now: datetime) -> tuple[list[int], list[tuple]]:
-    """``claims.acks_and_claim`` in one packet.  ``marks`` must not name a job of ``finishes``.
+    """``claims.acks_and_claim`` in one packet (``limit`` 0: the acks alone, ``claims.record_acks``).
+    ``marks`` must not name a job of ``finishes``.
 
     Returns (job ids finished, rows of the claimed jobs: id, queue_name, priority, payload, deliveries).
     """
-    stamp = _loop_stamp(process_id, now)
+    stamp = _loop_stamp(process_id, now) if limit > 0 else now   # (acks alone: no claim to find again)
     statements: list[tuple[str, str | None]] = []
     for ack_pid, job_ids in by_process(finishes).items():
         statements += _finish(t, ack_pid, job_ids, keep)
@@ -98,6 +99,8 @@ def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, in
                            f"AND job_id IN ({_ints(job_ids)})", None))
     if limit > 0:
         statements += _claim(t, int(process_id), int(limit))
+    if not statements:
+        return [], []
     results = _send(conn, statements, {"now": now, "stamp": stamp, "queue": queue})
     done = [row[0] for kind, rows in results if kind == "done" for row in rows]
     claimed = [tuple(row) for kind, rows in results if kind == "claimed" for row in rows]

@@ -274,6 +274,9 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
     must not be both updated and deleted in one PostgreSQL statement).
     """
     marks = _without_finishing(marks, finishes)
+    if d.loop_packet:   # (the packet's acks alone: one round trip and the commit)
+        return claim_packet.acks_and_claim(conn, t, marks=marks, finishes=finishes, keep=keep, queue="", limit=0,
+                                           process_id=0, now=now)[0]
     if not d.dml_cte:
         if marks:
             mark_acked_many(conn, t, d, claims=marks, now=now)
@@ -470,8 +473,9 @@ class Claims(Gateway):
                               single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
+        """Acks no claim carries (the ack writer, the hub between claims): on the thread's own connection too."""
         return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,
-                              single=one_statement(self.d, marks, finishes))
+                              single=one_statement(self.d, marks, finishes), kept=True)
 
     def finish(self, *, job_id: int, process_id: int, now: datetime, keep: bool) -> bool:
         return self.store.run(finish, self.t, job_id=job_id, process_id=process_id, now=now, keep=keep)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from celery_sqlbackend.options import Options
 from celery_sqlbackend.store import Store, claim_packet, claims as claim_sql, lock_retries, utcnow
@@ -157,3 +157,27 @@ def test_a_paused_queue_and_an_unregistered_process_claim_nothing(store):
     store.run(lambda conn: conn.execute(p.delete().where(p.c.id == mine)))
     assert loop(store, mine)[1] == []
     assert set(job_states(store).values()) == {"ready"}
+
+
+def test_acks_no_claim_carries_go_as_a_packet_of_their_own_and_stay_fenced(store):
+    """``record_acks`` (the ack writer, the hub between claims): the packet's acks alone, no statement apart."""
+    mine, other = register(store, "w1"), register(store, "w2")
+    a, b, c = enqueue(store, 3)
+    loop(store, mine, limit=2)
+    loop(store, other, limit=1)
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        done = store.claims.record_acks(marks=[(b, mine)], finishes=[(a, mine), (c, mine)], now=utcnow(), keep=True)
+        assert store.claims.record_acks(marks=[], finishes=[], now=utcnow(), keep=True) == []
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert done == [a] and statements == []
+    assert {job: state for job, state in job_states(store).items()} == {a: "finished", b: "claimed", c: "claimed"}
+    cl = store.t.claimed
+    assert store.read(lambda conn: {row.job_id: (row.process_id, row.acked_at is not None)
+                                    for row in conn.execute(select(cl))}) == {b: (mine, True), c: (other, False)}
