@@ -473,9 +473,9 @@ class Claims(Gateway):
                               single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
-        """Acks no claim carries (the ack writer, the hub between claims): on the thread's own connection too."""
+        # (Pooled, not the thread's own: a short-lived greenlet's own connection would be left to the GC.)
         return self.store.run(record_acks, self.t, self.d, marks=marks, finishes=finishes, now=now, keep=keep,
-                              single=one_statement(self.d, marks, finishes), kept=True)
+                              single=one_statement(self.d, marks, finishes))
 
     def finish(self, *, job_id: int, process_id: int, now: datetime, keep: bool) -> bool:
         return self.store.run(finish, self.t, job_id=job_id, process_id=process_id, now=now, keep=keep)

@@ -96,9 +96,7 @@ class Executions(Gateway):
     __slots__ = ()
 
     def has_ready(self, queues: Sequence[str]) -> bool:
-        # (On the claiming thread's own connection, as its claims: no pool checkout, whose ping
-        # would be one more round trip before every look.)
-        return self.store.run(has_ready, self.t, self.d, queues=queues, read_only=True, kept=True)
+        return self.store.read(has_ready, self.t, self.d, queues=queues)
 
     def ready_count(self, queue: str) -> int:
         return self.store.read(ready_count, self.t, queue=queue)

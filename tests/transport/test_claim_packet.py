@@ -105,12 +105,11 @@ def test_each_loop_of_a_process_has_its_own_stamp_even_within_one_microsecond():
     assert claim_packet._loop_stamp(992, now) == now   # another process: its own sequence
 
 
-def test_loops_in_the_same_microsecond_take_only_their_own_claims(store, monkeypatch):
+def test_loops_in_the_same_microsecond_take_only_their_own_claims(store):
     """Two loops stamped from one clock reading: the second returns its own job, not the first's again."""
     mine = register(store)
     a, b = enqueue(store, 2)
     frozen = utcnow()
-    monkeypatch.setattr("celery_sqlbackend.store.claims.utcnow", lambda: frozen, raising=False)
     first = store.claims.acks_and_claim(marks=[], finishes=[], keep=True, queues=["q"], limit=1, process_id=mine,
                                         now=frozen)[1]
     second = store.claims.acks_and_claim(marks=[], finishes=[], keep=True, queues=["q"], limit=1, process_id=mine,
