@@ -85,27 +85,37 @@ def usable(queues: Sequence[str]) -> bool:
 def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queue: str, limit: int,
                    process_id: int, now: datetime) -> tuple[list[int], list[tuple]]:
-    """``claims.acks_and_claim`` in one packet (``limit`` 0: the acks alone, ``claims.record_acks``).
-    ``marks`` must not name a job of ``finishes``.
+    """``claims.acks_and_claim`` in one packet.  ``marks`` must not name a job of ``finishes``.
 
     Returns (job ids finished, rows of the claimed jobs: id, queue_name, priority, payload, deliveries).
     """
-    stamp = _loop_stamp(process_id, now) if limit > 0 else now   # (acks alone: no claim to find again)
+    statements = _acks(t, marks, finishes, keep) + _claim(t, int(process_id), int(limit))
+    results = _send(conn, statements, {"now": now, "stamp": _loop_stamp(process_id, now), "queue": queue})
+    claimed = [tuple(row) for kind, rows in results if kind == "claimed" for row in rows]
+    claimed.sort(key=lambda row: (-row[2], row[0]))
+    return _done(results), claimed
+
+
+def record_acks(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, int]],
+                finishes: Sequence[tuple[int, int]], keep: bool, now: datetime) -> list[int]:
+    """``claims.record_acks`` in one packet (acks no claim carries); the job ids finished."""
+    statements = _acks(t, marks, finishes, keep)
+    return _done(_send(conn, statements, {"now": now})) if statements else []
+
+
+def _acks(t: Tables, marks: Sequence[tuple[int, int]], finishes: Sequence[tuple[int, int]],
+          keep: bool) -> list[tuple[str, str | None]]:
     statements: list[tuple[str, str | None]] = []
     for ack_pid, job_ids in by_process(finishes).items():
         statements += _finish(t, ack_pid, job_ids, keep)
     for ack_pid, job_ids in by_process(marks).items():
         statements.append((f"UPDATE {t.claimed.name} SET acked_at = %(now)s WHERE process_id = {int(ack_pid)} "
                            f"AND job_id IN ({_ints(job_ids)})", None))
-    if limit > 0:
-        statements += _claim(t, int(process_id), int(limit))
-    if not statements:
-        return [], []
-    results = _send(conn, statements, {"now": now, "stamp": stamp, "queue": queue})
-    done = [row[0] for kind, rows in results if kind == "done" for row in rows]
-    claimed = [tuple(row) for kind, rows in results if kind == "claimed" for row in rows]
-    claimed.sort(key=lambda row: (-row[2], row[0]))
-    return done, claimed
+    return statements
+
+
+def _done(results: list[tuple[str | None, list]]) -> list[int]:
+    return [row[0] for kind, rows in results if kind == "done" for row in rows]
 
 
 def _finish(t: Tables, ack_pid: int, job_ids: Sequence[int], keep: bool) -> list[tuple[str, str | None]]:

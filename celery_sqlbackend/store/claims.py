@@ -274,9 +274,8 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
     must not be both updated and deleted in one PostgreSQL statement).
     """
     marks = _without_finishing(marks, finishes)
-    if d.loop_packet:   # (the packet's acks alone: one round trip and the commit)
-        return claim_packet.acks_and_claim(conn, t, marks=marks, finishes=finishes, keep=keep, queue="", limit=0,
-                                           process_id=0, now=now)[0]
+    if d.loop_packet:   # (one round trip and the commit)
+        return claim_packet.record_acks(conn, t, marks=marks, finishes=finishes, keep=keep, now=now)
     if not d.dml_cte:
         if marks:
             mark_acked_many(conn, t, d, claims=marks, now=now)
