@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from . import group_messages
 from .publishing import batch
 
 
@@ -45,9 +46,15 @@ def enqueue_many(signatures: Iterable[Any], *, app: Any = None) -> list[Any]:
 
 
 def _wrap(apply_async: Callable[..., Any]) -> Callable[..., Any]:
-    def apply_async_batched(self, *args: Any, **kwargs: Any):
+    def apply_async_batched(self, args=None, kwargs=None, add_to_parent=True, producer=None, link=None,
+                            link_error=None, **options: Any):
         with batch():
-            return apply_async(self, *args, **kwargs)
+            if link is None and link_error is None and not self.app.conf.task_always_eager:
+                result = group_messages.apply(self, args, kwargs, add_to_parent, producer, options)
+                if result is not None:
+                    return result
+            return apply_async(self, args, kwargs, add_to_parent=add_to_parent, producer=producer, link=link,
+                               link_error=link_error, **options)
 
     apply_async_batched._sqlq_original = apply_async   # type: ignore[attr-defined]
     apply_async_batched.__doc__ = apply_async.__doc__

@@ -26,6 +26,10 @@ thread and each asyncio task has its own):
   executions of all of them (ready from then on), or, on an exception, one
   deleting the staged rows.  (A producer killed mid-batch leaves staged rows
   that never run.)
+
+  On PostgreSQL (outside ``enqueue_in``) each chunk is sent without waiting
+  for the last one's result (``store.pg_bulk.ChunkPipeline``): the server
+  inserts one chunk while the next is built.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from .errors import SQLQError
 from .store import Store
+from .store.pg_bulk import ChunkPipeline
 from .store.jobs import Enqueued, NewJob, delete_range, insert_many, insert_one, insert_rows, place_range
 from .urls import mask, same_database
 
@@ -53,6 +58,10 @@ class WrongDatabaseError(SQLQError):
     """``enqueue_in`` was given a connection to another database than the broker's."""
 
 
+class BatchFailedError(SQLQError):
+    """A write of this batch failed earlier: nothing of the batch is committed."""
+
+
 @dataclass
 class _Batch:
     """Jobs waiting to be written, per store, and the transactions a batch opened itself."""
@@ -62,6 +71,28 @@ class _Batch:
     #: SQLite, outside ``enqueue_in``: id ranges (first, last) of the jobs committed without
     #: executions, made ready at the end.
     staged: dict[Store, list[tuple[int, int]]] = field(default_factory=dict)
+    #: PostgreSQL, outside ``enqueue_in``: chunks sent without waiting (``store.pg_bulk.ChunkPipeline``).
+    pipelines: dict[Store, ChunkPipeline] = field(default_factory=dict)
+    #: The error a write of this batch met.  Its jobs had left the buffer, so the batch must not
+    #: commit, even if the publisher goes on: kombu retries a publish that met what it takes for a
+    #: connection error (MariaDB reports a violated CHECK so), and the batch would lose a chunk.
+    failure: BaseException | None = None
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise BatchFailedError(
+                f"an earlier write of this batch failed ({type(self.failure).__name__}: {self.failure}); "
+                "nothing of the batch is committed: fix the cause and publish it again") from self.failure
+
+    def finish_pipeline(self, store: Store) -> None:
+        """Wait for ``store``'s chunks in flight (raising their error) before the connection is used."""
+        pipeline = self.pipelines.pop(store, None)
+        if pipeline is not None:
+            try:
+                pipeline.finish()
+            except BaseException as exc:
+                self.failure = exc
+                raise
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,8 @@ class _Scope:
 log = logging.getLogger("celery_sqlbackend.publishing")
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqlq_publish_scope", default=None)
+_OBSERVED: contextvars.ContextVar[list[tuple[Store, NewJob]] | None] = contextvars.ContextVar(
+    "sqlq_publish_observed", default=None)
 
 
 def _connection_of(target: Session | Connection) -> Connection:
@@ -114,14 +147,19 @@ def batch() -> Iterator[None]:
     caller = outer.connection if outer else None
     try:
         yield
+        state.check()
         for store in list(state.pending):
             if store not in state.staged:
                 _flush(store, state, caller)
+        for store in list(state.pipelines):
+            state.finish_pipeline(store)
         for conn, transaction in state.opened.values():
             transaction.commit()
         for store in list(state.staged):
             _place_staged(store, state)
-    except BaseException:
+    except BaseException as exc:
+        for pipeline in state.pipelines.values():
+            pipeline.abandon(exc)
         for store, ranges in state.staged.items():
             _drop_staged(store, ranges)
         raise
@@ -144,8 +182,23 @@ def caller_connection(store: Store) -> Connection | None:
     return conn
 
 
+@contextlib.contextmanager
+def observe() -> Iterator[list[tuple[Store, NewJob]]]:
+    """Every job ``put`` inside the block, with its store, in a list (``group_messages`` takes its
+    template so); they are written as usual."""
+    seen: list[tuple[Store, NewJob]] = []
+    token = _OBSERVED.set(seen)
+    try:
+        yield seen
+    finally:
+        _OBSERVED.reset(token)
+
+
 def put(store: Store, job: NewJob) -> Enqueued:
     """Write ``job`` as the current scope says (module doc); a buffered job reports ``Enqueued(None)``."""
+    seen = _OBSERVED.get()
+    if seen is not None:
+        seen.append((store, job))
     scope = _SCOPE.get()
     if scope is None:
         return store.jobs.add(job)
@@ -155,12 +208,14 @@ def put(store: Store, job: NewJob) -> Enqueued:
     state = scope.batch
     if state is None:
         return insert_one(caller, store.t, store.dialect, job)
+    state.check()
     if job.unique is not None or job.limits is not None:
         # Its outcome decides what apply_async returns (a limit: whether it waits), so it is
         # written now, after the jobs buffered before it (first in, first out).
         _flush(store, state, caller)
         if _stages(store, caller):   # (committed at once: it holds its key from now on)
             return store.run(insert_one, store.t, store.dialect, job)
+        state.finish_pipeline(store)
         return insert_one(_batch_connection(store, state, caller), store.t, store.dialect, job)
     pending = state.pending.setdefault(store, [])
     pending.append(job)
@@ -180,12 +235,27 @@ def _flush(store: Store, state: _Batch, caller: Connection | None) -> None:
     state.chars.pop(store, None)
     if not jobs:
         return
+    try:
+        _write(store, state, caller, jobs)
+    except BaseException as exc:
+        state.failure = exc
+        raise
+
+
+def _write(store: Store, state: _Batch, caller: Connection | None, jobs: list[NewJob]) -> None:
     if _stages(store, caller):
         placed = store.run(insert_rows, store.t, store.dialect, jobs)
         # (SQLite: the rows of one transaction got consecutive ids: ``insert_rows``)
         state.staged.setdefault(store, []).append((placed[0].job_id, placed[-1].job_id))
         return
-    insert_many(_batch_connection(store, state, caller), store.t, store.dialect, jobs)
+    conn = _batch_connection(store, state, caller)
+    pipeline = state.pipelines.get(store)
+    if pipeline is None and caller is None and ChunkPipeline.usable(conn, store.dialect, store.pool_mode):
+        pipeline = state.pipelines[store] = ChunkPipeline(conn, store.t, store.dialect)
+    if pipeline is not None:
+        pipeline.send(jobs)
+    else:
+        insert_many(conn, store.t, store.dialect, jobs)
 
 
 def _place_staged(store: Store, state: _Batch) -> None:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Sequence
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select
 
-from . import admission, unique_keys
+from . import admission, pg_bulk, unique_keys
 from .admission import JobLimits
 from .dialects import Dialect
 from .engine import get_autocommit_engine
@@ -145,12 +145,13 @@ class Placed(NamedTuple):
         return self.eta is not None and self.eta > self.created_at
 
 
-def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob]) -> list[int]:
-    """Jobs without unique keys in a few multi-row INSERTs: jobs (ids back in order), then their
-    ready and scheduled executions; one NOTIFY per queue made ready."""
-    placed = insert_rows(conn, t, d, jobs)
-    insert_executions(conn, t, d, placed)
-    return [p.job_id for p in placed]
+def insert_many(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob]) -> None:
+    """Jobs without unique keys in a few multi-row INSERTs: jobs, then their ready and scheduled
+    executions; one NOTIFY per queue made ready.  (PostgreSQL: one statement, ``pg_bulk``.)"""
+    if d.name == "postgresql":
+        pg_bulk.insert_many(conn, t, d, jobs)
+        return
+    insert_executions(conn, t, d, insert_rows(conn, t, d, jobs))
 
 
 def insert_rows(conn: Connection, t: Tables, d: Dialect, jobs: Sequence[NewJob]) -> list[Placed]:

@@ -1,0 +1,211 @@
+"""A group's messages on this transport, built from Celery's own message for its first task.
+
+Why: Celery publishes a group one task at a time, and for each it clones and
+freezes the signature, routes it, builds the message (headers, ``saferepr`` of
+the arguments, serialisation) and runs it through kombu's producer: about
+250 µs a task here, more than ten times what storing the row costs.  The
+tasks of a typical group (``group(resize.s(i) for i in ids)``) differ only in
+their arguments and ids, so the work is the same thousands of times over.
+
+How: the first task goes through Celery's own path, unchanged, and the message
+it produced (``publishing.observe``) becomes the template.  Every other task's
+message is that template with its own task id (wherever the template has the
+first task's id: ``id``, ``root_id``, ``correlation_id``), its ``group_index``,
+its ``argsrepr``/``kwargsrepr`` (Celery's ``saferepr``, Celery's size limits)
+and its body (kombu's JSON of ``(args, kwargs, embed)``, base64 as kombu's
+virtual transport stores it).  Before relying on that, the builder rebuilds
+the first task's message from its arguments and compares it with Celery's,
+key by key: any difference (a serializer, a header a signal handler added)
+sends the rest through Celery's path too.
+
+When (``plan``): only where the template is provably the same for every task.
+Plain signatures of one registered task with equal options; no partial
+arguments from ``apply_async``; no chord, ETA, countdown, expiry, explicit task
+ids or custom ``argsrepr``; no ``before/after_task_publish`` receivers and no
+``task-sent`` events (they run once per message); Celery's own ``apply_async``,
+``shadow_name`` and static routes (a routing function may look at the
+arguments); no unique key or limit (their keys come from the arguments).
+Anything else is Celery's path, exactly as before.  Argument checking
+(``task.typing``) still runs for every task, and every ``AsyncResult`` joins the
+group's barrier as in ``group._apply_tasks``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any, Iterator
+
+from celery import signals
+from celery.backends.base import Backend as BaseBackend
+from celery.app.routes import MapRoute
+from celery.app.task import Task
+from celery.canvas import Signature
+from celery.utils.saferepr import saferepr
+from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.uuid import uuid
+from vine import barrier
+
+from . import publishing
+from .plain_repr import plain_repr
+from .store import utcnow
+from .store.jobs import NewJob
+
+#: The values of a message that differ from task to task (``Template``).
+_SLOTS = ("id", "index", "argsrepr", "kwargsrepr", "tag", "body")
+#: Per-task options that make messages differ in ways the template cannot follow.
+_PER_TASK = frozenset({"task_id", "chord", "countdown", "eta", "expires", "argsrepr", "kwargsrepr", "shadow",
+                       "group_index"})
+
+
+def apply(group_sig: Any, args: Any, kwargs: Any, add_to_parent: bool, producer: Any,
+          options: dict[str, Any]) -> Any:
+    """``group.apply_async`` for a group ``plan`` accepts, else None (nothing done: Celery's path)."""
+    freeze_gid = getattr(group_sig, "_freeze_gid", None)
+    if freeze_gid is None or args or kwargs:
+        return None
+    app = group_sig.app
+    options, group_id, root_id = freeze_gid(options)
+    planned = plan(group_sig, options)
+    if planned is None:
+        return None
+    task, sigs = planned
+    ready = barrier()
+    with app.producer_or_acquire(producer) as producer:
+        with publishing.observe() as observed:
+            results = list(group_sig._apply_tasks(_frozen(sigs[:1], 0, group_id, root_id), producer, app, ready,
+                                                  **options))
+        template = Template.of(observed, task, sigs[0])
+        if template is not None:
+            results.extend(publish_rest(template, sigs, ready))
+        else:   # (Celery's path for the rest, as ``group._apply_tasks`` would have taken it)
+            results.extend(group_sig._apply_tasks(_frozen(sigs[1:], 1, group_id, root_id), producer, app, ready,
+                                                  **options))
+    result = app.GroupResult(group_id, results, ready_barrier=ready)
+    ready.finalize()
+    parent_task = app.current_worker_task
+    if add_to_parent and parent_task:
+        parent_task.add_trail(result)
+    return result
+
+
+def plan(group_sig: Any, options: dict[str, Any]) -> tuple[Any, list[Signature]] | None:
+    """The task and the signatures of a group whose messages can come from one template, or None
+    (``options``: the group's, merged as ``group._freeze_gid`` does)."""
+    app = group_sig.app
+    conf = app.conf
+    if conf.task_always_eager or conf.task_send_sent_event or conf.task_protocol != 2 or _PER_TASK & options.keys():
+        return None
+    if signals.before_task_publish.receivers or signals.after_task_publish.receivers:
+        return None
+    if type(app.backend).on_task_call is not BaseBackend.on_task_call:
+        return None
+    if not all(isinstance(route, MapRoute) for route in app.amqp.router.routes):
+        return None
+    sigs = list(group_sig.tasks)
+    if len(sigs) < 2 or any(type(sig) is not Signature for sig in sigs):
+        return None
+    first = sigs[0]
+    name, sig_options = first.task, first.options
+    if (sig_options.keys() & _PER_TASK or first.get("subtask_type")
+            or any(sig.task != name or sig.options != sig_options or sig.get("subtask_type") for sig in sigs)):
+        return None
+    task = app.tasks.get(name)
+    if task is None or type(task).shadow_name is not Task.shadow_name or type(task).apply_async is not Task.apply_async:
+        return None
+    return task, sigs
+
+
+def _frozen(sigs: list[Signature], start: int, group_id: str, root_id: str | None) -> Iterator[tuple]:
+    """What ``group._prepared`` yields for plain signatures (no partial arguments), from ``start``."""
+    for index, sig in enumerate(sigs, start=start):
+        sig = sig.clone()
+        yield sig, sig.freeze(group_id=group_id, root_id=root_id, group_index=index), group_id
+
+
+class Template:
+    """Celery's message for a group's first task, and how to make the others' from it.
+
+    The message is kept as JSON text cut at the values that change (``_SLOTS``):
+    a task's payload is the pieces joined with its own values, so the parts that
+    never change are never encoded again.
+    """
+
+    def __init__(self, store: Any, job: NewJob, message: dict[str, Any], task: Any) -> None:
+        self.store, self.job, self.task = store, job, task
+        headers, properties = message["headers"], message["properties"]
+        first_id = headers["id"]
+        _args, _kwargs, self.embed = json.loads(base64.b64decode(message["body"]))
+        amqp = task.app.amqp
+        self.args_max, self.kwargs_max = amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize
+        # (Celery 5.7 passes ``task_repr_maxlevels``; 5.5 has no such setting and uses the default)
+        levels = task.app.conf.get("task_repr_maxlevels")
+        self.repr_options = {} if levels is None else {"maxlevels": levels}
+        # The message with a marker in each slot: every value equal to the first task's id
+        # (``id``, ``root_id``, ``correlation_id``), the group index, the reprs, the tag, the body.
+        mark = f"sqlq-{uuid()}-"
+        slotted_headers = {k: mark + "id" if v == first_id else v for k, v in headers.items()}
+        slotted_headers.update(group_index=mark + "index", argsrepr=mark + "argsrepr",
+                               kwargsrepr=mark + "kwargsrepr")
+        slotted_properties = {k: mark + "id" if v == first_id else v for k, v in properties.items()}
+        slotted_properties["delivery_tag"] = mark + "tag"
+        slotted = {**message, "body": mark + "body", "headers": slotted_headers, "properties": slotted_properties}
+        cut = re.split('"' + re.escape(mark) + "(" + "|".join(_SLOTS) + ')"', json.dumps(slotted))
+        self.pieces = cut    # text, slot, text, slot, …, text
+        self.slots = [(i, cut[i]) for i in range(1, len(cut), 2)]
+        if len(cut) < 2 or any(mark in piece for piece in cut[::2]):
+            raise ValueError("the template's markers are not where they were put")
+
+    @classmethod
+    def of(cls, observed: list[tuple[Any, NewJob]], task: Any, sig: Signature) -> "Template | None":
+        """The template, if the one message observed is one it reproduces exactly."""
+        if len(observed) != 1:
+            return None
+        store, job = observed[0]
+        if job.unique is not None or job.limits is not None or job.eta is not None or job.expires_at is not None:
+            return None
+        message = json.loads(job.payload)
+        headers, properties = message.get("headers") or {}, message.get("properties") or {}
+        if (message.get("content-type") != "application/json" or message.get("content-encoding") != "utf-8"
+                or properties.get("body_encoding") != "base64" or "compression" in headers
+                or headers.get("eta") is not None or headers.get("expires") is not None
+                or headers.get("group_index") != 0 or not isinstance(headers.get("id"), str)):
+            return None
+        template = cls(store, job, message, task)
+        again = template.payload(headers["id"], 0, sig.args or (), sig.kwargs or {}, properties["delivery_tag"])
+        return template if json.loads(again) == message else None
+
+    def payload(self, task_id: str, index: int, args: Any, kwargs: Any, tag: str) -> str:
+        """The stored message of the task ``task_id``, ``index``-th of the group."""
+        body = base64.b64encode(kombu_dumps((args, kwargs, self.embed)).encode("utf-8")).decode("ascii")
+        argsrepr = plain_repr(args, self.args_max) or saferepr(args, self.args_max, **self.repr_options)
+        kwargsrepr = plain_repr(kwargs, self.kwargs_max) or saferepr(kwargs, self.kwargs_max, **self.repr_options)
+        values = {"id": '"' + task_id + '"', "index": str(index), "argsrepr": json.dumps(argsrepr),
+                  "kwargsrepr": json.dumps(kwargsrepr), "tag": json.dumps(tag), "body": '"' + body + '"'}
+        pieces = list(self.pieces)
+        for at, slot in self.slots:
+            pieces[at] = values[slot]
+        return "".join(pieces)
+
+    def new_job(self, task_id: str, payload: str) -> NewJob:
+        first = self.job
+        return NewJob(queue=first.queue, payload=payload, task_name=first.task_name, task_id=task_id,
+                      priority=first.priority, created_at=utcnow())
+
+
+def publish_rest(template: Template, sigs: list[Signature], barrier: Any) -> Iterator[Any]:
+    """Store the messages of ``sigs[1:]`` from ``template``; yields their results, as ``_apply_tasks``."""
+    task = template.task
+    check = getattr(task, "__header__", None) if task.typing else None
+    for index, sig in enumerate(sigs[1:], start=1):
+        args, kwargs = sig.args or (), sig.kwargs or {}    # (as ``as_task_v2``)
+        if check is not None:
+            check(*args, **kwargs)
+        task_id = uuid()
+        publishing.put(template.store, template.new_job(task_id, template.payload(task_id, index, args, kwargs,
+                                                                            uuid())))
+        result = task.AsyncResult(task_id)
+        if barrier and not barrier.cancelled and not barrier.ready:
+            barrier.size += 1
+            result.then(barrier, weak=True)
+        yield result
