@@ -32,7 +32,10 @@ group's barrier as in ``group._apply_tasks``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import json
+import os
 import re
 from typing import Any, Iterator
 
@@ -42,7 +45,7 @@ from celery.app.routes import MapRoute
 from celery.app.task import Task
 from celery.canvas import Signature
 from celery.utils.saferepr import saferepr
-from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.json import JSONEncoder as KombuJSONEncoder
 from kombu.utils.uuid import uuid
 from vine import barrier
 
@@ -51,6 +54,8 @@ from .plain_repr import plain_repr
 from .store import utcnow
 from .store.jobs import NewJob
 
+#: kombu's JSON serializer (``kombu.utils.json.dumps``) without making an encoder per message.
+_BODY_ENCODER = KombuJSONEncoder()
 #: The values of a message that differ from task to task (``Template``).
 _SLOTS = ("id", "index", "argsrepr", "kwargsrepr", "tag", "body")
 #: Per-task options that make messages differ in ways the template cannot follow.
@@ -77,7 +82,8 @@ def apply(group_sig: Any, args: Any, kwargs: Any, add_to_parent: bool, producer:
                                                   **options))
         template = Template.of(observed, task, sigs[0])
         if template is not None:
-            results.extend(publish_rest(template, sigs, ready))
+            with _collector_paused():
+                results.extend(publish_rest(template, sigs, ready))
         else:   # (Celery's path for the rest, as ``group._apply_tasks`` would have taken it)
             results.extend(group_sig._apply_tasks(_frozen(sigs[1:], 1, group_id, root_id), producer, app, ready,
                                                   **options))
@@ -87,6 +93,25 @@ def apply(group_sig: Any, args: Any, kwargs: Any, add_to_parent: bool, producer:
     if add_to_parent and parent_task:
         parent_task.add_trail(result)
     return result
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a group's messages are made.
+
+    Why: each task allocates a few objects (its result and its promise among them)
+    that live as long as the group's result, so the collector's passes find
+    nothing to free and walk ever more live objects: 40% of the time of a
+    10,000-task group.  Whatever it would have freed is freed at its next pass
+    after this.  (Left as it was if it was off already, and on again whatever happens.)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def plan(group_sig: Any, options: dict[str, Any]) -> tuple[Any, list[Signature]] | None:
@@ -177,7 +202,7 @@ class Template:
 
     def payload(self, task_id: str, index: int, args: Any, kwargs: Any, tag: str) -> str:
         """The stored message of the task ``task_id``, ``index``-th of the group."""
-        body = base64.b64encode(kombu_dumps((args, kwargs, self.embed)).encode("utf-8")).decode("ascii")
+        body = base64.b64encode(_BODY_ENCODER.encode((args, kwargs, self.embed)).encode("utf-8")).decode("ascii")
         argsrepr = plain_repr(args, self.args_max) or saferepr(args, self.args_max, **self.repr_options)
         kwargsrepr = plain_repr(kwargs, self.kwargs_max) or saferepr(kwargs, self.kwargs_max, **self.repr_options)
         values = {"id": '"' + task_id + '"', "index": str(index), "argsrepr": json.dumps(argsrepr),
@@ -197,15 +222,36 @@ def publish_rest(template: Template, sigs: list[Signature], barrier: Any) -> Ite
     """Store the messages of ``sigs[1:]`` from ``template``; yields their results, as ``_apply_tasks``."""
     task = template.task
     check = getattr(task, "__header__", None) if task.typing else None
-    for index, sig in enumerate(sigs[1:], start=1):
-        args, kwargs = sig.args or (), sig.kwargs or {}    # (as ``as_task_v2``)
-        if check is not None:
-            check(*args, **kwargs)
-        task_id = uuid()
-        publishing.put(template.store, template.new_job(task_id, template.payload(task_id, index, args, kwargs,
-                                                                            uuid())))
-        result = task.AsyncResult(task_id)
-        if barrier and not barrier.cancelled and not barrier.ready:
-            barrier.size += 1
-            result.then(barrier, weak=True)
-        yield result
+    store, put, payload, new_job, result_of = (template.store, publishing.put, template.payload, template.new_job,
+                                               task.AsyncResult)
+    for start in range(1, len(sigs), _IDS_AT_ONCE):
+        fresh = iter(_uuid4s(2 * _IDS_AT_ONCE))
+        for index, sig in enumerate(sigs[start:start + _IDS_AT_ONCE], start=start):
+            args, kwargs = sig.args or (), sig.kwargs or {}    # (as ``as_task_v2``)
+            if check is not None:
+                check(*args, **kwargs)
+            task_id = next(fresh)
+            put(store, new_job(task_id, payload(task_id, index, args, kwargs, next(fresh))))
+            result = result_of(task_id)
+            if barrier and not barrier.cancelled and not barrier.ready:
+                barrier.size += 1
+                result.then(barrier, weak=True)
+            yield result
+
+
+#: Task ids and delivery tags are made this many tasks at a time (``_uuid4s``).
+_IDS_AT_ONCE = 256
+
+
+def _uuid4s(count: int) -> list[str]:
+    """``count`` random UUIDs (version 4) as text, like kombu's ``uuid()``, from one ``os.urandom`` call
+    (a fifth of the cost of ``str(uuid.uuid4())`` each)."""
+    raw = os.urandom(16 * count).hex()
+    out = []
+    for at in range(0, 32 * count, 32):
+        h = raw[at:at + 32]
+        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}")
+    return out
+
+
+_VARIANT = "89ab"    # (RFC 4122: the two high bits of byte 8 are 10)

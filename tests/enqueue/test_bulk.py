@@ -9,6 +9,7 @@ from celery import chord, group
 from sqlalchemy import event
 
 import celery_sqlbackend as sqlq
+from celery_sqlbackend.publishing import CHUNK_ROWS, STAGED_CHUNK_ROWS
 from celery_sqlbackend.store import store_for
 from tests.harness import rows
 
@@ -42,9 +43,13 @@ def _store(module):
         return conn.default_channel.store
 
 
+#: Enough jobs for two chunks to be written, whatever the engine's chunk, and some more.
+_TWO_CHUNKS_AND_MORE = 2 * max(STAGED_CHUNK_ROWS, CHUNK_ROWS) + 300
+
+
 def _commits(db_url: str, jobs: int) -> int:
-    """One transaction; on SQLite one per staged chunk of 500 and the short one that makes them ready."""
-    return -(-jobs // 500) if db_url.startswith("sqlite") else 1
+    """One transaction; on SQLite one per staged chunk and the short one that makes them ready."""
+    return -(-jobs // STAGED_CHUNK_ROWS) if db_url.startswith("sqlite") else 1
 
 
 def test_enqueue_many_is_one_transaction_of_multi_row_inserts(app_dir, db_url):
@@ -64,7 +69,7 @@ def test_a_failure_while_batching_leaves_nothing(app_dir, db_url):
     _, app, _ = app_dir
 
     def signatures():
-        for i in range(1300):        # more than two chunks are written before the failure
+        for i in range(_TWO_CHUNKS_AND_MORE):        # two chunks are written before the failure
             yield app.add.s(i, 1)
         raise RuntimeError("the producer's own failure")
 
@@ -82,8 +87,8 @@ def test_a_batch_in_progress_is_invisible_and_locks_nobody_out(app_dir, db_url):
     seen = []
 
     def signatures():
-        for i in range(1300):
-            if i == 1100:
+        for i in range(_TWO_CHUNKS_AND_MORE):
+            if i == _TWO_CHUNKS_AND_MORE - 200:
                 seen.append(rows(db_url, "select count(*) from sqlq_ready_executions"))
                 rows(db_url, "update sqlq_jobs set priority = priority where id = 1")   # a write, now
             yield app.add.s(i, 1)
@@ -91,8 +96,8 @@ def test_a_batch_in_progress_is_invisible_and_locks_nobody_out(app_dir, db_url):
     _store(app)
     results = sqlq.enqueue_many(signatures())
     assert seen == [[(1,)]]
-    assert len(results) == 1300
-    assert rows(db_url, "select count(*) from sqlq_ready_executions") == [(1301,)]
+    assert len(results) == _TWO_CHUNKS_AND_MORE
+    assert rows(db_url, "select count(*) from sqlq_ready_executions") == [(_TWO_CHUNKS_AND_MORE + 1,)]
 
 
 def test_groups_and_chords_are_batched_and_keep_their_results(app_dir, db_url, spawn_worker):

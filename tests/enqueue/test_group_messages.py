@@ -14,6 +14,7 @@ import pytest
 from celery import group, signals
 
 import celery_sqlbackend as sqlq
+from celery_sqlbackend.publishing import CHUNK_ROWS, STAGED_CHUNK_ROWS
 from tests.harness import rows
 
 
@@ -138,7 +139,7 @@ def test_a_bad_argument_list_fails_the_group_before_anything_is_stored(app_dir, 
     _store_ready(app)
     before = rows(db_url, "select count(*) from sqlq_jobs")
     with pytest.raises(TypeError):
-        group([app.add.s(1, 1)] * 700 + [app.add.s(1, 2, 3)]).apply_async()
+        group([app.add.s(1, 1)] * (STAGED_CHUNK_ROWS + 100) + [app.add.s(1, 2, 3)]).apply_async()
     assert rows(db_url, "select count(*) from sqlq_jobs") == before
 
 
@@ -153,8 +154,9 @@ def test_a_chunk_the_database_refuses_rolls_the_whole_batch_back(app_dir, db_url
                      "BEGIN SELECT RAISE(ABORT, 'poison refused'); END")
     else:
         rows(db_url, "ALTER TABLE sqlq_jobs ADD CONSTRAINT refuse_poison CHECK (task_id <> 'poison')")
-    signatures = [app.add.s(i, 1) for i in range(1300)]
-    signatures[700] = app.add.s(700, 1).set(task_id="poison")
+    chunk = STAGED_CHUNK_ROWS if db_url.startswith("sqlite") else CHUNK_ROWS
+    signatures = [app.add.s(i, 1) for i in range(2 * chunk + 300)]
+    signatures[chunk + 200] = app.add.s(0, 1).set(task_id="poison")
     with pytest.raises(Exception) as failure:
         sqlq.enqueue_many(signatures)
     assert "poison" in str(failure.value)
