@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from . import group_messages
+from . import message_templates
 from .publishing import batch
 
 
@@ -25,11 +25,14 @@ def enqueue_many(signatures: Iterable[Any], *, app: Any = None) -> list[Any]:
     """Apply every signature (``task.s(...)``), all in one transaction; returns their ``AsyncResult``s.
 
     ``signatures`` may be a generator: only a chunk of messages is held at a
-    time (``publishing.CHUNK_ROWS``), however many there are.  Inside
+    time (``publishing.CHUNK_ROWS``), however many there are.  A run of like
+    signatures (one task, the same options) is built from Celery's message for
+    its first (``message_templates.Runs``).  Inside
     ``enqueue_in`` the transaction is the caller's.  A unique task whose key is
     held gets the holder's ``AsyncResult``, as with ``delay``.
     """
     results: list[Any] = []
+    runs = message_templates.Runs()
     with batch():
         producers: dict[int, Any] = {}
         try:
@@ -38,7 +41,7 @@ def enqueue_many(signatures: Iterable[Any], *, app: Any = None) -> list[Any]:
                 producer = producers.get(id(owner))
                 if producer is None:
                     producer = producers[id(owner)] = owner.producer_pool.acquire(block=True)
-                results.append(sig.apply_async(producer=producer))
+                results.append(runs.apply(sig, producer))
         finally:
             for producer in producers.values():
                 producer.release()
@@ -50,7 +53,7 @@ def _wrap(apply_async: Callable[..., Any]) -> Callable[..., Any]:
                             link_error=None, **options: Any):
         with batch():
             if link is None and link_error is None and not self.app.conf.task_always_eager:
-                result = group_messages.apply(self, args, kwargs, add_to_parent, producer, options)
+                result = message_templates.apply(self, args, kwargs, add_to_parent, producer, options)
                 if result is not None:
                     return result
             return apply_async(self, args, kwargs, add_to_parent=add_to_parent, producer=producer, link=link,

@@ -4,7 +4,7 @@ Why: every task message carries ``argsrepr`` and ``kwargsrepr``, Celery's
 ``saferepr`` of the arguments.  That function streams tokens through a deque
 so that it can cut deep or huge values safely; for the arguments most tasks
 take (a few ids and names) that costs more than everything else a group's
-message needs (``group_messages``).  ``plain_repr`` writes the same text
+message needs (``message_templates``).  ``plain_repr`` writes the same text
 directly for a tuple, list or dict of ``int``, ``float``, ``bool``, ``str`` and
 ``None`` whose text fits in ``maxlen``, and gives up (None) on anything else,
 which then goes to ``saferepr`` itself.  The rules copied are ``saferepr``'s,

@@ -190,7 +190,7 @@ def caller_connection(store: Store) -> Connection | None:
 
 @contextlib.contextmanager
 def observe() -> Iterator[list[tuple[Store, NewJob]]]:
-    """Every job ``put`` inside the block, with its store, in a list (``group_messages`` takes its
+    """Every job ``put`` inside the block, with its store, in a list (``message_templates`` takes its
     template so); they are written as usual."""
     seen: list[tuple[Store, NewJob]] = []
     token = _OBSERVED.set(seen)

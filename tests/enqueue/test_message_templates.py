@@ -1,4 +1,4 @@
-"""A group's messages built from Celery's first one (``group_messages``) are the messages Celery builds.
+"""A group's messages built from Celery's first one (``message_templates``) are the messages Celery builds.
 
 Each case publishes one group twice: through the template, and through
 Celery's own per-task path (a ``before_task_publish`` receiver is connected,
@@ -109,6 +109,48 @@ def test_a_group_stores_the_messages_celery_would_build(app_dir, db_url, case):
     stored_ids = [task_id for (task_id,) in rows(db_url, "select task_id from sqlq_jobs order by id")]
     assert [r.id for r in result.results] == stored_ids[-2 * len(fast):-len(fast)]   # (each result is its job)
     assert len(set(stored_ids)) == len(stored_ids)
+
+
+def _mixed_runs(m):
+    """Runs of like signatures, and things between them that no template follows."""
+    yield from (m.add.s(i, i) for i in range(5))
+    yield from (m.record.s(f"r'{i}") for i in range(3))
+    yield m.unique_running.s("key-1")
+    yield from (m.add.s(i, 0).set(priority=3) for i in range(4))
+    yield m.add.s(1, 1).set(countdown=30)
+    yield from (m.total.s([i, i]) for i in range(3))
+
+
+def test_enqueue_many_builds_each_run_from_celerys_first_message(app_dir, db_url):
+    _, app, _ = app_dir
+    _store_ready(app)
+    first = _last_id(db_url)
+    with Publishes(app) as fast:
+        fast_results = sqlq.enqueue_many(_mixed_runs(app))
+    second = _last_id(db_url)
+
+    def receiver(**kwargs):
+        pass
+
+    rows(db_url, "delete from sqlq_unique_keys")
+    signals.before_task_publish.connect(receiver, weak=False)
+    try:
+        with Publishes(app) as slow:
+            sqlq.enqueue_many(_mixed_runs(app))
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    fast_messages, slow_messages = _normalised(db_url, first)[: second - first], _normalised(db_url, second)
+    assert slow.count == len(slow_messages) == 17
+    # Celery's path: the first of each run (add, record, add with a priority, total), the unique task
+    # and the countdown; the template: the other eleven.
+    assert fast.count == 6
+    for message in fast_messages + slow_messages:       # (a countdown's ETA is a time of its own)
+        message["headers"]["eta"] = message["headers"]["eta"] and "<eta>"
+    assert fast_messages == slow_messages
+    stored = [task_id for (task_id,) in rows(db_url, f"select task_id from sqlq_jobs where id > {first} "
+                                                     f"and id <= {second} order by id")]
+    assert [r.id for r in fast_results] == stored
+    assert all(r.ignored is False for r in fast_results)
 
 
 def test_what_the_template_cannot_follow_goes_through_celery(app_dir, db_url):

@@ -1,16 +1,17 @@
-"""A group's messages on this transport, built from Celery's own message for its first task.
+"""Runs of like tasks (a group, ``enqueue_many``) built from Celery's own message for the first.
 
 Why: Celery publishes a group one task at a time, and for each it clones and
 freezes the signature, routes it, builds the message (headers, ``saferepr`` of
 the arguments, serialisation) and runs it through kombu's producer: about
 250 µs a task here, more than ten times what storing the row costs.  The
 tasks of a typical group (``group(resize.s(i) for i in ids)``) differ only in
-their arguments and ids, so the work is the same thousands of times over.
+their arguments and ids, so the work is the same thousands of times over.  So
+do the signatures given to ``enqueue_many``, run after run (``Runs``).
 
 How: the first task goes through Celery's own path, unchanged, and the message
 it produced (``publishing.observe``) becomes the template.  Every other task's
 message is that template with its own task id (wherever the template has the
-first task's id: ``id``, ``root_id``, ``correlation_id``), its ``group_index``,
+first task's id: ``id``, ``root_id``, ``correlation_id``), its ``group_index`` (in a group),
 its ``argsrepr``/``kwargsrepr`` (Celery's ``saferepr``, Celery's size limits)
 and its body (kombu's JSON of ``(args, kwargs, embed)``, base64 as kombu's
 virtual transport stores it).  Before relying on that, the builder rebuilds
@@ -18,7 +19,7 @@ the first task's message from its arguments and compares it with Celery's,
 key by key: any difference (a serializer, a header a signal handler added)
 sends the rest through Celery's path too.
 
-When (``plan``): only where the template is provably the same for every task.
+When (``plan``, ``Runs``): only where the template is provably the same for every task.
 Plain signatures of one registered task with equal options; no partial
 arguments from ``apply_async``; no chord, ETA, countdown, expiry, explicit task
 ids or custom ``argsrepr``; no ``before/after_task_publish`` receivers and no
@@ -27,7 +28,8 @@ ids or custom ``argsrepr``; no ``before/after_task_publish`` receivers and no
 arguments); no unique key or limit (their keys come from the arguments).
 Anything else is Celery's path, exactly as before.  Argument checking
 (``task.typing``) still runs for every task, and every ``AsyncResult`` joins the
-group's barrier as in ``group._apply_tasks``.
+group's barrier as in ``group._apply_tasks`` (outside a group: is marked
+``ignored`` and joins the calling task's trail as ``send_task`` does).
 """
 from __future__ import annotations
 
@@ -117,28 +119,62 @@ def _collector_paused() -> Iterator[None]:
 def plan(group_sig: Any, options: dict[str, Any]) -> tuple[Any, list[Signature]] | None:
     """The task and the signatures of a group whose messages can come from one template, or None
     (``options``: the group's, merged as ``group._freeze_gid`` does)."""
-    app = group_sig.app
-    conf = app.conf
-    if conf.task_always_eager or conf.task_send_sent_event or conf.task_protocol != 2 or _PER_TASK & options.keys():
-        return None
-    if signals.before_task_publish.receivers or signals.after_task_publish.receivers:
-        return None
-    if type(app.backend).on_task_call is not BaseBackend.on_task_call:
-        return None
-    if not all(isinstance(route, MapRoute) for route in app.amqp.router.routes):
+    if _PER_TASK & options.keys() or not _app_allows(group_sig.app):
         return None
     sigs = list(group_sig.tasks)
-    if len(sigs) < 2 or any(type(sig) is not Signature for sig in sigs):
+    if len(sigs) < 2:
         return None
-    first = sigs[0]
-    name, sig_options = first.task, first.options
-    if (sig_options.keys() & _PER_TASK or first.get("subtask_type")
-            or any(sig.task != name or sig.options != sig_options or sig.get("subtask_type") for sig in sigs)):
-        return None
-    task = app.tasks.get(name)
-    if task is None or type(task).shadow_name is not Task.shadow_name or type(task).apply_async is not Task.apply_async:
+    task = _templatable_task(group_sig.app, sigs[0])
+    if task is None or not all(_alike(sig, sigs[0]) for sig in sigs):
         return None
     return task, sigs
+
+
+def _app_allows(app: Any) -> bool:
+    """Nothing in the app acts on each message on its own (module doc)."""
+    conf = app.conf
+    return not (conf.task_always_eager or conf.task_send_sent_event or conf.task_protocol != 2
+                or signals.before_task_publish.receivers or signals.after_task_publish.receivers
+                or type(app.backend).on_task_call is not BaseBackend.on_task_call
+                or not all(isinstance(route, MapRoute) for route in app.amqp.router.routes))
+
+
+def _templatable_task(app: Any, sig: Any) -> Any:
+    """The registered task of a plain signature whose message a template can follow, or None."""
+    if type(sig) is not Signature or sig.get("subtask_type") or sig.options.keys() & _PER_TASK:
+        return None
+    task = app.tasks.get(sig.task)
+    if task is None or type(task).shadow_name is not Task.shadow_name or type(task).apply_async is not Task.apply_async:
+        return None
+    return task
+
+
+def _alike(sig: Any, first: Signature) -> bool:
+    return (type(sig) is Signature and sig.task == first.task and sig.options == first.options
+            and not sig.get("subtask_type"))
+
+
+class Runs:
+    """``enqueue_many``'s signatures, each run of like ones built from Celery's message for its first."""
+
+    def __init__(self) -> None:
+        self._template: Template | None = None
+        self._first: Signature | None = None
+
+    def apply(self, sig: Any, producer: Any) -> Any:
+        """``sig.apply_async(producer=producer)``, from the current template when ``sig`` is alike."""
+        template, first = self._template, self._first
+        if template is not None and first is not None and sig.app is first.app and _alike(sig, first):
+            return template.publish_one(sig)
+        self._template = self._first = None
+        task = _templatable_task(sig.app, sig) if _app_allows(sig.app) else None
+        if task is None:
+            return sig.apply_async(producer=producer)
+        with publishing.observe() as observed:
+            result = sig.apply_async(producer=producer)
+        self._template = Template.of(observed, task, sig, ignored=getattr(result, "ignored", None))
+        self._first = sig
+        return result
 
 
 def _frozen(sigs: list[Signature], start: int, group_id: str, root_id: str | None) -> Iterator[tuple]:
@@ -156,8 +192,8 @@ class Template:
     never change are never encoded again.
     """
 
-    def __init__(self, store: Any, job: NewJob, message: dict[str, Any], task: Any) -> None:
-        self.store, self.job, self.task = store, job, task
+    def __init__(self, store: Any, job: NewJob, message: dict[str, Any], task: Any, ignored: Any = None) -> None:
+        self.store, self.job, self.task, self.ignored = store, job, task, ignored
         headers, properties = message["headers"], message["properties"]
         first_id = headers["id"]
         _args, _kwargs, self.embed = json.loads(base64.b64decode(message["body"]))
@@ -170,8 +206,9 @@ class Template:
         # (``id``, ``root_id``, ``correlation_id``), the group index, the reprs, the tag, the body.
         mark = f"sqlq-{uuid()}-"
         slotted_headers = {k: mark + "id" if v == first_id else v for k, v in headers.items()}
-        slotted_headers.update(group_index=mark + "index", argsrepr=mark + "argsrepr",
-                               kwargsrepr=mark + "kwargsrepr")
+        slotted_headers.update(argsrepr=mark + "argsrepr", kwargsrepr=mark + "kwargsrepr")
+        if headers.get("group_index") is not None:    # (in a group)
+            slotted_headers["group_index"] = mark + "index"
         slotted_properties = {k: mark + "id" if v == first_id else v for k, v in properties.items()}
         slotted_properties["delivery_tag"] = mark + "tag"
         slotted = {**message, "body": mark + "body", "headers": slotted_headers, "properties": slotted_properties}
@@ -182,7 +219,8 @@ class Template:
             raise ValueError("the template's markers are not where they were put")
 
     @classmethod
-    def of(cls, observed: list[tuple[Any, NewJob]], task: Any, sig: Signature) -> "Template | None":
+    def of(cls, observed: list[tuple[Any, NewJob]], task: Any, sig: Signature, ignored: Any = None
+           ) -> "Template | None":
         """The template, if the one message observed is one it reproduces exactly."""
         if len(observed) != 1:
             return None
@@ -194,9 +232,9 @@ class Template:
         if (message.get("content-type") != "application/json" or message.get("content-encoding") != "utf-8"
                 or properties.get("body_encoding") != "base64" or "compression" in headers
                 or headers.get("eta") is not None or headers.get("expires") is not None
-                or headers.get("group_index") != 0 or not isinstance(headers.get("id"), str)):
+                or headers.get("group_index") not in (0, None) or not isinstance(headers.get("id"), str)):
             return None
-        template = cls(store, job, message, task)
+        template = cls(store, job, message, task, ignored)
         again = template.payload(headers["id"], 0, sig.args or (), sig.kwargs or {}, properties["delivery_tag"])
         return template if json.loads(again) == message else None
 
@@ -211,6 +249,23 @@ class Template:
         for at, slot in self.slots:
             pieces[at] = values[slot]
         return "".join(pieces)
+
+    def publish_one(self, sig: Signature) -> Any:
+        """Store ``sig``'s message (not in a group) and return its result, as ``apply_async`` does."""
+        task = self.task
+        args, kwargs = sig.args or (), sig.kwargs or {}
+        if task.typing:
+            check = getattr(task, "__header__", None)
+            if check is not None:
+                check(*args, **kwargs)
+        task_id, tag = _uuid4s(2)
+        publishing.put(self.store, self.new_job(task_id, self.payload(task_id, 0, args, kwargs, tag)))
+        result = task.AsyncResult(task_id)
+        result.ignored = self.ignored
+        parent = task.app.current_worker_task
+        if parent:
+            parent.add_trail(result)
+        return result
 
     def new_job(self, task_id: str, payload: str) -> NewJob:
         first = self.job
