@@ -207,14 +207,6 @@ def _claimed_columns(t: Tables):
     return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
 
 
-def has_ready(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str]) -> bool:
-    """A read-only look before a claim, so that idle SQLite polls never take the write lock."""
-    def build():
-        r = t.ready
-        return select(r.c.id).where(r.c.queue_name.in_(bindparam("queues", expanding=True))).limit(1)
-    return conn.execute(prebuilt(t, d, "has_ready", build), {"queues": list(queues)}).first() is not None
-
-
 def _release_claim(conn: Connection, t: Tables, job_id: int, process_id: int) -> bool:
     c = t.claimed
     return conn.execute(
