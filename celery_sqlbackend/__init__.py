@@ -33,9 +33,9 @@ def register() -> None:
 register()
 
 from .bulk import enqueue_many  # noqa: E402  (after register: the public API)
-from .publishing import WrongDatabaseError, enqueue_in  # noqa: E402
+from .publishing import BatchFailedError, WrongDatabaseError, enqueue_in  # noqa: E402
 from .unique import UniqueKeyError  # noqa: E402
 from .limits import Concurrency, LimitKeyError, Rate  # noqa: E402
 
-__all__ = ["register", "enqueue_in", "enqueue_many", "WrongDatabaseError", "UniqueKeyError", "Concurrency", "Rate",
-           "LimitKeyError", "SCHEME", "TRANSPORT", "__version__"]
+__all__ = ["register", "enqueue_in", "enqueue_many", "WrongDatabaseError", "BatchFailedError", "UniqueKeyError",
+           "Concurrency", "Rate", "LimitKeyError", "SCHEME", "TRANSPORT", "__version__"]
