@@ -45,19 +45,3 @@ def prepare_psycopg() -> None:
         log.warning("psycopg was imported before eventlet's patching reached celery_sqlbackend, and it waits "
                     "in a way that blocks eventlet: PostgreSQL queries will stall the worker. Start the worker "
                     "with %s=%s in its environment.", WAIT_FUNC_ENV, COOPERATIVE_WAIT)
-
-
-def threads_are_green() -> bool:
-    """True if gevent or eventlet has made ``threading`` green here: a "thread" would then only run
-    when the caller waits, so work handed to one gains nothing."""
-    gevent_monkey = sys.modules.get("gevent.monkey")
-    try:
-        if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
-            return True
-    except Exception:
-        pass
-    patcher = sys.modules.get("eventlet.patcher")
-    try:
-        return bool(patcher is not None and patcher.is_monkey_patched("thread"))
-    except Exception:
-        return False
