@@ -36,7 +36,10 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -143,7 +146,7 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
         # (pysqlite's own implicit BEGIN is DEFERRED).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _journal_mode_wal(cur, busy_timeout)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
@@ -157,6 +160,27 @@ def _create_sqlite(url: str, busy_timeout: float) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return fork_gate.guard(engine)
+
+
+def _journal_mode_wal(cur: Any, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried for up to ``busy_timeout`` while the file is locked.
+
+    Why: while another connection switches a new file to WAL, SQLite answers this
+    pragma "database is locked" at once, without waiting on the busy handler.
+    Workers, beat and producers starting together on a new file met it
+    (``tests/test_sqlite_open_race.py``).
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.002
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _after_fork_in_child() -> None:
