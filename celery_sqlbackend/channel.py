@@ -22,6 +22,7 @@ from .messages import for_delivery, to_store
 from .options import Options
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
+from .store.claim_packet import Look
 from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
@@ -195,7 +196,9 @@ class Channel(virtual.Channel):
         self._last_broadcast_poll = now
         return True
 
-    def _claim(self, queues: list[str], limit: int) -> list[tuple[dict, str]]:
+    def _claim(self, queues: list[str], limit: int, look: Look | None = None) -> list[tuple[dict, str]]:
+        """Claim up to ``limit`` jobs of ``queues`` (with the acks since the last claim); ``look``: queues
+        the claim's transaction looks at afterwards, where it can (``store.claim_packet.Look``)."""
         self._maybe_dispatch_due()
         proc = self.process
         proc.claiming(self)
@@ -223,7 +226,10 @@ class Channel(virtual.Channel):
             claimed = throttled
         else:
             # One transaction: the acks since the last loop, then the next batch.
-            claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id})
+            claim = {"queues": queues, "limit": limit, "process_id": process_id}
+            if look is not None:
+                claim["look"] = look
+            claimed = proc.acks.flush(claim=claim)
             self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
             claimed = throttled + claimed
         messages = []

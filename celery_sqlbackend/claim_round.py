@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from . import fanout
+from .store.claim_packet import Look
 from .store.dialects import is_disconnect
 
 if TYPE_CHECKING:   # (type names only: never imported at run time)
@@ -153,29 +154,33 @@ def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Call
     if not first.process.may_claim():
         return RoundResult(channels, claimed, slots_free)   # heartbeats failing: see LocalProcess.may_claim
     tasks: list[tuple[Any, Messages]] = []
-    broadcast: list[tuple[Any, list[str]]] = []
+    consuming = [(channel, queues) for channel in channels if (queues := list(channel._active_queues))]
+    broadcast = [(channel, queues) for channel, queues in consuming if channel._broadcast_only(queues)]
+    # (MariaDB: the claim's own packet looks at the broadcast queues: ``store.claim_packet.Look``)
+    look = Look([queue for _, queues in broadcast for queue in queues]) if broadcast else None
     try:
-        for channel in channels:
-            queues = list(channel._active_queues)
-            if not queues:
-                continue
+        for channel, queues in consuming:
             fanout.touch(channel, queues)
             if channel._broadcast_only(queues):
-                broadcast.append((channel, queues))
                 continue
             waiting = undelivered(channel) if undelivered is not None else 0
             limit = channel._claim_limit(waiting, share=share_of(claimer, channel))
             slots_free = slots_free or limit > 0
             if limit > 0:
-                messages = channel._claim(queues, limit)
+                if look is not None:
+                    look.found = None    # (answered by this claim, or by none)
+                messages = channel._claim(queues, limit, look=look)
                 if messages:
                     tasks.append((channel, messages))
         # Remote control (pidbox) and other broadcast queues never hold a slot.  They are
         # polled once per polling interval, and always right *after* a claim that took
         # jobs: whatever was published before those jobs (a revoke sent before its task)
-        # had committed by then, so it is found now and delivered first.
+        # had committed by then, so it is found now and delivered first.  A claim that
+        # looked at them in its own transaction, after taking its jobs, and found
+        # nothing, has done that look already.
         for channel, queues in broadcast:
-            if not (tasks or channel._broadcast_poll_due()):
+            due = channel._broadcast_poll_due()
+            if not (tasks or due) or (tasks and look is not None and look.found is False):
                 continue
             limit = channel._claim_limit()
             messages = channel._claim(queues, limit) if limit > 0 else []

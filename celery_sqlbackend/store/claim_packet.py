@@ -33,11 +33,19 @@ The rules of ``claims`` hold unchanged:
 One queue per loop: a claim from several queues must pick the best ``limit``
 across them (``claims._take_by_queue``), which needs the rows in hand; those
 workers keep the statement-by-statement loop.
+
+A loop may also carry a ``Look``: after a claim that took jobs, the round looks
+whether the worker's remote-control (broadcast) queues have anything ready, so
+that a revoke published before those jobs is delivered before them
+(``claim_round``).  On the hub that look was a round trip of its own after
+every claim; the packet answers it with one more statement, read after the
+claim in the same transaction, and the round skips the look when it says none.
 """
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
@@ -77,6 +85,14 @@ def enable(engine: Engine) -> None:
         cparams["client_flag"] = cparams.get("client_flag", 0) | MULTI_STATEMENTS
 
 
+@dataclass
+class Look:
+    """Queues to look at after a claim, in its transaction: ``found`` is the answer, None where no
+    packet gave one (another engine, a claim of several queues, no claim sent)."""
+    queues: list[str]
+    found: bool | None = None
+
+
 def usable(queues: Sequence[str]) -> bool:
     """The packet claims from one queue (see the module doc)."""
     return len(set(queues)) == 1
@@ -84,15 +100,24 @@ def usable(queues: Sequence[str]) -> bool:
 
 def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queue: str, limit: int,
-                   process_id: int, now: datetime) -> tuple[list[int], list[tuple]]:
+                   process_id: int, now: datetime, look: Look | None = None) -> tuple[list[int], list[tuple]]:
     """``claims.acks_and_claim`` in one packet.  ``marks`` must not name a job of ``finishes``.
 
-    Returns (job ids finished, rows of the claimed jobs: id, queue_name, priority, payload, deliveries).
+    Returns (job ids finished, rows of the claimed jobs: id, queue_name, priority, payload, deliveries),
+    and answers ``look`` (module doc).
     """
+    params: dict[str, Any] = {"now": now, "stamp": _loop_stamp(process_id, now), "queue": queue}
     statements = _acks(t, marks, finishes, keep) + _claim(t, int(process_id), int(limit))
-    results = _send(conn, statements, {"now": now, "stamp": _loop_stamp(process_id, now), "queue": queue})
+    if look is not None and look.queues:
+        names = [f"look_{i}" for i in range(len(look.queues))]
+        params.update(zip(names, look.queues))
+        statements.append((f"SELECT 1 FROM {t.ready.name} WHERE queue_name IN "
+                           f"({', '.join(f'%({name})s' for name in names)}) LIMIT 1", "look"))
+    results = _send(conn, statements, params)
     claimed = [tuple(row) for kind, rows in results if kind == "claimed" for row in rows]
     claimed.sort(key=lambda row: (-row[2], row[0]))
+    if look is not None and look.queues:
+        look.found = any(rows for kind, rows in results if kind == "look")
     return _done(results), claimed
 
 

@@ -180,3 +180,32 @@ def test_acks_no_claim_carries_go_as_a_packet_of_their_own_and_stay_fenced(store
     cl = store.t.claimed
     assert store.read(lambda conn: {row.job_id: (row.process_id, row.acked_at is not None)
                                     for row in conn.execute(select(cl))}) == {b: (mine, True), c: (other, False)}
+
+
+def test_a_loop_answers_the_rounds_look_at_the_broadcast_queues_in_its_own_packet(store):
+    """After a claim that took jobs, the round looks whether the remote-control queues hold anything
+    (a revoke published before those jobs is delivered first: ``claim_round``).  The packet answers
+    that look with one more statement after the claim: no round trip of its own."""
+    mine = register(store)
+    enqueue(store, 2)
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    look = claim_packet.Look(["bq.pidbox", "other.pidbox"])
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        taken = store.claims.acks_and_claim(marks=[], finishes=[], keep=True, queues=["q"], limit=1,
+                                            process_id=mine, now=utcnow(), look=look)[1]
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert len(taken) == 1 and look.found is False and statements == []
+    enqueue(store, 1, queue="other.pidbox")
+    store.claims.acks_and_claim(marks=[], finishes=[], keep=True, queues=["q"], limit=1, process_id=mine,
+                                now=utcnow(), look=look)
+    assert look.found is True
+    several = claim_packet.Look(["other.pidbox"])     # (a claim of several queues sends no packet: no answer)
+    store.claims.acks_and_claim(marks=[], finishes=[], keep=True, queues=["q", "r"], limit=1, process_id=mine,
+                                now=utcnow(), look=several)
+    assert several.found is None
