@@ -1,10 +1,10 @@
 """Processes that start together on a new SQLite file all open it (``store.engine._journal_mode_wal``).
 
 Eight processes wait at one barrier, then each opens the same new file through the store's engine
-(``PRAGMA journal_mode=WAL`` first) and writes a row.  Without the retry some rounds had a process
-fail at once with "database is locked" (two runs in three of thirty rounds failed): SQLite answers
-the pragma so, without waiting on its busy handler, while another connection is switching the file
-to WAL.  (Found by a CI run: a checkpoint test's result backend and its workers opening one file.)
+(``PRAGMA journal_mode=WAL`` first) and writes a row.  Without the retry, two runs in three of
+thirty rounds had a process fail at once with "database is locked": SQLite answers the pragma so,
+without waiting on its busy handler, while another connection is switching the file to WAL.  (Found
+by a CI run: a checkpoint test's result backend and its workers opening one new file.)
 """
 from __future__ import annotations
 
