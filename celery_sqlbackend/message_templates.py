@@ -199,6 +199,8 @@ class Template:
 
     def __init__(self, store: Any, job: NewJob, message: dict[str, Any], task: Any, ignored: Any = None) -> None:
         self.store, self.job, self.task, self.ignored = store, job, task, ignored
+        #: Celery's check of a call's arguments against the task's signature (``Task.typing``).
+        self.check = getattr(task, "__header__", None) if task.typing else None
         headers, properties = message["headers"], message["properties"]
         first_id = headers["id"]
         _args, _kwargs, self.embed = json.loads(base64.b64decode(message["body"]))
@@ -239,7 +241,10 @@ class Template:
                 or headers.get("eta") is not None or headers.get("expires") is not None
                 or headers.get("group_index") not in (0, None) or not isinstance(headers.get("id"), str)):
             return None
-        template = cls(store, job, message, task, ignored)
+        try:
+            template = cls(store, job, message, task, ignored)
+        except ValueError:
+            return None
         again = template.payload(headers["id"], 0, sig.args or (), sig.kwargs or {}, properties["delivery_tag"])
         return template if json.loads(again) == message else None
 
@@ -255,19 +260,19 @@ class Template:
             pieces[at] = values[slot]
         return "".join(pieces)
 
+    def store_task(self, sig: Signature, index: int, task_id: str, tag: str) -> Any:
+        """Check ``sig``'s arguments as Celery does, store its message; its ``AsyncResult``."""
+        args, kwargs = sig.args or (), sig.kwargs or {}    # (as ``as_task_v2``)
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        publishing.put(self.store, self.new_job(task_id, self.payload(task_id, index, args, kwargs, tag)))
+        return self.task.AsyncResult(task_id)
+
     def publish_one(self, sig: Signature) -> Any:
         """Store ``sig``'s message (not in a group) and return its result, as ``apply_async`` does."""
-        task = self.task
-        args, kwargs = sig.args or (), sig.kwargs or {}
-        if task.typing:
-            check = getattr(task, "__header__", None)
-            if check is not None:
-                check(*args, **kwargs)
-        task_id, tag = _uuid4s(2)
-        publishing.put(self.store, self.new_job(task_id, self.payload(task_id, 0, args, kwargs, tag)))
-        result = task.AsyncResult(task_id)
+        result = self.store_task(sig, 0, *_uuid4s(2))
         result.ignored = self.ignored
-        parent = task.app.current_worker_task
+        parent = self.task.app.current_worker_task
         if parent:
             parent.add_trail(result)
         return result
@@ -280,19 +285,10 @@ class Template:
 
 def publish_rest(template: Template, sigs: list[Signature], barrier: Any) -> Iterator[Any]:
     """Store the messages of ``sigs[1:]`` from ``template``; yields their results, as ``_apply_tasks``."""
-    task = template.task
-    check = getattr(task, "__header__", None) if task.typing else None
-    store, put, payload, new_job, result_of = (template.store, publishing.put, template.payload, template.new_job,
-                                               task.AsyncResult)
     for start in range(1, len(sigs), _IDS_AT_ONCE):
         fresh = iter(_uuid4s(2 * _IDS_AT_ONCE))
         for index, sig in enumerate(sigs[start:start + _IDS_AT_ONCE], start=start):
-            args, kwargs = sig.args or (), sig.kwargs or {}    # (as ``as_task_v2``)
-            if check is not None:
-                check(*args, **kwargs)
-            task_id = next(fresh)
-            put(store, new_job(task_id, payload(task_id, index, args, kwargs, next(fresh))))
-            result = result_of(task_id)
+            result = template.store_task(sig, index, next(fresh), next(fresh))
             if barrier and not barrier.cancelled and not barrier.ready:
                 barrier.size += 1
                 result.then(barrier, weak=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Sequence
 
-from sqlalchemy import JSON, Connection, Integer, Text, bindparam, cast, column, func, insert, literal, select
+from sqlalchemy import JSON, Connection, Integer, Text, bindparam, cast, column, func, insert, literal_column, select
 
 from .dialects import Dialect
 from .executions import ready_channel
@@ -64,7 +64,7 @@ def _statement(t: Tables):
     rows = (func.json_to_recordset(cast(bindparam("rows", type_=Text()), JSON()))
             .table_valued(column("n", Integer()), *(column(name, j.c[name].type) for name in _COLUMNS))
             .render_derived(name="rows", with_types=True))
-    source = select(*(rows.c[name] for name in _COLUMNS), literal(0), literal(0)).order_by(rows.c.n)
+    source = select(*(rows.c[name] for name in _COLUMNS), literal_column("0"), literal_column("0")).order_by(rows.c.n)
     job = (insert(j).from_select([*_COLUMNS, "deliveries", "releases"], source)
            .returning(j.c.id, j.c.queue_name, j.c.priority, j.c.created_at, j.c.scheduled_at).cte("job"))
     later = job.c.scheduled_at.is_not(None) & (job.c.scheduled_at > job.c.created_at)   # (``NewJob.scheduled``)
@@ -91,7 +91,6 @@ class ChunkPipeline:
             compiled = t.prebuilt[key] = prebuilt(t, d, "enqueue_many", lambda: _statement(t)).compile(
                 dialect=conn.dialect)
         self._sql = str(compiled)
-        self._constants = {name: value for name, value in compiled.params.items() if name not in ("rows", "channel")}
         driver = conn.connection.driver_connection
         conn.exec_driver_sql("SELECT 1")     # (the transaction begins before the pipeline: BEGIN is not queued)
         self._pipeline = driver.pipeline()
@@ -106,7 +105,7 @@ class ChunkPipeline:
 
     def send(self, jobs: Sequence["NewJob"]) -> None:
         if jobs:
-            self._cursor.execute(self._sql, {**self._constants, **params(self.t, jobs)})
+            self._cursor.execute(self._sql, params(self.t, jobs))
 
     def finish(self) -> None:
         """Wait for every statement sent; raises the first error one of them met."""
