@@ -226,10 +226,8 @@ class Channel(virtual.Channel):
             claimed = throttled
         else:
             # One transaction: the acks since the last loop, then the next batch.
-            claim = {"queues": queues, "limit": limit, "process_id": process_id}
-            if look is not None:
-                claim["look"] = look
-            claimed = proc.acks.flush(claim=claim)
+            claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id,
+                                             "look": look})
             self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
             claimed = throttled + claimed
         messages = []

@@ -161,7 +161,7 @@ def _claim_round(transport: Any, channels: list, claimer: Claimer, deliver: Call
     try:
         for channel, queues in consuming:
             fanout.touch(channel, queues)
-            if channel._broadcast_only(queues):
+            if (channel, queues) in broadcast:
                 continue
             waiting = undelivered(channel) if undelivered is not None else 0
             limit = channel._claim_limit(waiting, share=share_of(claimer, channel))

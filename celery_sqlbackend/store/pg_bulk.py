@@ -85,12 +85,10 @@ class ChunkPipeline:
 
     def __init__(self, conn: Connection, t: Tables, d: Dialect) -> None:
         self.t = t
-        key = ("enqueue_many_sql", d.name)
-        compiled = t.prebuilt.get(key)
-        if compiled is None:
-            compiled = t.prebuilt[key] = prebuilt(t, d, "enqueue_many", lambda: _statement(t)).compile(
-                dialect=conn.dialect)
-        self._sql = str(compiled)
+        key = ("enqueue_many_text", d.name)     # (the statement's text, compiled once per store)
+        if key not in t.prebuilt:
+            t.prebuilt[key] = str(prebuilt(t, d, "enqueue_many", lambda: _statement(t)).compile(dialect=conn.dialect))
+        self._sql = str(t.prebuilt[key])
         driver = conn.connection.driver_connection
         conn.exec_driver_sql("SELECT 1")     # (the transaction begins before the pipeline: BEGIN is not queued)
         self._pipeline = driver.pipeline()
