@@ -32,10 +32,13 @@ from sqlalchemy.pool import NullPool  # noqa: E402
 
 from celery_sqlbackend.options import Options  # noqa: E402
 from celery_sqlbackend.store import Store, utcnow  # noqa: E402
+from celery_sqlbackend.store.claim_resume import ResumePoint  # noqa: E402
 
 
-def flow(store: Store, jobs: int, chunk: int, batch: int, backlog: int, window: int, label: str) -> list[dict]:
-    """Push ``jobs`` jobs through enqueue and the claim loop; one dict of figures per window."""
+def flow(store: Store, jobs: int, chunk: int, batch: int, backlog: int, window: int, label: str,
+         resume: ResumePoint | None) -> list[dict]:
+    """Push ``jobs`` jobs through enqueue and the claim loop; one dict of figures per window.
+    ``resume``: where the loop's claims resume, as a worker's do (None: every claim walks from the start)."""
     t = store.t
     pid = store.processes.register(kind="bench", name=f"soak-{label}", hostname="h", pid=1, pool=None,
                                    concurrency=None, queues="[]", now=utcnow())
@@ -57,7 +60,7 @@ def flow(store: Store, jobs: int, chunk: int, batch: int, backlog: int, window: 
         while waiting > backlog or (done + waiting >= jobs and waiting):
             at = time.perf_counter()
             _, claimed = store.claims.acks_and_claim(marks=[], finishes=finishes, keep=True, queues=["soak"],
-                                                     limit=batch, process_id=pid, now=utcnow())
+                                                     limit=batch, process_id=pid, now=utcnow(), resume=resume)
             loops.append(time.perf_counter() - at)
             finishes = [(job.job_id, pid) for job in claimed]
             waiting -= len(claimed)
@@ -85,18 +88,26 @@ def dead_tuples(store: Store) -> str:
     return ", ".join(f"{name}: {live:,} live / {dead:,} dead, {size / 2**20:.1f} MiB" for name, live, dead, size in rows)
 
 
-def claim_pages(store: Store, batch: int) -> str:
-    """Pages one claim's index walk reads (EXPLAIN ANALYZE, BUFFERS): the claim's cost without the machine's
-    speed in it (this shared machine's speed drifts by several times within a run)."""
+def claim_pages(store: Store, batch: int, resume: ResumePoint | None) -> str:
+    """Pages one claim's index walk reads (EXPLAIN ANALYZE, BUFFERS), from the start of the poll index and from
+    the resume point: the claim's cost without the machine's speed in it (this shared machine's speed drifts
+    by several times within a run).  (From the point: the part after it, where a resumed claim finds its jobs.)"""
     r = store.t.ready.name
+    after = resume.after if resume is not None else None
+    walks = {"from the start": ""}
+    if after is not None:
+        walks["from the resume point"] = f"AND priority = {after[0]} AND job_id > {after[1]}"
+    said = []
     with store.engine.connect() as conn:
-        plan = conn.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT id FROM {r} WHERE queue_name = 'soak' "
-            f"ORDER BY priority DESC, job_id LIMIT {batch} FOR UPDATE SKIP LOCKED").scalar()
-        conn.rollback()
-    top = plan[0]["Plan"]
-    return (f"one claim's walk reads {top['Shared Hit Blocks'] + top['Shared Read Blocks']:,} pages "
-            f"in {plan[0]['Execution Time']:.2f} ms")
+        for name, where in walks.items():
+            plan = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT id FROM {r} WHERE queue_name = 'soak' {where} "
+                f"ORDER BY priority DESC, job_id LIMIT {batch} FOR UPDATE SKIP LOCKED").scalar()
+            conn.rollback()
+            top = plan[0]["Plan"]
+            said.append(f"{name} {top['Shared Hit Blocks'] + top['Shared Read Blocks']:,} pages "
+                        f"in {plan[0]['Execution Time']:.2f} ms")
+    return "one claim's walk reads: " + "; ".join(said)
 
 
 def fresh_store(url: str, prefix: str) -> Store:
@@ -125,6 +136,8 @@ def main() -> None:
     ap.add_argument("--backlog", type=int, default=1000)
     ap.add_argument("--window", type=int, default=25_000)
     ap.add_argument("--prefix", default="soak_")
+    ap.add_argument("--no-resume", action="store_true",
+                    help="every claim walks the poll index from its start (as before store.claim_resume)")
     args = ap.parse_args()
     server = None
     url = args.url
@@ -135,9 +148,10 @@ def main() -> None:
     try:
         print(f"fresh: {args.jobs:,} jobs, autovacuum free", flush=True)
         store = fresh_store(url, args.prefix)
-        fresh = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "fresh")
+        resume = None if args.no_resume else ResumePoint()
+        fresh = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "fresh", resume)
         print("  " + dead_tuples(store))
-        print("  " + claim_pages(store, args.batch))
+        print("  " + claim_pages(store, args.batch, resume))
         base = {"rate": statistics.median(w["rate"] for w in fresh),
                 "claim": statistics.median(w["median_ms"] for w in fresh)}
 
@@ -146,16 +160,17 @@ def main() -> None:
         holder = create_engine(store.engine.url, poolclass=NullPool).connect()
         holder.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
         holder.exec_driver_sql(f"SELECT count(*) FROM {store.t.processes.name}").all()
-        held = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "held")
+        resume = None if args.no_resume else ResumePoint()
+        held = flow(store, args.jobs, args.chunk, args.batch, args.backlog, args.window, "held", resume)
         print("  " + dead_tuples(store))
-        print("  " + claim_pages(store, args.batch) + " (the snapshot still held)")
+        print("  " + claim_pages(store, args.batch, resume) + " (the snapshot still held)")
         holder.exec_driver_sql("COMMIT")
         holder.close()
 
         print(f"after: {args.after:,} more jobs once the held transaction has ended (autovacuum only)", flush=True)
-        after = flow(store, args.after, args.chunk, args.batch, args.backlog, args.window, "after")
+        after = flow(store, args.after, args.chunk, args.batch, args.backlog, args.window, "after", resume)
         print("  " + dead_tuples(store))
-        print("  " + claim_pages(store, args.batch))
+        print("  " + claim_pages(store, args.batch, resume))
         print()
         for name, windows in (("fresh", fresh), ("held", held), ("after", after)):
             print(summary(name, windows, base))

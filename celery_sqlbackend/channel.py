@@ -23,6 +23,7 @@ from .options import Options
 from .processes import LocalProcess, local_process
 from .store import Store, store_for, utcnow
 from .store.claim_packet import Look
+from .store.claim_resume import ResumePoint
 from .store.jobs import NewJob
 from .worker_hooks import WorkerHooks
 
@@ -68,6 +69,8 @@ class Channel(virtual.Channel):
         self._last_dispatch = 0.0
         self._last_broadcast_poll = 0.0
         self._full_batch_from: tuple[str, ...] | None = None   # queues whose last claim filled its batch
+        #: queue -> where its last claim stopped (``store.claim_resume``; PostgreSQL).
+        self._resume_points: dict[str, ResumePoint] = {}
         self.store.ensure_schema()
 
     # ------------------------------------------------------------------ configuration
@@ -184,6 +187,15 @@ class Channel(virtual.Channel):
             unacked -= worker.running_tags()
         return 0 if unacked else free
 
+    def _resume_point(self, queues: list[str]) -> ResumePoint | None:
+        """Where this channel's claims of ``queues`` resume, if they can (``store.claim_resume``)."""
+        if len(queues) != 1 or not self.store.dialect.dml_cte or queues[0] in self._no_ack_queues:
+            return None
+        point = self._resume_points.get(queues[0])
+        if point is None:
+            point = self._resume_points[queues[0]] = ResumePoint()
+        return point
+
     def _broadcast_only(self, queues) -> bool:
         return bool(queues) and all(q in self._no_ack_queues for q in queues)
 
@@ -227,7 +239,7 @@ class Channel(virtual.Channel):
         else:
             # One transaction: the acks since the last loop, then the next batch.
             claimed = proc.acks.flush(claim={"queues": queues, "limit": limit, "process_id": process_id,
-                                             "look": look})
+                                             "look": look, "resume": self._resume_point(queues)})
             self._full_batch_from = tuple(queues) if len(claimed) >= limit else None
             claimed = throttled + claimed
         messages = []

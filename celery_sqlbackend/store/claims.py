@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
+from sqlalchemy import ARRAY, Integer, any_, bindparam, cast, delete, exists, func, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
-from . import claim_packet, unique_keys
+from . import claim_packet, claim_resume, unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
@@ -44,21 +44,24 @@ Pairs = Sequence[tuple[int, int]]
 
 
 def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], limit: int,
-          process_id: int, now: datetime) -> list[Claimed]:
+          process_id: int, now: datetime, resume: claim_resume.ResumePoint | None = None) -> list[Claimed]:
     """Move up to ``limit`` ready jobs of ``queues`` to claimed by ``process_id``.
 
     Higher priority first, FIFO within a priority: the ORDER BY is exactly the
     ``ix_*ready_poll`` index.  Paused queues are skipped.  MariaDB, one queue:
-    the packet of ``claim_packet``, as in the claim loop.
+    the packet of ``claim_packet``, as in the claim loop.  PostgreSQL, one
+    queue: from ``resume``, where the last claim stopped (``claim_resume``).
     """
     if d.loop_packet and claim_packet.usable(queues):
         return _by_packet(conn, t, marks=[], finishes=[], keep=True, queues=queues, limit=limit,
                           process_id=process_id, now=now)[1]
     if d.dml_cte:
-        rows = conn.execute(prebuilt(t, d, "claim_in_one", lambda: _claim_in_one(t, d)),
-                            {"pid": process_id, "queues": list(queues), "limit": limit, "now": now}).all()
+        walk, resumed = _walk(t, d, resume, queues)
+        rows = conn.execute(prebuilt(t, d, f"claim_in_one_{resumed}", lambda: _claim_in_one(t, d, resumed)),
+                            {"pid": process_id, "queues": list(queues), "limit": limit, "now": now,
+                             **(claim_resume.params(walk, queues[0]) if resumed else {})}).all()
         rows.sort(key=lambda row: (-row.priority, row.id))
-        return [Claimed(*row) for row in rows]
+        return _resumed(resume, walk, [Claimed(*row) for row in rows])
     if d.delete_returning and d.delete_in_limited_subquery:
         # (Fenced inside: takes nothing unless process_id is registered.)
         taken = conn.execute(prebuilt(t, d, "claim_take", lambda: _claim_take(t, d)),
@@ -171,7 +174,25 @@ def _claim_insert(t: Tables, d: Dialect):
                bindparam("now", type_=c.c.claimed_at.type)).where(in_ids(j.c.id, d)))
 
 
-def _claim_in_one(t: Tables, d: Dialect):
+def _walk(t: Tables, d: Dialect, resume: claim_resume.ResumePoint | None,
+          queues: Sequence[str]) -> tuple[claim_resume.Walk | None, bool]:
+    """Where a PostgreSQL claim starts: (the walk, True if from a resume point)."""
+    if resume is None or len(queues) != 1:
+        return None, False
+    walk = resume.begin(t)
+    return walk, walk.after is not None
+
+
+def _resumed(resume: claim_resume.ResumePoint | None, walk: claim_resume.Walk | None,
+             claimed: list[Claimed]) -> list[Claimed]:
+    """``claimed``, after moving ``resume`` past it.  (Called before the commit, which may yet fail:
+    a point past jobs not taken after all only makes them wait for the next walk from the start.)"""
+    if walk is not None:
+        resume.end(walk, claimed)
+    return claimed
+
+
+def _claim_in_one(t: Tables, d: Dialect, resumed: bool = False):
     """The whole claim as one statement (PostgreSQL): fence, take, record, count, return.
 
         WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
@@ -184,8 +205,11 @@ def _claim_in_one(t: Tables, d: Dialect):
     """
     r, j, c = t.ready, t.jobs, t.claimed
     owner = _claim_owner(t, d).cte("owner")
-    candidates = _claim_candidates(t, d).where(exists(select(owner.c.id)))
-    taken = (delete(r).where(r.c.id.in_(candidates.scalar_subquery()))
+    if resumed:   # (from where the last claim stopped: ``claim_resume``)
+        candidates = claim_resume.candidates(t, d, owner)
+    else:
+        candidates = _claim_candidates(t, d).where(exists(select(owner.c.id)))
+    taken = (delete(r).where(r.c.id == by_keys(candidates.subquery().c.id))
              .returning(r.c.job_id, r.c.queue_name).cte("taken"))
     recorded = insert(c).from_select(
         ["job_id", "process_id", "queue_name", "claimed_at"],
@@ -193,7 +217,7 @@ def _claim_in_one(t: Tables, d: Dialect):
                bindparam("now", type_=c.c.claimed_at.type)),
     ).cte("recorded")
     unkeyed = unique_keys.release_cte(t, taken.c.job_id, "unkeyed", claimed_only=True)
-    return (update(j).where(j.c.id == taken.c.job_id).values(deliveries=j.c.deliveries + 1)
+    return (update(j).where(j.c.id == by_keys(taken.c.job_id)).values(deliveries=j.c.deliveries + 1)
             .returning(*_claimed_columns(t)).add_cte(recorded).add_cte(unkeyed))
 
 
@@ -283,8 +307,8 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
 
 def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queues: Sequence[str], limit: int,
-                   process_id: int, now: datetime, look: claim_packet.Look | None = None
-                   ) -> tuple[list[int], list[Claimed]]:
+                   process_id: int, now: datetime, look: claim_packet.Look | None = None,
+                   resume: claim_resume.ResumePoint | None = None) -> tuple[list[int], list[Claimed]]:
     """The claim loop's write: the acks since the last loop, then the next batch.
 
     Returns (job ids finished, jobs claimed).  On PostgreSQL, when every ack
@@ -298,17 +322,19 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
                           process_id=process_id, now=now, look=look)
     if not one_statement(d, marks, finishes):
         return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
-            claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+            claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now, resume=resume)
     if not marks and not finishes:
-        return [], claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now)
+        return [], claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now, resume=resume)
     marks = _without_finishing(marks, finishes)
     ack_pid = (finishes or marks)[0][1]
-    rows = conn.execute(prebuilt(t, d, f"loop_in_one_{keep}", lambda: _loop_in_one(t, d, keep)), {
+    walk, resumed = _walk(t, d, resume, queues)
+    rows = conn.execute(prebuilt(t, d, f"loop_in_one_{keep}_{resumed}", lambda: _loop_in_one(t, d, keep, resumed)), {
         "pid": process_id, "queues": list(queues), "limit": limit, "now": now, "ack_pid": ack_pid,
-        "marks": [job_id for job_id, _ in marks], "ids": [job_id for job_id, _ in finishes]}).all()
+        "marks": [job_id for job_id, _ in marks], "ids": [job_id for job_id, _ in finishes],
+        **(claim_resume.params(walk, queues[0]) if resumed else {})}).all()
     done = [row.id for row in rows if row.queue_name is None]
     claimed = sorted((row for row in rows if row.queue_name is not None), key=lambda row: (-row.priority, row.id))
-    return done, [Claimed(*row) for row in claimed]
+    return done, _resumed(resume, walk, [Claimed(*row) for row in claimed])
 
 
 def _by_packet(conn: Connection, t: Tables, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str],
@@ -344,10 +370,10 @@ def _acks_ctes(t: Tables, d: Dialect, keep: bool):
     marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
     done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
-        record = (update(j).where(j.c.id == done.c.job_id).values(finished_at=bindparam("now"))
+        record = (update(j).where(j.c.id == by_keys(done.c.job_id)).values(finished_at=bindparam("now"))
                   .add_cte(unique_keys.release_cte(t, done.c.job_id, "unkeyed_done")))
     else:
-        record = delete(j).where(j.c.id == done.c.job_id)
+        record = delete(j).where(j.c.id == by_keys(done.c.job_id))
     return marked, record.returning(j.c.id)
 
 
@@ -357,7 +383,7 @@ def _acks_in_one(t: Tables, d: Dialect, keep: bool):
     return finished.add_cte(marked)
 
 
-def _loop_in_one(t: Tables, d: Dialect, keep: bool):
+def _loop_in_one(t: Tables, d: Dialect, keep: bool, resumed: bool = False):
     """``acks_and_claim`` as one statement (PostgreSQL): ``_acks_ctes``, then ``_claim_in_one``.
 
         WITH <marked, done, finished>, <owner, taken, recorded>,
@@ -370,12 +396,19 @@ def _loop_in_one(t: Tables, d: Dialect, keep: bool):
     """
     marked, finished = _acks_ctes(t, d, keep)
     finished = finished.cte("finished")
-    bumped = _claim_in_one(t, d).cte("bumped")
+    bumped = _claim_in_one(t, d, resumed).cte("bumped")
     nothing = null()
     return union_all(
         select(*bumped.c),
         select(finished.c.id, nothing, nothing, nothing, nothing),
     ).add_cte(marked)
+
+
+def by_keys(column):
+    """``= ANY(ARRAY(SELECT column …))``: rows looked up one key at a time in their primary key, whatever
+    the statistics say (PostgreSQL).  A join to the CTE instead was planned from statistics taken while
+    the tables were small as a scan of the whole table, dead rows included (``dialects``, enable_seqscan)."""
+    return any_(cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(column.type)))
 
 
 def _held(c, d: Dialect, ids: str = "ids", pid: str = "pid"):
@@ -453,18 +486,20 @@ class Claims(Gateway):
 
     __slots__ = ()
 
-    def claim(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime) -> list[Claimed]:
-        return self.store.run(claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now)
+    def claim(self, *, queues: Sequence[str], limit: int, process_id: int, now: datetime,
+              resume: claim_resume.ResumePoint | None = None) -> list[Claimed]:
+        return self.store.run(claim, self.t, self.d, queues=queues, limit=limit, process_id=process_id, now=now,
+                              resume=resume)
 
     def take_unowned(self, *, queues: Sequence[str], limit: int) -> list[Claimed]:
         return self.store.run(take_unowned, self.t, self.d, queues=queues, limit=limit)
 
     def acks_and_claim(self, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str], limit: int,
-                       process_id: int, now: datetime, look: claim_packet.Look | None = None
-                       ) -> tuple[list[int], list[Claimed]]:
+                       process_id: int, now: datetime, look: claim_packet.Look | None = None,
+                       resume: claim_resume.ResumePoint | None = None) -> tuple[list[int], list[Claimed]]:
         """The claim loop's write (see ``acks_and_claim``); one round trip on PostgreSQL."""
         return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
-                              queues=queues, limit=limit, process_id=process_id, now=now, look=look,
+                              queues=queues, limit=limit, process_id=process_id, now=now, look=look, resume=resume,
                               single=one_statement(self.d, marks, finishes), kept=True)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:

@@ -60,6 +60,10 @@ class Dialect:
     #: database, or one analysed while nearly empty) is planned as "fetch every
     #: ready row of the queue, sort, take n": measured 0.8 ms a claim with
     #: 2,400 waiting, against 0.05 ms for the index walk, and growing with the queue.
+    #: And ``enable_seqscan = off``, for the same reason: the claim deletes its ready rows and
+    #: updates its jobs by primary key, and statistics taken while those tables were small
+    #: made both a sequential scan of the whole table, dead rows included (under a held
+    #: snapshot, 2 → 13 ms a claim loop as 100,000 jobs flowed; ``bench/README.md``).
     own_connection_settings: tuple[str, ...] = ()
     #: Deliver through Celery's event loop (see ``eventloop``), which runs the
     #: prefork pool as ``AsynPool``: no pool threads in the worker's main process.
@@ -85,7 +89,7 @@ def dialect_of(engine: Engine) -> Dialect:
         return Dialect(name=name, skip_locked=True, delete_returning=True, update_returning=True,
                        notify=True, insert_on_conflict=postgresql.insert, dml_cte=True,
                        autocommit_single=True, id_list="array", server_prepared=True,
-                       own_connection_settings=("SET enable_sort = off",), event_loop=True,
+                       own_connection_settings=("SET enable_sort = off", "SET enable_seqscan = off"), event_loop=True,
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.

@@ -14,6 +14,7 @@ from typing import Sequence
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, literal, select, text
 
 from ..sqlite_wake import wake_at_commit
+from . import claim_resume
 from .dialects import Dialect
 from .gateway import Gateway
 from .schema import Tables
@@ -37,6 +38,7 @@ def notify_ready(conn: Connection, t: Tables, d: Dialect, queue: str) -> None:
 def make_ready(conn: Connection, t: Tables, d: Dialect, job_ids: Sequence[int], now: datetime) -> None:
     """Insert ready executions for ``job_ids`` (same job row, queue and priority) and announce them."""
     j = t.jobs
+    claim_resume.note_made_ready(t)   # (old ids: behind where this process's claims resume)
     conn.execute(insert(t.ready).from_select(
         ["job_id", "queue_name", "priority", "created_at"],
         select(j.c.id, j.c.queue_name, j.c.priority, literal(now, t.ready.c.created_at.type))

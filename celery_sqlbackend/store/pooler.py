@@ -84,6 +84,8 @@ def engine_arguments(url: str | URL) -> tuple[URL, dict[str, Any]]:
 
 
 def per_transaction(settings: tuple[str, ...]) -> tuple[str, ...]:
-    """Session settings (``SET name = value``) as the same settings for one transaction (``SET LOCAL``)."""
-    return tuple(s.replace("SET ", "SET LOCAL ", 1) if s.upper().startswith("SET ") and
-                 not s.upper().startswith("SET LOCAL ") else s for s in settings)
+    """Session settings (``SET name = value``) as the same settings for one transaction (``SET LOCAL``),
+    sent as one statement (one round trip at the start of every transaction that needs them)."""
+    local = [s.replace("SET ", "SET LOCAL ", 1) if s.upper().startswith("SET ") and
+             not s.upper().startswith("SET LOCAL ") else s for s in settings]
+    return ("; ".join(local),) if local else ()

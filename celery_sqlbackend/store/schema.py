@@ -57,6 +57,8 @@ class Tables:
         self.metadata = md = MetaData()
         #: Hot statements built once (see ``sql.prebuilt``), by (name, dialect name).
         self.prebuilt: dict[tuple[str, str], object] = {}
+        #: How many times this process has made old jobs ready again (``claim_resume.note_made_ready``).
+        self.made_ready = 0
         p = prefix
 
         def job_fk():
