@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from sqlalchemy import Integer, bindparam, exists, select, union_all
+from sqlalchemy import Integer, Select, bindparam, exists, select, union_all
 
 from .dialects import Dialect
 from .schema import Tables
@@ -106,11 +106,12 @@ def note_made_ready(t: Tables) -> None:
 
 
 def params(walk: Walk, queue: str) -> dict:
+    """The bind values of a claim of ``queue`` resumed at ``walk.after``."""
     priority, job_id = walk.after
     return {"queue": queue, "after_priority": priority, "after_job": job_id}
 
 
-def candidates(t: Tables, d: Dialect, owner) -> select:
+def candidates(t: Tables, d: Dialect, owner) -> Select:
     """The ready rows' ids a resumed claim of ``:queue`` takes, best first (module doc); nothing unless
     ``owner`` (the fence on the process row) has a row, and nothing from a paused queue."""
     r = t.ready
@@ -119,7 +120,7 @@ def candidates(t: Tables, d: Dialect, owner) -> select:
                ~exists(select(t.pauses.c.queue_name).where(t.pauses.c.queue_name == bindparam("queue"))))
     at = bindparam("after_priority", type_=Integer())
 
-    def part(name: str, *where, order) -> select:
+    def part(name: str, *where, order) -> Select:
         rows = (select(r.c.id).where(*allowed, *where).order_by(*order).limit(limit)
                 .with_for_update(skip_locked=True).subquery(name))
         return select(rows.c.id)
