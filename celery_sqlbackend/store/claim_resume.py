@@ -90,7 +90,8 @@ class ResumePoint:
             return Walk(self._after if fresh else None, t.made_ready, now)
 
     def end(self, walk: Walk, claimed: Sequence["Claimed"]) -> None:
-        """The claim that began with ``walk`` took ``claimed`` (best first) and committed."""
+        """The claim that began with ``walk`` took ``claimed`` (best first).  Called before its commit,
+        which may yet fail: jobs passed that way wait for the next walk from the start."""
         with self._lock:
             if walk.after is None:
                 self._made_ready, self._walked_at = walk.made_ready, walk.started

@@ -185,8 +185,7 @@ def _walk(t: Tables, d: Dialect, resume: claim_resume.ResumePoint | None,
 
 def _resumed(resume: claim_resume.ResumePoint | None, walk: claim_resume.Walk | None,
              claimed: list[Claimed]) -> list[Claimed]:
-    """``claimed``, after moving ``resume`` past it.  (Called before the commit, which may yet fail:
-    a point past jobs not taken after all only makes them wait for the next walk from the start.)"""
+    """``claimed``, after moving ``resume`` past it (``ResumePoint.end``)."""
     if walk is not None:
         resume.end(walk, claimed)
     return claimed
