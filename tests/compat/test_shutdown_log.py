@@ -17,8 +17,10 @@ def test_prefetched_jobs_returned_at_warm_shutdown_are_info(stack, db_url, tmp_p
         module.record.delay(f"queued{i}")
     worker = spawn_worker(tmp_path, app="stackapp", app_dir=HERE, pool="threads", concurrency=1, env=env,
                           ready_timeout=60, extra_args=["--prefetch-multiplier", "4"])
-    wait_until(lambda: rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)], timeout=30,
-               message="the long job running and three prefetched")
+    # Four claimed, one of them started (its early ack recorded): four claimed rows alone can still be on
+    # their way to the pool, and a TERM then hands every one back, the long job's too.
+    wait_until(lambda: rows(db_url, "select count(*), count(acked_at) from sqlq_claimed_executions") == [(4, 1)],
+               timeout=30, message="the long job running and three prefetched")
     worker.term()
     worker.wait_log(r"Warm shutdown", timeout=30)
     gate.write_text("open")
