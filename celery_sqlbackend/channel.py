@@ -69,8 +69,8 @@ class Channel(virtual.Channel):
         self._last_dispatch = 0.0
         self._last_broadcast_poll = 0.0
         self._full_batch_from: tuple[str, ...] | None = None   # queues whose last claim filled its batch
-        #: queue -> where its last claim stopped (``store.claim_resume``; PostgreSQL).
-        self._resume_points: dict[str, ResumePoint] = {}
+        #: queues -> where their last claim stopped (``store.claim_resume``; PostgreSQL, one queue).
+        self._resume_points: dict[tuple[str, ...], ResumePoint] = {}
         self.store.ensure_schema()
 
     # ------------------------------------------------------------------ configuration
@@ -187,13 +187,13 @@ class Channel(virtual.Channel):
             unacked -= worker.running_tags()
         return 0 if unacked else free
 
-    def _resume_point(self, queues: list[str]) -> ResumePoint | None:
-        """Where this channel's claims of ``queues`` resume, if they can (``store.claim_resume``)."""
-        if len(queues) != 1 or not self.store.dialect.dml_cte or queues[0] in self._no_ack_queues:
-            return None
-        point = self._resume_points.get(queues[0])
+    def _resume_point(self, queues: list[str]) -> ResumePoint:
+        """Where this channel's claims of ``queues`` resume (the store decides where a claim can:
+        ``store.claim_resume``)."""
+        key = tuple(queues)
+        point = self._resume_points.get(key)
         if point is None:
-            point = self._resume_points[queues[0]] = ResumePoint()
+            point = self._resume_points[key] = ResumePoint()
         return point
 
     def _broadcast_only(self, queues) -> bool:

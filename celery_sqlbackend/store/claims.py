@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import ARRAY, Integer, any_, bindparam, cast, delete, exists, func, insert, null, select, union_all, update
+from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
 from . import claim_packet, claim_resume, unique_keys
@@ -26,7 +26,7 @@ from .executions import make_ready
 from .failed import insert_failed
 from .gateway import Gateway
 from .schema import Tables
-from .sql import by_process, in_ids, prebuilt
+from .sql import by_keys, by_process, in_ids, prebuilt
 
 
 @dataclass(frozen=True)
@@ -401,13 +401,6 @@ def _loop_in_one(t: Tables, d: Dialect, keep: bool, resumed: bool = False):
         select(*bumped.c),
         select(finished.c.id, nothing, nothing, nothing, nothing),
     ).add_cte(marked)
-
-
-def by_keys(column):
-    """``= ANY(ARRAY(SELECT column …))``: rows looked up one key at a time in their primary key, whatever
-    the statistics say (PostgreSQL).  A join to the CTE instead was planned from statistics taken while
-    the tables were small as a scan of the whole table, dead rows included (``dialects``, enable_seqscan)."""
-    return any_(cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(column.type)))
 
 
 def _held(c, d: Dialect, ids: str = "ids", pid: str = "pid"):

@@ -88,7 +88,7 @@ class ChunkPipeline:
         key = ("enqueue_many_text", d.name)     # (the statement's text, compiled once per store)
         if key not in t.prebuilt:
             t.prebuilt[key] = str(prebuilt(t, d, "enqueue_many", lambda: _statement(t)).compile(dialect=conn.dialect))
-        self._sql = str(t.prebuilt[key])
+        self._sql: str = t.prebuilt[key]
         driver = conn.connection.driver_connection
         conn.exec_driver_sql("SELECT 1")     # (the transaction begins before the pipeline: BEGIN is not queued)
         self._pipeline = driver.pipeline()

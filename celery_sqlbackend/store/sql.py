@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from sqlalchemy import ARRAY, Connection, Executable, String, TypeDecorator, any_, bindparam, delete, func, select
+from sqlalchemy import (ARRAY, Connection, Executable, String, TypeDecorator, any_, bindparam, cast, delete, func,
+                        select)
 
 from .dialects import Dialect
 from .schema import Tables
@@ -38,6 +39,13 @@ def in_ids(col: Any, d: Dialect, name: str = "ids") -> Any:
     if d.id_list == "json":
         return col.in_(select(func.json_each(bindparam(name, type_=JsonList())).table_valued("value").c.value))
     return col.in_(bindparam(name, expanding=True))
+
+
+def by_keys(column: Any) -> Any:
+    """``= ANY(ARRAY(SELECT column …))`` (PostgreSQL): the rows of a CTE's keys, looked up one key at a
+    time whatever the statistics say.  A join to the CTE instead was planned, from statistics taken while
+    the tables were small, as a scan of the whole table, dead rows included."""
+    return any_(cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(column.type)))
 
 
 class JsonList(TypeDecorator):
