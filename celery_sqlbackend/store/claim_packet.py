@@ -14,8 +14,9 @@ How the claim finds its own rows without a result in between: the claim is an
 ``INSERT … SELECT … FOR UPDATE SKIP LOCKED`` straight from the ready rows
 into ``claimed_executions``, stamped with a ``claimed_at`` no earlier loop of
 this process used (``_loop_stamp``).  The statements after it (delete the
-ready rows, count the delivery, release "while waiting" unique keys, read the
-jobs back) find this loop's claims by ``process_id`` and that stamp.
+ready rows, release "while waiting" unique keys, read the jobs back: the
+delivery is counted when it ends, ``deliveries``) find this loop's claims by
+``process_id`` and that stamp.
 
 The rules of ``claims`` hold unchanged:
 
@@ -24,9 +25,8 @@ The rules of ``claims`` hold unchanged:
   before the commit), and every ack names the process that must still hold the
   claim (``FOR UPDATE`` on those claims first, then the jobs by primary key);
 * locks in index order: the process row, the ready rows in the poll index's
-  order (which is the claim's ORDER BY: the walk stops after ``limit`` rows),
-  then their jobs by primary key; acks take claims before jobs, as the
-  pruner does;
+  order (which is the claim's ORDER BY: the walk stops after ``limit`` rows;
+  their jobs are only read); acks take claims before jobs, as the pruner does;
 * a lost lock race (1213, 1205) fails the packet at that statement; the server
   runs nothing after it, the store rolls back and runs the loop again.
 
@@ -152,7 +152,8 @@ def _finish(t: Tables, ack_pid: int, job_ids: Sequence[int], keep: bool) -> list
         (f"SELECT job_id FROM {c} WHERE process_id = {pid} AND job_id IN ({ids}) ORDER BY job_id FOR UPDATE", "done")]
     if keep:
         statements += [
-            (f"UPDATE {j} SET finished_at = %(now)s WHERE id IN ({ids}) AND {held.format(table=j, col='id')}", None),
+            (f"UPDATE {j} SET finished_at = %(now)s, deliveries = deliveries + 1 "
+             f"WHERE id IN ({ids}) AND {held.format(table=j, col='id')}", None),
             (f"DELETE FROM {k} WHERE job_id IN ({ids}) AND {held.format(table=k, col='job_id')}", None),
             (f"DELETE FROM {c} WHERE process_id = {pid} AND job_id IN ({ids})", None)]
     else:   # (the claim, the unique key and the rest go with the job row: ON DELETE CASCADE)
@@ -174,10 +175,9 @@ def _claim(t: Tables, pid: int, limit: int) -> list[tuple[str, str | None]]:
          f"AND EXISTS (SELECT 1 FROM {p} WHERE {p}.id = {pid}) "
          f"ORDER BY {r}.priority DESC, {r}.job_id LIMIT {limit} FOR UPDATE SKIP LOCKED", None),
         (f"DELETE {r} FROM {r} JOIN {c} ON {c}.job_id = {r}.job_id WHERE {mine}", None),
-        (f"UPDATE {j} JOIN {c} ON {c}.job_id = {j}.id SET {j}.deliveries = {j}.deliveries + 1 WHERE {mine}", None),
         (f"DELETE {k} FROM {k} JOIN {c} ON {c}.job_id = {k}.job_id WHERE {mine} AND {k}.held_until = '{CLAIMED}'",
          None),
-        (f"SELECT {j}.id, {j}.queue_name, {j}.priority, {j}.payload, {j}.deliveries "
+        (f"SELECT {j}.id, {j}.queue_name, {j}.priority, {j}.payload, {j}.deliveries + 1 "
          f"FROM {c} JOIN {j} ON {j}.id = {c}.job_id WHERE {mine}", "claimed"),
     ]
 

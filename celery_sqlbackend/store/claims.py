@@ -20,7 +20,7 @@ from typing import Sequence
 from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
 from sqlalchemy import Connection
 
-from . import claim_packet, claim_resume, unique_keys
+from . import claim_packet, claim_resume, deliveries, unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
@@ -75,8 +75,7 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
         job_ids = [row.job_id for row in rows]
         conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
                      {"ids": job_ids, "pid": process_id, "now": now})
-        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
-        # (The jobs' rows came with the locking read: no SELECT after the UPDATE.)
+        # (The jobs' rows came with the locking read.  This delivery is number deliveries + 1: ``deliveries``.)
         return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
     if not taken:
         return []
@@ -85,12 +84,8 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
     unique_keys.release(conn, t, d, job_ids=job_ids, claimed_only=True)   # keys held "while waiting"
     conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
                  {"ids": job_ids, "pid": process_id, "now": now})
-    if d.update_returning:
-        rows = conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d).returning(*_claimed_columns(t))),
-                            {"ids": job_ids}).all()
-    else:
-        conn.execute(prebuilt(t, d, "claim_bump", lambda: _claim_bump(t, d)), {"ids": job_ids})
-        rows = conn.execute(select(*_claimed_columns(t)).where(t.jobs.c.id.in_(job_ids))).all()
+    rows = conn.execute(prebuilt(t, d, "claim_read", lambda: select(*_claimed_columns(t)).where(in_ids(t.jobs.c.id, d))),
+                        {"ids": job_ids}).all()
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
 
@@ -199,8 +194,9 @@ def _claim_in_one(t: Tables, d: Dialect, resumed: bool = False):
                        RETURNING job_id, queue_name),
              recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken),
              unkeyed AS (DELETE FROM unique_keys WHERE held_until = 'claimed' AND job_id IN (SELECT job_id FROM taken))
-        UPDATE jobs SET deliveries = deliveries + 1 FROM taken WHERE jobs.id = taken.job_id
-        RETURNING <the claimed columns>
+        SELECT <the claimed columns> FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM taken))
+
+    The job rows are only read: the delivery is counted when it ends (``deliveries``).
     """
     r, j, c = t.ready, t.jobs, t.claimed
     owner = _claim_owner(t, d).cte("owner")
@@ -216,18 +212,14 @@ def _claim_in_one(t: Tables, d: Dialect, resumed: bool = False):
                bindparam("now", type_=c.c.claimed_at.type)),
     ).cte("recorded")
     unkeyed = unique_keys.release_cte(t, taken.c.job_id, "unkeyed", claimed_only=True)
-    return (update(j).where(j.c.id == by_keys(taken.c.job_id)).values(deliveries=j.c.deliveries + 1)
-            .returning(*_claimed_columns(t)).add_cte(recorded).add_cte(unkeyed))
-
-
-def _claim_bump(t: Tables, d: Dialect):
-    j = t.jobs
-    return update(j).where(in_ids(j.c.id, d)).values(deliveries=j.c.deliveries + 1)
+    return (select(*_claimed_columns(t)).where(j.c.id == by_keys(taken.c.job_id))
+            .add_cte(recorded).add_cte(unkeyed))
 
 
 def _claimed_columns(t: Tables):
+    """A claimed job as ``Claimed`` takes it: the delivery being made is number ``deliveries + 1``."""
     j = t.jobs
-    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, (j.c.deliveries + 1).label("deliveries"))
 
 
 def _release_claim(conn: Connection, t: Tables, job_id: int, process_id: int) -> bool:
@@ -243,7 +235,7 @@ def finish(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: da
     if not _release_claim(conn, t, job_id, process_id):
         return False
     if keep:
-        conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now))
+        conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(finished_at=now, **deliveries.counted(t)))
         conn.execute(delete(t.unique_keys).where(t.unique_keys.c.job_id == job_id))
     else:   # (its unique key goes with the row)
         conn.execute(delete(t.jobs).where(t.jobs.c.id == job_id))
@@ -272,7 +264,7 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
         j = t.jobs
         if keep:
             stmt = prebuilt(t, d, "finish_keep", lambda: update(j).where(in_ids(j.c.id, d))
-                             .values(finished_at=bindparam("now")))
+                             .values(finished_at=bindparam("now"), **deliveries.counted(t)))
             conn.execute(stmt, {"ids": done, "now": now})
             unique_keys.release(conn, t, d, job_ids=done)
         else:
@@ -361,7 +353,8 @@ def _acks_ctes(t: Tables, d: Dialect, keep: bool):
 
         marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
         done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
-        finished AS (UPDATE jobs SET finished_at = :now FROM done WHERE jobs.id = done.job_id RETURNING jobs.id)
+        finished AS (UPDATE jobs SET finished_at = :now, deliveries = deliveries + 1
+                     WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM done)) RETURNING jobs.id)
                     (or DELETE FROM jobs USING done … when finished jobs are not kept: unique keys go with the rows)
         unkeyed_done AS (DELETE FROM unique_keys WHERE job_id IN (SELECT job_id FROM done))   (kept jobs)
     """
@@ -369,7 +362,8 @@ def _acks_ctes(t: Tables, d: Dialect, keep: bool):
     marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
     done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
     if keep:
-        record = (update(j).where(j.c.id == by_keys(done.c.job_id)).values(finished_at=bindparam("now"))
+        record = (update(j).where(j.c.id == by_keys(done.c.job_id))
+                  .values(finished_at=bindparam("now"), **deliveries.counted(t))
                   .add_cte(unique_keys.release_cte(t, done.c.job_id, "unkeyed_done")))
     else:
         record = delete(j).where(j.c.id == by_keys(done.c.job_id))
@@ -385,9 +379,9 @@ def _acks_in_one(t: Tables, d: Dialect, keep: bool):
 def _loop_in_one(t: Tables, d: Dialect, keep: bool, resumed: bool = False):
     """``acks_and_claim`` as one statement (PostgreSQL): ``_acks_ctes``, then ``_claim_in_one``.
 
-        WITH <marked, done, finished>, <owner, taken, recorded>,
-             bumped AS (UPDATE jobs SET deliveries = deliveries + 1 FROM taken … RETURNING <claimed columns>)
-        SELECT <claimed columns> FROM bumped
+        WITH <marked, done, finished>, <owner, taken, recorded, unkeyed>,
+             claimed AS (SELECT <claimed columns> FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM taken)))
+        SELECT <claimed columns> FROM claimed
         UNION ALL SELECT id, NULL, NULL, NULL, NULL FROM finished
 
     The acks touch only jobs this process holds and the claim only jobs that
@@ -395,10 +389,10 @@ def _loop_in_one(t: Tables, d: Dialect, keep: bool, resumed: bool = False):
     """
     marked, finished = _acks_ctes(t, d, keep)
     finished = finished.cte("finished")
-    bumped = _claim_in_one(t, d, resumed).cte("bumped")
+    claimed = _claim_in_one(t, d, resumed).cte("claimed")
     nothing = null()
     return union_all(
-        select(*bumped.c),
+        select(*claimed.c),
         select(finished.c.id, nothing, nothing, nothing, nothing),
     ).add_cte(marked)
 
@@ -429,6 +423,7 @@ def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id:
     """Claimed → ready, in place (same job row, id and priority), iff we hold it."""
     if not _release_claim(conn, t, job_id, process_id):
         return False
+    deliveries.ended(conn, t, [job_id])
     make_ready(conn, t, d, [job_id], now)
     return True
 
@@ -436,8 +431,10 @@ def release(conn: Connection, t: Tables, d: Dialect, *, job_id: int, process_id:
 def fail(conn: Connection, t: Tables, *, job_id: int, process_id: int | None, error_class: str,
          error: str, now: datetime) -> bool:
     """Claimed → failed, iff ``process_id`` still holds it (None: the job is ours to fail anyway)."""
-    if process_id is not None and not _release_claim(conn, t, job_id, process_id):
-        return False
+    if process_id is not None:
+        if not _release_claim(conn, t, job_id, process_id):
+            return False
+        deliveries.ended(conn, t, [job_id])
     insert_failed(conn, t, [job_id], error_class, error, now)
     return True
 
@@ -470,7 +467,7 @@ def take_unowned(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[st
     rows = conn.execute(select(*_claimed_columns(t)).where(j.c.id.in_(job_ids))).all()
     conn.execute(delete(j).where(j.c.id.in_(job_ids)))
     rows.sort(key=lambda row: (-row.priority, row.id))
-    return [Claimed(row.id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
+    return [Claimed(*row) for row in rows]
 
 
 class Claims(Gateway):

@@ -247,6 +247,8 @@ def detail(conn: Connection, t: Tables, *, job_id: int) -> dict[str, Any] | None
     for table, state in ((t.ready, "ready"), (t.scheduled, "scheduled"), (t.claimed, "claimed"), (f, "failed")):
         if conn.execute(select(table.c.job_id).where(table.c.job_id == job_id)).first() is not None:
             job["state"] = state
+    if job["state"] == "claimed":   # (the delivery under way is counted when it ends: ``deliveries``)
+        job["deliveries"] += 1
     job.update(failure._mapping if failure is not None else {"error_class": None, "error": None, "failed_at": None})
     return job
 

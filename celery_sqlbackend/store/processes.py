@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Row, delete, false, func, insert, or_, select
 
 from ..errors import MaxReleasesExceeded
 from .dialects import Dialect
+from . import deliveries
 from .executions import make_ready
 from .failed import insert_failed
 from .gateway import Gateway
@@ -140,9 +141,9 @@ def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan
             j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
     released = [o.job_id for o in orphans if o.job_id in releasable]
     failed = [o.job_id for o in orphans if o.job_id not in releasable]
+    deliveries.ended(conn, t, released, released=max_releases is not None)
+    deliveries.ended(conn, t, failed)
     if released:
-        if max_releases is not None:
-            conn.execute(update(j).where(j.c.id.in_(released)).values(releases=j.c.releases + 1))
         make_ready(conn, t, d, released, now)
     over_limit = [o.job_id for o in orphans if not o.acked and o.job_id not in releasable]
     started = [o.job_id for o in orphans if o.acked]

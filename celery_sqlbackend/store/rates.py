@@ -17,7 +17,7 @@ the worker has room for, and records them as claims in the same transaction.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
@@ -118,8 +118,8 @@ def _record_claims(conn: Connection, t: Tables, d: Dialect, job_ids: list[int], 
                                        select(j.c.id, bindparam("pid", process_id, type_=c.c.process_id.type),
                                               j.c.queue_name, bindparam("now", now, type_=c.c.claimed_at.type))
                                        .where(j.c.id.in_(job_ids))))
-    conn.execute(update(j).where(j.c.id.in_(job_ids)).values(deliveries=j.c.deliveries + 1))
-    rows = conn.execute(select(j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+    # (The delivery is number deliveries + 1, counted when it ends: ``deliveries``.)
+    rows = conn.execute(select(j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries + 1)
                         .where(j.c.id.in_(job_ids))).all()
     return [Claimed(*row) for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
 

@@ -76,8 +76,9 @@ class Tables:
             _ts("scheduled_at"),
             _ts("expires_at"),
             _ts("finished_at"),
-            # How often the job was handed to a worker, and how often a pruner
-            # gave it back to the queue (bounded by ``max_releases``).
+            # How many of its deliveries to a worker have ended (a claim under way
+            # is delivery ``deliveries + 1``: ``deliveries``), and how often a
+            # pruner gave it back to the queue (bounded by ``max_releases``).
             Column("deliveries", Integer, nullable=False, default=0),
             Column("releases", Integer, nullable=False, default=0),
             Index(f"ix_{p}jobs_task_id", "task_id"),

@@ -117,6 +117,38 @@ def test_a_job_released_max_releases_times_is_failed_instead(store):
     assert cls == "MaxReleasesExceeded" and "released 2 times" in error
 
 
+def test_each_delivery_is_counted_once_whichever_way_it_ends(store):
+    """``jobs.deliveries`` counts ended deliveries (``store.deliveries``): a claim only reads the job row and
+    delivers number ``deliveries + 1``; a release, a prune, a failure and a finish each count theirs once."""
+    j = store.t.jobs
+
+    def counts():
+        return store.read(lambda c: {r.id: (r.deliveries, r.releases)
+                                     for r in c.execute(select(j.c.id, j.c.deliveries, j.c.releases))})
+
+    def delivered(process_id, *, finishes=()):
+        done, got = store.claims.acks_and_claim(marks=[], finishes=list(finishes), keep=True, queues=["q"],
+                                                limit=1, process_id=process_id, now=utcnow())
+        return done, [(c.job_id, c.deliveries) for c in got]
+
+    live = register(store, "live")
+    job, other = enqueue(store, 2)
+    assert delivered(live) == ([], [(job, 1)])
+    assert counts() == {job: (0, 0), other: (0, 0)}                  # a claim writes no job row
+    assert store.claims.release(job_id=job, process_id=live, now=utcnow())
+    assert counts()[job] == (1, 0)
+    dead = register(store, "dead")
+    assert delivered(dead) == ([], [(job, 2)])                        # redelivered
+    set_heartbeat_age(store, dead, 10)
+    assert pruner.prune(store).released == [job]
+    assert counts()[job] == (2, 1)                                    # counted with the release
+    assert delivered(live) == ([], [(job, 3)])
+    assert delivered(live, finishes=[(job, live)]) == ([job], [(other, 1)])
+    assert store.claims.fail(job_id=other, process_id=live, error_class="Boom", error="boom", now=utcnow())
+    assert counts() == {job: (3, 1), other: (1, 0)}
+    assert job_states(store) == {job: "finished", other: "failed"}
+
+
 def test_two_pruners_at_once_prune_each_dead_process_exactly_once(store):
     dead = [register(store, f"dead{i}") for i in range(6)]
     jobs = enqueue(store, 12)
