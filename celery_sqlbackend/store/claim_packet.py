@@ -3,7 +3,7 @@
 Why: on MariaDB the loop was nine statements and the commit, ten round trips
 whose answers the driver parses in Python: 3.3-4.2 ms a loop, of which the
 durable commit is under 1 ms.  MariaDB has no data-modifying CTEs (PostgreSQL's
-one statement, ``claims._loop_in_one``), but it runs several statements sent
+one statement, ``claim_statements.loop_in_one``), but it runs several statements sent
 in one packet (the ``CLIENT_MULTI_STATEMENTS`` flag, set on the store's
 connections by ``enable``).  The statements below need nothing from each
 other's results, so the whole loop is that packet and the commit: two

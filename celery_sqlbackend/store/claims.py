@@ -6,10 +6,12 @@ that holds it.  Every later change (started mark, finish, release, fail) is
 whether it did.  Finishing and pruning both delete the same claim row, so
 exactly one of them wins.
 
-The claim loop's statements are prebuilt (``sql.prebuilt``), bind their id
-lists as one parameter (``sql.in_ids``) and, on PostgreSQL, run a whole loop
-(acks, then the next claim) as one statement (``one_statement``) that the
-store sends without BEGIN/COMMIT on the thread's own connection.
+The statements are built in ``claim_statements`` (MariaDB's loop in
+``claim_packet``); this module runs them.  The claim loop's statements are
+prebuilt (``sql.prebuilt``), bind their id lists as one parameter
+(``sql.in_ids``) and, on PostgreSQL, run a whole loop (acks, then the next
+claim) as one statement (``one_statement``) that the store sends without
+BEGIN/COMMIT on the thread's own connection.
 """
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Integer, bindparam, delete, exists, insert, null, select, union_all, update
+from sqlalchemy import Integer, bindparam, delete, exists, select, update
 from sqlalchemy import Connection
 
-from . import claim_packet, claim_resume, deliveries, unique_keys
+from . import claim_packet, claim_resume, claim_statements as statements, deliveries, unique_keys
 from .dialects import Dialect
 from .executions import make_ready
 from .failed import insert_failed
 from .gateway import Gateway
 from .schema import Tables
-from .sql import by_keys, by_process, in_ids, prebuilt
+from .sql import by_process, in_ids, prebuilt
 
 
 @dataclass(frozen=True)
@@ -57,23 +59,23 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
                           process_id=process_id, now=now)[1]
     if d.dml_cte:
         walk, resumed = _walk(t, d, resume, queues)
-        rows = conn.execute(prebuilt(t, d, f"claim_in_one_{resumed}", lambda: _claim_in_one(t, d, resumed)),
+        rows = conn.execute(prebuilt(t, d, f"claim_in_one_{resumed}", lambda: statements.claim_in_one(t, d, resumed)),
                             {"pid": process_id, "queues": list(queues), "limit": limit, "now": now,
                              **(claim_resume.params(walk, queues[0]) if resumed else {})}).all()
         rows.sort(key=lambda row: (-row.priority, row.id))
         return _resumed(resume, walk, [Claimed(*row) for row in rows])
     if d.delete_returning and d.delete_in_limited_subquery:
         # (Fenced inside: takes nothing unless process_id is registered.)
-        taken = conn.execute(prebuilt(t, d, "claim_take", lambda: _claim_take(t, d)),
+        taken = conn.execute(prebuilt(t, d, "claim_take", lambda: statements.take(t, d)),
                              {"queues": list(queues), "limit": limit, "pid": process_id}).all()
     else:
-        if conn.execute(_claim_owner(t, d), {"pid": process_id}).first() is None:
+        if conn.execute(statements.owner_row(t, d), {"pid": process_id}).first() is None:
             return []
         rows = _take_by_queue(conn, t, d, queues, limit)
         if not rows:
             return []
         job_ids = [row.job_id for row in rows]
-        conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+        conn.execute(prebuilt(t, d, "claim_insert", lambda: statements.insert_claims(t, d)),
                      {"ids": job_ids, "pid": process_id, "now": now})
         # (The jobs' rows came with the locking read.  This delivery is number deliveries + 1: ``deliveries``.)
         return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
@@ -82,37 +84,11 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
 
     job_ids = [job_id for job_id, _ in taken]
     unique_keys.release(conn, t, d, job_ids=job_ids, claimed_only=True)   # keys held "while waiting"
-    conn.execute(prebuilt(t, d, "claim_insert", lambda: _claim_insert(t, d)),
+    conn.execute(prebuilt(t, d, "claim_insert", lambda: statements.insert_claims(t, d)),
                  {"ids": job_ids, "pid": process_id, "now": now})
-    rows = conn.execute(prebuilt(t, d, "claim_read", lambda: select(*_claimed_columns(t)).where(in_ids(t.jobs.c.id, d))),
-                        {"ids": job_ids}).all()
+    rows = conn.execute(prebuilt(t, d, "claim_read", lambda: statements.read_claimed(t, d)), {"ids": job_ids}).all()
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
-
-
-def _claim_owner(t: Tables, d: Dialect):
-    # Fenced on the way in too: claims are made only for a registered process,
-    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
-    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
-    # without blocking the process's own heartbeat UPDATE.
-    p = t.processes
-    owner = select(p.c.id).where(p.c.id == bindparam("pid"))
-    return owner.with_for_update(read=True, key_share=True) if d.skip_locked else owner
-
-
-def _claim_candidates(t: Tables, d: Dialect):
-    r = t.ready
-    candidates = (
-        select(r.c.id)
-        .where(r.c.queue_name.in_(bindparam("queues", expanding=True)))
-        .where(r.c.queue_name.not_in(select(t.pauses.c.queue_name)))
-        .order_by(r.c.priority.desc(), r.c.job_id)
-        # A literal: a server-side prepared statement then plans for this
-        # limit, not for an unknown one (which PostgreSQL takes as a tenth of the
-        # table, and answers with hash joins over whole tables).
-        .limit(bindparam("limit", type_=Integer(), literal_execute=d.server_prepared))
-    )
-    return candidates.with_for_update(skip_locked=True) if d.skip_locked else candidates
 
 
 def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str], limit: int) -> list:
@@ -152,23 +128,6 @@ def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str
     return rows
 
 
-def _claim_take(t: Tables, d: Dialect):
-    """Delete and return the next ready jobs, if process ``pid`` is registered (SQLite: the
-    write lock, taken by BEGIN IMMEDIATE, keeps the registry row from going meanwhile)."""
-    r = t.ready
-    candidates = _claim_candidates(t, d).where(exists(_claim_owner(t, d)))
-    return delete(r).where(r.c.id.in_(candidates.scalar_subquery())).returning(r.c.job_id, r.c.queue_name)
-
-
-def _claim_insert(t: Tables, d: Dialect):
-    """Claims of process ``pid`` on the jobs ``ids``: one INSERT … SELECT, whatever the batch size."""
-    c, j = t.claimed, t.jobs
-    return insert(c).from_select(
-        ["job_id", "process_id", "queue_name", "claimed_at"],
-        select(j.c.id, bindparam("pid", type_=c.c.process_id.type), j.c.queue_name,
-               bindparam("now", type_=c.c.claimed_at.type)).where(in_ids(j.c.id, d)))
-
-
 def _walk(t: Tables, d: Dialect, resume: claim_resume.ResumePoint | None,
           queues: Sequence[str]) -> tuple[claim_resume.Walk | None, bool]:
     """Where a PostgreSQL claim starts: (the walk, True if from a resume point)."""
@@ -184,42 +143,6 @@ def _resumed(resume: claim_resume.ResumePoint | None, walk: claim_resume.Walk | 
     if walk is not None:
         resume.end(walk, claimed)
     return claimed
-
-
-def _claim_in_one(t: Tables, d: Dialect, resumed: bool = False):
-    """The whole claim as one statement (PostgreSQL): fence, take, record, count, return.
-
-        WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
-             taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)
-                       RETURNING job_id, queue_name),
-             recorded AS (INSERT INTO claimed SELECT job_id, :pid, queue_name, :now FROM taken),
-             unkeyed AS (DELETE FROM unique_keys WHERE held_until = 'claimed' AND job_id IN (SELECT job_id FROM taken))
-        SELECT <the claimed columns> FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM taken))
-
-    The job rows are only read: the delivery is counted when it ends (``deliveries``).
-    """
-    r, j, c = t.ready, t.jobs, t.claimed
-    owner = _claim_owner(t, d).cte("owner")
-    if resumed:   # (from where the last claim stopped: ``claim_resume``)
-        candidates = claim_resume.candidates(t, d, owner)
-    else:
-        candidates = _claim_candidates(t, d).where(exists(select(owner.c.id)))
-    taken = (delete(r).where(r.c.id == by_keys(candidates.subquery().c.id))
-             .returning(r.c.job_id, r.c.queue_name).cte("taken"))
-    recorded = insert(c).from_select(
-        ["job_id", "process_id", "queue_name", "claimed_at"],
-        select(taken.c.job_id, bindparam("pid", type_=c.c.process_id.type), taken.c.queue_name,
-               bindparam("now", type_=c.c.claimed_at.type)),
-    ).cte("recorded")
-    unkeyed = unique_keys.release_cte(t, taken.c.job_id, "unkeyed", claimed_only=True)
-    return (select(*_claimed_columns(t)).where(j.c.id == by_keys(taken.c.job_id))
-            .add_cte(recorded).add_cte(unkeyed))
-
-
-def _claimed_columns(t: Tables):
-    """A claimed job as ``Claimed`` takes it: the delivery being made is number ``deliveries + 1``."""
-    j = t.jobs
-    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, (j.c.deliveries + 1).label("deliveries"))
 
 
 def _release_claim(conn: Connection, t: Tables, job_id: int, process_id: int) -> bool:
@@ -252,10 +175,10 @@ def finish_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence[tup
     done: list[int] = []
     for process_id, job_ids in by_process(claims).items():
         if d.delete_returning:
-            stmt = prebuilt(t, d, "finish_many", lambda: delete(c).where(_held(c, d)).returning(c.c.job_id))
+            stmt = prebuilt(t, d, "finish_many", lambda: delete(c).where(statements.held(c, d)).returning(c.c.job_id))
             done += conn.execute(stmt, {"pid": process_id, "ids": job_ids}).scalars().all()
         else:
-            held = list(conn.execute(select(c.c.job_id).where(_held(c, d)).with_for_update(),
+            held = list(conn.execute(select(c.c.job_id).where(statements.held(c, d)).with_for_update(),
                                      {"pid": process_id, "ids": job_ids}).scalars())
             if held:
                 conn.execute(delete(c).where(c.c.job_id.in_(held)))
@@ -288,7 +211,7 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
             mark_acked_many(conn, t, d, claims=marks, now=now)
         return finish_many(conn, t, d, claims=finishes, now=now, keep=keep) if finishes else []
     marks_by, finishes_by = by_process(marks), by_process(finishes)
-    stmt = prebuilt(t, d, f"acks_in_one_{keep}", lambda: _acks_in_one(t, d, keep))
+    stmt = prebuilt(t, d, f"acks_in_one_{keep}", lambda: statements.acks_in_one(t, d, keep))
     done: list[int] = []
     for process_id in set(marks_by) | set(finishes_by):
         done += conn.execute(stmt, {"ack_pid": process_id, "now": now, "marks": marks_by.get(process_id, []),
@@ -319,7 +242,8 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
     marks = _without_finishing(marks, finishes)
     ack_pid = (finishes or marks)[0][1]
     walk, resumed = _walk(t, d, resume, queues)
-    rows = conn.execute(prebuilt(t, d, f"loop_in_one_{keep}_{resumed}", lambda: _loop_in_one(t, d, keep, resumed)), {
+    stmt = prebuilt(t, d, f"loop_in_one_{keep}_{resumed}", lambda: statements.loop_in_one(t, d, keep, resumed))
+    rows = conn.execute(stmt, {
         "pid": process_id, "queues": list(queues), "limit": limit, "now": now, "ack_pid": ack_pid,
         "marks": [job_id for job_id, _ in marks], "ids": [job_id for job_id, _ in finishes],
         **(claim_resume.params(walk, queues[0]) if resumed else {})}).all()
@@ -348,60 +272,6 @@ def _without_finishing(marks: Sequence[tuple[int, int]], finishes: Sequence[tupl
     return [m for m in marks if m[0] not in finishing]
 
 
-def _acks_ctes(t: Tables, d: Dialect, keep: bool):
-    """Started marks and finishes of process ``ack_pid``, as data-modifying CTEs (PostgreSQL).
-
-        marked   AS (UPDATE claimed SET acked_at = :now WHERE process_id = :ack_pid AND job_id IN (:marks)),
-        done     AS (DELETE FROM claimed WHERE process_id = :ack_pid AND job_id IN (:ids) RETURNING job_id),
-        finished AS (UPDATE jobs SET finished_at = :now, deliveries = deliveries + 1
-                     WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM done)) RETURNING jobs.id)
-                    (or DELETE FROM jobs USING done … when finished jobs are not kept: unique keys go with the rows)
-        unkeyed_done AS (DELETE FROM unique_keys WHERE job_id IN (SELECT job_id FROM done))   (kept jobs)
-    """
-    c, j = t.claimed, t.jobs
-    marked = update(c).where(_held(c, d, "marks", "ack_pid")).values(acked_at=bindparam("now")).cte("marked")
-    done = delete(c).where(_held(c, d, "ids", "ack_pid")).returning(c.c.job_id).cte("done")
-    if keep:
-        record = (update(j).where(j.c.id == by_keys(done.c.job_id))
-                  .values(finished_at=bindparam("now"), **deliveries.counted(t))
-                  .add_cte(unique_keys.release_cte(t, done.c.job_id, "unkeyed_done")))
-    else:
-        record = delete(j).where(j.c.id == by_keys(done.c.job_id))
-    return marked, record.returning(j.c.id)
-
-
-def _acks_in_one(t: Tables, d: Dialect, keep: bool):
-    """``record_acks`` for one process as one statement (PostgreSQL): ``_acks_ctes``, returning the finished ids."""
-    marked, finished = _acks_ctes(t, d, keep)
-    return finished.add_cte(marked)
-
-
-def _loop_in_one(t: Tables, d: Dialect, keep: bool, resumed: bool = False):
-    """``acks_and_claim`` as one statement (PostgreSQL): ``_acks_ctes``, then ``_claim_in_one``.
-
-        WITH <marked, done, finished>, <owner, taken, recorded, unkeyed>,
-             claimed AS (SELECT <claimed columns> FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM taken)))
-        SELECT <claimed columns> FROM claimed
-        UNION ALL SELECT id, NULL, NULL, NULL, NULL FROM finished
-
-    The acks touch only jobs this process holds and the claim only jobs that
-    were ready, so no row is modified twice in the one statement.
-    """
-    marked, finished = _acks_ctes(t, d, keep)
-    finished = finished.cte("finished")
-    claimed = _claim_in_one(t, d, resumed).cte("claimed")
-    nothing = null()
-    return union_all(
-        select(*claimed.c),
-        select(finished.c.id, nothing, nothing, nothing, nothing),
-    ).add_cte(marked)
-
-
-def _held(c, d: Dialect, ids: str = "ids", pid: str = "pid"):
-    """Claims named by the list ``ids`` that process ``pid`` still holds (the fence)."""
-    return (c.c.process_id == bindparam(pid)) & in_ids(c.c.job_id, d, ids)
-
-
 def mark_acked(conn: Connection, t: Tables, *, job_id: int, process_id: int, now: datetime) -> bool:
     """Record an early ack: the job has started and must not silently run twice."""
     c = t.claimed
@@ -414,7 +284,8 @@ def mark_acked_many(conn: Connection, t: Tables, d: Dialect, *, claims: Sequence
                     now: datetime) -> int:
     """``mark_acked`` for a batch of ``(job_id, process_id)``; returns how many claims still stood."""
     c = t.claimed
-    stmt = prebuilt(t, d, "mark_acked_many", lambda: update(c).where(_held(c, d)).values(acked_at=bindparam("now")))
+    stmt = prebuilt(t, d, "mark_acked_many",
+                    lambda: update(c).where(statements.held(c, d)).values(acked_at=bindparam("now")))
     return sum(conn.execute(stmt, {"pid": process_id, "ids": job_ids, "now": now}).rowcount
                for process_id, job_ids in by_process(claims).items())
 
@@ -459,12 +330,12 @@ def take_unowned(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[st
     delivered and done, so it needs no claim, and no process row that would outlive it.
     """
     r, j = t.ready, t.jobs
-    ids = list(conn.execute(_claim_candidates(t, d), {"queues": list(queues), "limit": limit}).scalars())
+    ids = list(conn.execute(statements.candidate_rows(t, d), {"queues": list(queues), "limit": limit}).scalars())
     if not ids:
         return []
     job_ids = list(conn.execute(select(r.c.job_id).where(r.c.id.in_(ids))).scalars())
     conn.execute(delete(r).where(r.c.id.in_(ids)))
-    rows = conn.execute(select(*_claimed_columns(t)).where(j.c.id.in_(job_ids))).all()
+    rows = conn.execute(select(*statements.claimed_columns(t)).where(j.c.id.in_(job_ids))).all()
     conn.execute(delete(j).where(j.c.id.in_(job_ids)))
     rows.sort(key=lambda row: (-row.priority, row.id))
     return [Claimed(*row) for row in rows]
