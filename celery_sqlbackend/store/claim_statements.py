@@ -18,16 +18,21 @@ from .sql import by_keys, in_ids
 
 
 def owner_row(t: Tables, d: Dialect):
-    # Fenced on the way in too: claims are made only for a registered process,
-    # so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
-    # a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
-    # without blocking the process's own heartbeat UPDATE.
+    """Process ``pid``'s registry row, held against a pruner until the claim commits.
+
+    Fenced on the way in too: claims are made only for a registered process,
+    so no claim ever names a pruned one.  FOR KEY SHARE holds the row against
+    a concurrent pruner (whose FOR UPDATE SKIP LOCKED then passes it by)
+    without blocking the process's own heartbeat UPDATE.
+    """
     p = t.processes
     owner = select(p.c.id).where(p.c.id == bindparam("pid"))
     return owner.with_for_update(read=True, key_share=True) if d.skip_locked else owner
 
 
 def candidate_rows(t: Tables, d: Dialect):
+    """Up to ``limit`` ready rows of ``queues`` in the poll index's order, skipping paused queues and rows
+    another claim has locked."""
     r = t.ready
     candidates = (
         select(r.c.id)
@@ -76,7 +81,7 @@ def insert_claims(t: Tables, d: Dialect):
 
 
 def claim_in_one(t: Tables, d: Dialect, resumed: bool = False):
-    """The whole claim as one statement (PostgreSQL): fence, take, record, count, return.
+    """The whole claim as one statement (PostgreSQL): fence, take, record, release keys, read back.
 
         WITH owner AS (SELECT id FROM processes WHERE id = :pid FOR KEY SHARE),
              taken AS (DELETE FROM ready WHERE id IN (<candidates, only if owner exists>)

@@ -27,15 +27,15 @@ def counted(t: Tables) -> dict:
     return {"deliveries": t.jobs.c.deliveries + 1}
 
 
-def ended(conn: Connection, t: Tables, job_ids: Sequence[int], *, released: bool = False) -> None:
+def ended(conn: Connection, t: Tables, job_ids: Sequence[int], *, count_release: bool = False) -> None:
     """Count the deliveries of ``job_ids`` whose claims just ended other than by a finish.
 
-    ``released``: a pruner gave the job back, which also counts toward ``max_releases``.
+    ``count_release``: a pruner gave the jobs back, which also counts toward ``max_releases``.
     """
     if not job_ids:
         return
     j = t.jobs
     values = counted(t)
-    if released:
+    if count_release:
         values["releases"] = j.c.releases + 1
     conn.execute(update(j).where(j.c.id.in_(list(job_ids))).values(**values))

@@ -141,7 +141,7 @@ def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan
             j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
     released = [o.job_id for o in orphans if o.job_id in releasable]
     failed = [o.job_id for o in orphans if o.job_id not in releasable]
-    deliveries.ended(conn, t, released, released=max_releases is not None)
+    deliveries.ended(conn, t, released, count_release=max_releases is not None)
     deliveries.ended(conn, t, failed)
     if released:
         make_ready(conn, t, d, released, now)
