@@ -64,6 +64,10 @@ class Dialect:
     #: updates its jobs by primary key, and statistics taken while those tables were small
     #: made both a sequential scan of the whole table, dead rows included (under a held
     #: snapshot, 2 → 13 ms a claim loop as 100,000 jobs flowed; ``bench/README.md``).
+    #: And ``plan_cache_mode = force_generic_plan``: the claim loop is one prepared statement, and
+    #: once an autoanalyze invalidates its plan, PostgreSQL's cost comparison may settle on a
+    #: custom plan for every execution, planning the whole loop anew each time (measured: 1.1 ms
+    #: of planning a loop, the loop from 1.8 to 3.5 ms, for the rest of the worker's life).
     own_connection_settings: tuple[str, ...] = ()
     #: Deliver through Celery's event loop (see ``eventloop``), which runs the
     #: prefork pool as ``AsynPool``: no pool threads in the worker's main process.
@@ -89,7 +93,8 @@ def dialect_of(engine: Engine) -> Dialect:
         return Dialect(name=name, skip_locked=True, delete_returning=True, update_returning=True,
                        notify=True, insert_on_conflict=postgresql.insert, dml_cte=True,
                        autocommit_single=True, id_list="array", server_prepared=True,
-                       own_connection_settings=("SET enable_sort = off", "SET enable_seqscan = off"), event_loop=True,
+                       own_connection_settings=("SET enable_sort = off", "SET enable_seqscan = off",
+                                                "SET plan_cache_mode = force_generic_plan"), event_loop=True,
                        claim_thread=True)
     if name == "sqlite":
         # SQLite serialises writers; BEGIN IMMEDIATE (engine.py) is its lock.
