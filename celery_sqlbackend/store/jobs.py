@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Sequence
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, literal, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select
 
 from . import admission, pg_bulk, unique_keys
 from .admission import JobLimits
