@@ -48,9 +48,9 @@ def candidate_rows(t: Tables, d: Dialect):
 
 
 def claimed_columns(t: Tables):
-    """A claimed job as ``Claimed`` takes it: the delivery being made is number ``deliveries + 1``."""
+    """A claimed job as ``Claimed`` takes it (id, queue, priority, payload, ``deliveries.number``)."""
     j = t.jobs
-    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, (j.c.deliveries + 1).label("deliveries"))
+    return (j.c.id, j.c.queue_name, j.c.priority, j.c.payload, deliveries.number(t))
 
 
 def read_claimed(t: Tables, d: Dialect):

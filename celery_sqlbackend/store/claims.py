@@ -77,8 +77,8 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
         job_ids = [row.job_id for row in rows]
         conn.execute(prebuilt(t, d, "claim_insert", lambda: statements.insert_claims(t, d)),
                      {"ids": job_ids, "pid": process_id, "now": now})
-        # (The jobs' rows came with the locking read.  This delivery is number deliveries + 1: ``deliveries``.)
-        return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries + 1) for row in rows]
+        # (The jobs' rows came with the locking read.)
+        return [Claimed(row.job_id, row.queue_name, row.priority, row.payload, row.deliveries) for row in rows]
     if not taken:
         return []
 
@@ -94,7 +94,7 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
 def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str], limit: int) -> list:
     """Lock the next ready rows (and their jobs) one queue at a time, delete the best ``limit`` by primary key (MySQL).
 
-    Returns rows of (id, job_id, queue_name, priority, payload, deliveries), best first.
+    Returns rows of (id, job_id, queue_name, priority, payload, deliveries: ``deliveries.number``), best first.
 
     Why one queue at a time: InnoDB locks every row a locking read examines,
     and ``queue_name IN (a, b) ORDER BY priority, job_id`` cannot come out of
@@ -110,8 +110,9 @@ def _take_by_queue(conn: Connection, t: Tables, d: Dialect, queues: Sequence[str
     r, p, wanted = t.ready, t.pauses, sorted(set(queues))
     j = t.jobs
     stmt = prebuilt(t, d, "claim_queue", lambda: (
-        # The job rows are locked too (by primary key, after their ready row): the claim updates them next.
-        select(r.c.id, r.c.job_id, r.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries)
+        # (The join's FOR UPDATE locks the job rows too, by primary key after their ready row: MariaDB has
+        # no FOR UPDATE OF.  The claim only reads them.)
+        select(r.c.id, r.c.job_id, r.c.queue_name, j.c.priority, j.c.payload, deliveries.number(t))
         .join(j, j.c.id == r.c.job_id)
         .where(r.c.queue_name == bindparam("queue"))
         .where(~exists(select(p.c.queue_name).where(p.c.queue_name == bindparam("queue"))))

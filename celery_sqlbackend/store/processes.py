@@ -141,8 +141,7 @@ def recover(conn: Connection, t: Tables, d: Dialect, *, orphans: Sequence[Orphan
             j.c.id.in_(unacked), j.c.releases < max_releases)).scalars()) if unacked else set()
     released = [o.job_id for o in orphans if o.job_id in releasable]
     failed = [o.job_id for o in orphans if o.job_id not in releasable]
-    deliveries.ended(conn, t, released, count_release=max_releases is not None)
-    deliveries.ended(conn, t, failed)
+    deliveries.ended(conn, t, [o.job_id for o in orphans], released=released if max_releases is not None else ())
     if released:
         make_ready(conn, t, d, released, now)
     over_limit = [o.job_id for o in orphans if not o.acked and o.job_id not in releasable]

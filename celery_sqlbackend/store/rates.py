@@ -20,13 +20,14 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, exists, func, select, update
 from sqlalchemy.dialects import mysql
 
-from . import blocked, unique_keys
+from . import blocked, claim_statements, unique_keys
 from .claims import Claimed
 from .dialects import Dialect
 from .schema import Tables
+from .sql import prebuilt
 
 #: A slot is taken again this fraction of a period after it left the window (``limits.rate.GUARD``).
 GUARD = 0.02
@@ -111,16 +112,12 @@ def claim(conn: Connection, t: Tables, d: Dialect, *, queues: Sequence[str], lim
 def _record_claims(conn: Connection, t: Tables, d: Dialect, job_ids: list[int], process_id: int,
                    now: datetime) -> list[Claimed]:
     """The claims of ``job_ids`` (as ``claims.claim`` records them): claimed rows, deliveries, unique keys."""
-    c, j = t.claimed, t.jobs
     job_ids = sorted(job_ids)
     unique_keys.release(conn, t, d, job_ids=job_ids, claimed_only=True)
-    conn.execute(insert(c).from_select(["job_id", "process_id", "queue_name", "claimed_at"],
-                                       select(j.c.id, bindparam("pid", process_id, type_=c.c.process_id.type),
-                                              j.c.queue_name, bindparam("now", now, type_=c.c.claimed_at.type))
-                                       .where(j.c.id.in_(job_ids))))
-    # (The delivery is number deliveries + 1, counted when it ends: ``deliveries``.)
-    rows = conn.execute(select(j.c.id, j.c.queue_name, j.c.priority, j.c.payload, j.c.deliveries + 1)
-                        .where(j.c.id.in_(job_ids))).all()
+    conn.execute(prebuilt(t, d, "claim_insert", lambda: claim_statements.insert_claims(t, d)),
+                 {"ids": job_ids, "pid": process_id, "now": now})
+    rows = conn.execute(prebuilt(t, d, "claim_read", lambda: claim_statements.read_claimed(t, d)),
+                        {"ids": job_ids}).all()
     return [Claimed(*row) for row in sorted(rows, key=lambda row: (-row.priority, row.id))]
 
 

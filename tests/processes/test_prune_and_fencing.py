@@ -87,8 +87,11 @@ def test_prune_fails_started_jobs_releases_unacked_ones_and_deletes_the_process(
     cls, error = failed_rows(store)[early]
     assert cls == "ProcessPrunedError"
     assert "dead@h" in error and f"process id {dead}" in error and "last heartbeat at" in error
-    assert store.read(lambda c: c.execute(select(store.t.jobs.c.releases)
-                                          .where(store.t.jobs.c.id == late)).scalar()) == 1
+    j = store.t.jobs
+    counts = store.read(lambda c: {r.id: (r.deliveries, r.releases)
+                                   for r in c.execute(select(j.c.id, j.c.deliveries, j.c.releases))})
+    # Both of the dead process's deliveries ended and are counted; only the released one is a release.
+    assert counts == {early: (1, 0), late: (1, 1), other: (0, 0)}
 
 
 def test_prune_leaves_live_processes_and_the_excluded_one_alone(store):
