@@ -63,6 +63,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
+def process_state(pid: int) -> Optional[str]:
+    """The state letter of ``pid`` in ``/proc`` ("R", "S", "Z" …), or None once it has been reaped (the
+    file gone, or the process reaped between the open and the read: ESRCH)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def rows(url: str, sql: str, params: Optional[dict] = None) -> list[tuple]:
     """Run one statement on a fresh engine for ``url``, commit, and return its rows as tuples.
 

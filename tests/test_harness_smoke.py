@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.harness import CeleryWorker, rows, wait_until, write_app
+from tests.harness import CeleryWorker, process_state, rows, wait_until, write_app
 from tests.support import engines
 
 
@@ -149,8 +149,4 @@ def test_kill_group_leaves_no_process_behind(tmp_path):
 
 
 def _state(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
+    return process_state(pid)

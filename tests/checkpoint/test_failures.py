@@ -14,7 +14,7 @@ import pytest
 
 from celery.exceptions import WorkerLostError  # noqa: F401  (named in failure messages)
 from checkpoint.progress import list_progress
-from tests.harness import wait_until
+from tests.harness import process_state, wait_until
 
 from . import typed_rows
 from .brokers import broker, redis_url  # noqa: F401  (fixtures)
@@ -115,11 +115,7 @@ def test_a_killed_pool_child_resumes_from_the_last_durable_checkpoint(workers, b
 
 
 def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"  # a zombie runs no more
-    except (FileNotFoundError, ProcessLookupError):   # (reaped between the open and the read: ESRCH)
-        return True
+    return process_state(pid) in (None, "Z")   # (a zombie runs no more)
 
 
 def test_a_revoked_running_job_stops_at_the_next_item_and_stays_stopped(workers, broker, producer):

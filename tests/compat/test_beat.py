@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.harness import rows, wait_until
+from tests.harness import process_state, rows, wait_until
 
 from .conftest import HERE, import_stackapp, runs
 
@@ -19,11 +19,7 @@ def beat_stack(sqlite_url, tmp_path, monkeypatch):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return process_state(pid) not in (None, "Z")
 
 
 def test_worker_with_embedded_beat_on_sqlite(beat_stack, sqlite_url, tmp_path, spawn_worker):
