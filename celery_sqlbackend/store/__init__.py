@@ -110,7 +110,7 @@ class Store:
     # ------------------------------------------------------------------ plumbing
 
     def run(self, fn: Callable[..., T], *args: Any, read_only: bool = False, single: bool = False,
-            kept: bool = False, **kwargs: Any) -> T:
+            kept: bool = False, commits_itself: bool = False, **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` in a transaction, retrying lost lock races.
 
         ``single``: ``fn`` runs exactly one statement.  Where the dialect saves
@@ -119,20 +119,28 @@ class Store:
         ``kept``: a long-lived loop calls (the claim loop): the transaction runs
         on a connection the thread keeps, so no pool checkout pings the server
         each time (a round trip in every loop on MySQL).
+        ``commits_itself``: ``fn`` sends its own ``START TRANSACTION`` and
+        ``COMMIT`` (MariaDB's claim packet carries both: ``claim_packet``); it
+        runs on the thread's own connection in autocommit mode, outside any
+        transaction of SQLAlchemy's, whose commit would be one more round trip.
+        If it raises, that connection is closed, which rolls back whatever it left open.
         """
         self.ensure_schema()
-        return self._run(fn, *args, read_only=read_only, single=single, kept=kept, **kwargs)
+        return self._run(fn, *args, read_only=read_only, single=single, kept=kept, commits_itself=commits_itself,
+                         **kwargs)
 
-    def _run(self, fn, *args, read_only=False, single=False, kept=False, **kwargs):
+    def _run(self, fn, *args, read_only=False, single=False, kept=False, commits_itself=False, **kwargs):
         attempts = self.options.retry_attempts
         local = self._local_settings if kept else ()   # (behind a transaction pooler: SET LOCAL, in a transaction)
-        autocommit = single and self.dialect.autocommit_single and not local
+        autocommit = commits_itself or (single and self.dialect.autocommit_single and not local)
         own = autocommit or (kept and not self.dialect.embedded)   # (SQLite: opening one costs no round trip)
         for attempt in range(1, attempts + 1):
             try:
                 with self._own_connection(autocommit) if own else self.engine.connect() as conn:
                     if read_only:
                         conn = conn.execution_options(**READ_ONLY)
+                    if commits_itself:
+                        return fn(conn, *args, **kwargs)
                     with conn.begin():
                         for setting in local:
                             conn.exec_driver_sql(setting)

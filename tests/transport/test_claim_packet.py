@@ -31,6 +31,7 @@ def store(mysql_db_url):
     s.create_all()
     assert s.dialect.loop_packet, "MariaDB through PyMySQL claims with one packet"
     yield s
+    s.close_own_connection()   # (the loops of a test run on this thread's own connection)
     s.engine.dispose()
 
 
@@ -49,13 +50,17 @@ def loop(store, process_id, *, finishes=(), marks=(), limit=2, queues=("q",), ke
                                        limit=limit, process_id=process_id, now=utcnow())
 
 
-def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_again(store):
+@pytest.mark.parametrize("committing", [False, True], ids=["in_a_transaction", "committing_itself"])
+def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_again(store, committing):
     """The packet's acks have run when its claim waits for a lock past ``innodb_lock_wait_timeout``.
 
     The server ends the packet there (1205) and undoes only that statement; the store
     rolls the whole transaction back, acks included, and sends the loop again, which
     finds the lock gone.  Nothing is half-done in between: the other transaction reads
-    the job as still claimed, not finished."""
+    the job as still claimed, not finished.  The same whether the packet runs in the
+    store's transaction or is its own, from ``START TRANSACTION`` to ``COMMIT`` (the
+    claim loop's way: ``Store.run(commits_itself=True)``), whose ``COMMIT`` the server
+    never reaches."""
     quick = Store(store.url, replace(store.options, busy_timeout=1))   # (a 1 s lock wait)
     mine = register(quick)
     a, b = enqueue(quick, 2)
@@ -79,12 +84,12 @@ def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_a
     def run_loop(conn):
         attempts.append(1)
         return claim_sql.acks_and_claim(conn, quick.t, quick.dialect, marks=[], finishes=[(a, mine)], keep=True,
-                                        queues=["q"], limit=1, process_id=mine, now=utcnow())
+                                        queues=["q"], limit=1, process_id=mine, now=utcnow(), committing=committing)
 
     thread = threading.Thread(target=release_after_the_first_attempt_lost)
     thread.start()
     try:
-        done, claimed = quick.run(run_loop, kept=True)
+        done, claimed = quick.run(run_loop, kept=True, commits_itself=committing)
     finally:
         thread.join(30)
         other.close()
@@ -96,6 +101,74 @@ def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_a
     assert {job: state for job, state in job_states(store).items() if job in (a, b)} == {a: "finished", b: "claimed"}
     c = store.t.claimed
     assert store.read(lambda conn: conn.execute(select(c.c.job_id, c.c.process_id)).all()) == [(b, mine)]
+
+
+def test_a_finish_that_waits_on_a_pruner_holding_its_claim_leaves_the_job_failed_not_also_finished(store):
+    """The packet's finish locks each claim before its job (``claim_packet._finish``).
+
+    A pruner that got there first holds the claim; the finish waits for it, and
+    once the pruner has failed the job and dropped the claim, the finish's
+    ``UPDATE`` finds no claim to join and writes nothing: the job ends failed
+    only, and the loop does not report it done."""
+    mine = register(store)
+    a, b = enqueue(store, 2)
+    assert [job.job_id for job in loop(store, mine, limit=1)[1]] == [a]
+    c = store.t.claimed
+    pruner = store.engine.connect()
+    pruner_txn = pruner.begin()
+    pruner.execute(select(c.c.job_id).where(c.c.job_id == a).with_for_update())   # the pruner's first step
+    outcome = []
+
+    def finish_a():
+        try:
+            outcome.append(loop(store, mine, finishes=[(a, mine)], limit=1))
+        finally:
+            store.close_own_connection()   # (the loop ran on this thread's own connection)
+
+    finisher = threading.Thread(target=finish_a)
+    finisher.start()
+    try:
+        # The packet is running, held at the claim's lock, which only the pruner's commit ends.
+        finishing = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() "
+                     "AND COMMAND = 'Query' AND ID <> CONNECTION_ID()")
+        wait_until(lambda: store.read(lambda conn: conn.exec_driver_sql(finishing).scalar()) == 1, timeout=20)
+        assert claim_sql.fail(pruner, store.t, job_id=a, process_id=mine, error_class="WorkerLostError",
+                              error="its worker was pruned", now=utcnow())
+        pruner_txn.commit()
+    finally:
+        if pruner_txn.is_active:
+            pruner_txn.rollback()
+        pruner.close()
+        finisher.join(30)
+    (done, claimed), = outcome
+    assert done == [] and [job.job_id for job in claimed] == [b]
+    assert job_states(store)[a] == "failed"
+    j = store.t.jobs
+    assert store.read(lambda conn: conn.execute(select(j.c.finished_at).where(j.c.id == a)).scalar()) is None
+
+
+def test_a_claim_loop_is_one_packet_sent_to_the_server_and_its_own_transaction(store, monkeypatch):
+    """The loop's acks, claim, ``START TRANSACTION`` and ``COMMIT`` go as one query: one round trip.
+
+    (Counted where PyMySQL sends a command; what the loop did is read back on another connection.)"""
+    import pymysql
+
+    mine = register(store)
+    a, b = enqueue(store, 2)
+    assert [job.job_id for job in loop(store, mine, limit=1)[1]] == [a]   # (opens the loop's own connection)
+    sent = []
+    real = pymysql.connections.Connection._execute_command
+
+    def counted(self, command, sql):
+        sent.append(sql.decode() if isinstance(sql, bytes) else sql)
+        return real(self, command, sql)
+
+    monkeypatch.setattr(pymysql.connections.Connection, "_execute_command", counted)
+    done, claimed = loop(store, mine, finishes=[(a, mine)], limit=1)
+    monkeypatch.undo()
+    assert done == [a] and [job.job_id for job in claimed] == [b]
+    assert len(sent) == 1 and sent[0].startswith("START TRANSACTION") and sent[0].endswith("COMMIT")
+    assert {job: state for job, state in job_states(store).items() if job in (a, b)} == {a: "finished", b: "claimed"}
 
 
 def test_each_loop_of_a_process_has_its_own_stamp_even_within_one_microsecond():
