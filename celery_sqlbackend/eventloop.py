@@ -17,9 +17,10 @@ Who claims (``Dialect.claim_thread``):
   thread would only compete with the hub for the GIL.  The hub claims when
   kicked: by an ack that frees a prefetch slot, by a commit that made a job
   ready (the wake socket beside the file, ``sqlite_wake``), or by the polling interval.
-* MariaDB: the hub's thread too, a whole prefetch at a time.  A claim is two
-  round trips there (``store.claim_packet``); fewer, larger claims on the hub
-  drained faster than a claim thread's (``bench/README.md``).
+* MariaDB: the hub's thread too, a whole prefetch at a time.  A claim is one
+  round trip there (``store.claim_packet``); fewer, larger claims on the hub
+  drained faster than a claim thread's, or as fast for more of the server's
+  CPU per job (``bench/README.md``).
 
 Each turn claims with the claim round every loop shares
 (:mod:`.claim_round`, which also says how much to claim at once).

@@ -7,10 +7,11 @@ one statement, ``claim_statements.loop_in_one``), but it runs several statements
 in one packet (the ``CLIENT_MULTI_STATEMENTS`` flag, set on the store's
 connections by ``enable``).  The statements below need nothing from each
 other's results, so the whole loop is that packet, its ``START TRANSACTION``
-and ``COMMIT`` included: one round trip (the claim loop's connection is in
-autocommit mode for it: ``Store.run(commits_itself=True)``; a statement that
-fails ends the packet there, and closing that connection rolls back the rest).  (Written as SQL text, not Core: SQLAlchemy compiles and runs one
-statement per execution; the driver's own cursor sends the packet.)
+and ``COMMIT`` included: one round trip.  (The claim loop's connection is in
+autocommit mode for it: ``Store.run(commits_itself=True)``.  A statement that
+fails ends the packet there, and the store closes that connection, which rolls
+back the rest.)  Written as SQL text, not Core: SQLAlchemy compiles and runs one
+statement per execution; the driver's own cursor sends the packet.
 
 How the claim finds its own rows without a result in between: the claim is an
 ``INSERT … SELECT … FOR UPDATE SKIP LOCKED`` straight from the ready rows
