@@ -103,13 +103,12 @@ def usable(queues: Sequence[str]) -> bool:
 
 def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queue: str, limit: int,
-                   process_id: int, now: datetime, look: Look | None = None,
-                   committing: bool = False) -> tuple[list[int], list[tuple]]:
+                   process_id: int, now: datetime, look: Look | None = None) -> tuple[list[int], list[tuple]]:
     """``claims.acks_and_claim`` in one packet.  ``marks`` must not name a job of ``finishes``.
 
     Returns (job ids finished, rows of the claimed jobs: id, queue_name, priority, payload, deliveries),
-    and answers ``look`` (module doc).  ``committing``: the packet is its own transaction, from
-    ``START TRANSACTION`` to ``COMMIT`` (``conn`` is in autocommit mode and in no transaction).
+    and answers ``look`` (module doc).  On a ``conn`` in no transaction (the claim loop's, in autocommit
+    mode: ``Store.run(commits_itself=True)``) the packet is its own, from ``START TRANSACTION`` to ``COMMIT``.
     """
     params: dict[str, Any] = {"now": now, "stamp": _loop_stamp(process_id, now), "queue": queue}
     statements = _acks(t, marks, finishes, keep) + _claim(t, int(process_id), int(limit))
@@ -118,7 +117,7 @@ def acks_and_claim(conn: Connection, t: Tables, *, marks: Sequence[tuple[int, in
         params.update(zip(names, look.queues))
         statements.append((f"SELECT 1 FROM {t.ready.name} WHERE queue_name IN "
                            f"({', '.join(f'%({name})s' for name in names)}) LIMIT 1", "look"))
-    if committing:
+    if not conn.in_transaction():
         statements = [("START TRANSACTION", None), *statements, ("COMMIT", None)]
     results = _send(conn, statements, params)
     claimed = [tuple(row) for kind, rows in results if kind == "claimed" for row in rows]

@@ -223,21 +223,19 @@ def record_acks(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tupl
 def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[tuple[int, int]],
                    finishes: Sequence[tuple[int, int]], keep: bool, queues: Sequence[str], limit: int,
                    process_id: int, now: datetime, look: claim_packet.Look | None = None,
-                   resume: claim_resume.ResumePoint | None = None,
-                   committing: bool = False) -> tuple[list[int], list[Claimed]]:
+                   resume: claim_resume.ResumePoint | None = None) -> tuple[list[int], list[Claimed]]:
     """The claim loop's write: the acks since the last loop, then the next batch.
 
     Returns (job ids finished, jobs claimed).  On PostgreSQL, when every ack
     names one process id, this is a single statement (``_loop_in_one``), so
     the caller can run it without BEGIN and COMMIT: one round trip per loop.
     On MariaDB, a loop that claims from one queue is one packet of statements
-    (``claim_packet``), which also answers ``look``; with ``committing`` the
-    packet carries its own ``START TRANSACTION`` and ``COMMIT`` (on a
-    connection in autocommit mode: ``Store.run(commits_itself=True)``).
+    (``claim_packet``), which also answers ``look``, and is its own transaction
+    when ``conn`` is in none (``Store.run(commits_itself=True)``).
     """
     if d.loop_packet and claim_packet.usable(queues):
         return _by_packet(conn, t, marks=marks, finishes=finishes, keep=keep, queues=queues, limit=limit,
-                          process_id=process_id, now=now, look=look, committing=committing)
+                          process_id=process_id, now=now, look=look)
     if not one_statement(d, marks, finishes):
         return record_acks(conn, t, d, marks=marks, finishes=finishes, now=now, keep=keep), \
             claim(conn, t, d, queues=queues, limit=limit, process_id=process_id, now=now, resume=resume)
@@ -257,12 +255,12 @@ def acks_and_claim(conn: Connection, t: Tables, d: Dialect, *, marks: Sequence[t
 
 
 def _by_packet(conn: Connection, t: Tables, *, marks: Pairs, finishes: Pairs, keep: bool, queues: Sequence[str],
-               limit: int, process_id: int, now: datetime, look: claim_packet.Look | None = None,
-               committing: bool = False) -> tuple[list[int], list[Claimed]]:
+               limit: int, process_id: int, now: datetime, look: claim_packet.Look | None = None
+               ) -> tuple[list[int], list[Claimed]]:
     """``acks_and_claim`` through MariaDB's packet (``claim_packet``), from the one queue of ``queues``."""
     done, rows = claim_packet.acks_and_claim(conn, t, marks=_without_finishing(marks, finishes), finishes=finishes,
                                              keep=keep, queue=queues[0], limit=limit, process_id=process_id, now=now,
-                                             look=look, committing=committing)
+                                             look=look)
     return done, [Claimed(*row) for row in rows]
 
 
@@ -365,8 +363,7 @@ class Claims(Gateway):
         packet = self.d.loop_packet and claim_packet.usable(queues)
         return self.store.run(acks_and_claim, self.t, self.d, marks=marks, finishes=finishes, keep=keep,
                               queues=queues, limit=limit, process_id=process_id, now=now, look=look, resume=resume,
-                              committing=packet, single=one_statement(self.d, marks, finishes), kept=True,
-                              commits_itself=packet)
+                              single=one_statement(self.d, marks, finishes), kept=True, commits_itself=packet)
 
     def record_acks(self, *, marks: Pairs, finishes: Pairs, now: datetime, keep: bool) -> list[int]:
         # (Pooled, not the thread's own: a short-lived greenlet's own connection would be left to the GC.)

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import replace
 from datetime import datetime
 
+import pymysql
 import pytest
 from sqlalchemy import event, select
 
@@ -50,8 +51,8 @@ def loop(store, process_id, *, finishes=(), marks=(), limit=2, queues=("q",), ke
                                        limit=limit, process_id=process_id, now=utcnow())
 
 
-@pytest.mark.parametrize("committing", [False, True], ids=["in_a_transaction", "committing_itself"])
-def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_again(store, committing):
+@pytest.mark.parametrize("commits_itself", [False, True], ids=["in_a_transaction", "committing_itself"])
+def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_again(store, commits_itself):
     """The packet's acks have run when its claim waits for a lock past ``innodb_lock_wait_timeout``.
 
     The server ends the packet there (1205) and undoes only that statement; the store
@@ -84,12 +85,12 @@ def test_a_lock_wait_inside_the_packet_undoes_its_acks_and_runs_the_whole_loop_a
     def run_loop(conn):
         attempts.append(1)
         return claim_sql.acks_and_claim(conn, quick.t, quick.dialect, marks=[], finishes=[(a, mine)], keep=True,
-                                        queues=["q"], limit=1, process_id=mine, now=utcnow(), committing=committing)
+                                        queues=["q"], limit=1, process_id=mine, now=utcnow())
 
     thread = threading.Thread(target=release_after_the_first_attempt_lost)
     thread.start()
     try:
-        done, claimed = quick.run(run_loop, kept=True, commits_itself=committing)
+        done, claimed = quick.run(run_loop, kept=True, commits_itself=commits_itself)
     finally:
         thread.join(30)
         other.close()
@@ -151,8 +152,6 @@ def test_a_claim_loop_is_one_packet_sent_to_the_server_and_its_own_transaction(s
     """The loop's acks, claim, ``START TRANSACTION`` and ``COMMIT`` go as one query: one round trip.
 
     (Counted where PyMySQL sends a command; what the loop did is read back on another connection.)"""
-    import pymysql
-
     mine = register(store)
     a, b = enqueue(store, 2)
     assert [job.job_id for job in loop(store, mine, limit=1)[1]] == [a]   # (opens the loop's own connection)
