@@ -49,6 +49,8 @@ class AckBuffer:
         self.batched = False
         self._to_finish: collections.deque = collections.deque()
         self._to_mark: collections.deque = collections.deque()
+        # When the oldest of the writes queued above was queued (monotonic), None once a flush took them.
+        self._queued_since: float | None = None
         # job id -> ("finish" | "mark" | "release" | "dead_letter", process id that claimed it): state
         # changes that failed because the database was away.
         self._deferred: dict[int, tuple[str, int | None]] = {}
@@ -112,6 +114,12 @@ class AckBuffer:
         finally:
             self.store.close_own_connection()
 
+    def _queued(self) -> None:
+        """A write was queued: note since when writes wait, and wake the writer if the loop is away."""
+        if self._queued_since is None:
+            self._queued_since = time.monotonic()
+        self._wake_writer_if_loop_away()
+
     def _wake_writer_if_loop_away(self) -> None:
         if self._loop_away:
             self._writes_waiting.set()
@@ -140,7 +148,7 @@ class AckBuffer:
         log.debug("job %s started (early ack)", job_id)
         if self.batched:
             self._to_mark.append((job_id, process_id))
-            self._wake_writer_if_loop_away()
+            self._queued()
         elif not self.store.claims.mark_acked(job_id=job_id, process_id=process_id, now=utcnow()):
             log.error("job %s was taken from process %s (id %s, pruned) before it started; it runs "
                       "here anyway and will not be marked finished", job_id, self._name(), process_id)
@@ -167,7 +175,7 @@ class AckBuffer:
     def finish_later(self, job_id: int, process_id: int | None = None) -> None:
         """Queue a finish for the next ``flush`` (one transaction for many acks)."""
         self._to_finish.append((job_id, self._default(process_id)))
-        self._wake_writer_if_loop_away()
+        self._queued()
 
     def finish_completed(self, running: set[str]) -> None:
         """Queue finishes for the early-acked jobs whose delivery tag is not in ``running``."""
@@ -177,6 +185,7 @@ class AckBuffer:
                     entry = self._started.pop(tag, None)
                     if entry is not None:
                         self._to_finish.append(entry)
+                        self._queued()
 
     def _log_claim_lost(self, job_id: int, process_id: int | None) -> None:
         if self.store.failed.failed_by_task(job_id=job_id):
@@ -197,6 +206,21 @@ class AckBuffer:
     def has_pending_writes(self) -> bool:
         return bool(self._to_mark or self._to_finish)
 
+    def write_due_in(self, delay: float) -> float:
+        """Seconds until the oldest queued write will have waited ``delay`` (0: now, or nothing queued).
+
+        Why: the hub writes acks that no claim carries ``WRITE_DELAY`` after
+        they were queued (``eventloop``).  In a busy drain every claim carries
+        the acks since the last one; a timer that wrote whatever was queued
+        when it fired wrote a transaction of its own (a durable commit, and the
+        hub blocked on it) for acks the next claim, a few milliseconds later,
+        would have carried: a quarter as many transactions again as claims.
+        """
+        since = self._queued_since
+        if since is None or not self.has_pending_writes:
+            return 0.0
+        return max(0.0, since + delay - time.monotonic())
+
     @property
     def running_jobs(self) -> list[int]:
         return [job_id for job_id, _ in self._started.values()]
@@ -212,6 +236,7 @@ class AckBuffer:
         """
         with self._moving:
             marks, finishes = _drain(self._to_mark), _drain(self._to_finish)
+            self._queued_since = None
             writing = [job_id for job_id, _ in finishes]
             self._writing.update(writing)
         if not marks and not finishes and claim is None:
@@ -311,7 +336,7 @@ class AckBuffer:
             log.warning("job %s was delivered before the connection was lost and may be running in the pool: "
                         "its claim is kept (and recorded as started) while %s lives", claim[0], self._name())
             self._to_mark.append(claim)
-            self._wake_writer_if_loop_away()
+            self._queued()
 
     def take_adopted(self, tag: str) -> Claim | None:
         entry = self._adopted.pop(tag, None)

@@ -87,6 +87,8 @@ class ClaimFeed:
             self._thread = None
             self._hub_thread: int | None = None
             self._flush_due = None
+            #: How long acks wait for a claim to carry them before the hub writes them alone.
+            self.write_delay = WRITE_DELAY
             loop.on_tick.add(self._on_tick)
             self._poll = loop.call_repeatedly(transport.options.polling_interval, self.kick)
             # Wake-ups at commit (a SQLite file's wake socket, ``sqlite_wake``): a thread waits on them and
@@ -172,13 +174,21 @@ class ClaimFeed:
             self.kick()
         elif self._flush_due is None and round_.channels and round_.channels[0].process.acks.has_pending_writes:
             # Acks that no claim carries: written by the hub a moment later, still in a batch.
-            self._flush_due = self.loop.call_later(WRITE_DELAY, self._flush_on_hub, round_.channels[0].process.acks)
+            self._flush_due = self.loop.call_later(self.write_delay, self._flush_on_hub,
+                                                   round_.channels[0].process.acks)
 
     def _flush_on_hub(self, acks: AckBuffer) -> None:
+        """Write the acks no claim has carried once the oldest has waited ``write_delay``; a claim
+        since the timer was set took those it was set for, so wait out the age of the ones left."""
         self._flush_due = None
-        if acks.has_pending_writes and not self._stop.is_set():
-            with contextlib.suppress(SQLAlchemyError):   # logged and deferred by flush
-                acks.flush()
+        if not acks.has_pending_writes or self._stop.is_set():
+            return
+        left = acks.write_due_in(self.write_delay)
+        if left > 0:
+            self._flush_due = self.loop.call_later(left, self._flush_on_hub, acks)
+            return
+        with contextlib.suppress(SQLAlchemyError):   # logged and deferred by flush
+            acks.flush()
 
     def stop(self) -> None:
         """Stop claiming, wait for a claim in flight, give back what was not delivered."""

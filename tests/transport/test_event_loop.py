@@ -1,4 +1,4 @@
-"""The transport driven by kombu's event loop (what Celery's asynloop does), on SQLite and PostgreSQL.
+"""The transport driven by kombu's event loop (what Celery's asynloop does), on every engine.
 
 On PostgreSQL a claim thread claims and the hub delivers; on SQLite the hub
 claims too (``celery_sqlbackend.eventloop``).  These pin down what that must
@@ -16,6 +16,7 @@ from kombu.asynchronous import Hub
 import pytest
 
 import celery_sqlbackend  # noqa: F401  (registers sqlq)
+from celery_sqlbackend.eventloop import ClaimFeed
 from tests.harness import rows
 
 from .test_kombu_api import OPTS, _publish
@@ -91,3 +92,32 @@ def test_a_batch_claimed_but_never_delivered_goes_back_to_ready_when_the_connect
     assert count(db_url, "claimed_executions") == 0 and count(db_url, "ready_executions") == 5
     [(deliveries,)] = rows(db_url, "select max(deliveries) from sqlq_jobs")
     assert deliveries == 1
+
+
+def test_the_hub_writes_acks_alone_only_once_they_have_waited_for_a_claim_to_carry_them(db_url):
+    # A busy worker's claims carry the acks since the last claim, every few milliseconds.  The hub's
+    # timer for acks that no claim carries must write only those that have waited ``write_delay``:
+    # it used to write whatever was queued when it fired, a transaction (and a durable commit) of
+    # its own for acks the next claim was about to carry.
+    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as conn:
+        _publish(conn, n=1)
+        msg = conn.SimpleQueue("q").get(block=True, timeout=5)
+        channel = msg.channel
+        acks = channel.process.acks
+        # What a worker's ack of a finished task does (``Channel._on_ack``): queue the finish.
+        acks.finish_later(*channel._take_claim(msg.delivery_tag))
+        hub = Hub()
+        feed = ClaimFeed(conn.transport, hub, on_hub=True)
+        try:
+            feed.write_delay = 60.0     # the ack is younger than that: a claim may still carry it
+            feed._flush_on_hub(acks)
+            assert count(db_url, "jobs where finished_at is not null") == 0
+            assert acks.has_pending_writes and feed._flush_due is not None   # waits out the ack's age
+            feed._flush_due.cancel()
+            feed.write_delay = 0.0      # the ack has waited long enough: the hub writes it
+            feed._flush_on_hub(acks)
+            assert not acks.has_pending_writes and feed._flush_due is None
+            assert count(db_url, "jobs where finished_at is not null") == 1
+            assert count(db_url, "claimed_executions") == 0
+        finally:
+            feed.stop()
