@@ -99,16 +99,20 @@ class AckBuffer:
         pool process is busy (billiard's apply_async waits for a free one),
         possibly for as long as a task runs; and between claims it waits for
         enough acks to make the next claim worth a transaction.  Acks queued
-        meanwhile are written here after ``WRITE_DELAY`` (so they still go in
-        batches), unless the loop, back, has taken them with its next claim.
+        meanwhile are written here once the oldest has waited ``WRITE_DELAY``
+        (so they still go in batches), unless the loop, back, has taken them
+        with its next claim.
         """
         try:
             while not self._stop.is_set():
                 if not self._writes_waiting.wait(1.0):
                     continue
                 self._writes_waiting.clear()
-                while self.has_pending_writes and not self._stop.wait(WRITE_DELAY):
-                    if self._loop_away:
+                while self.has_pending_writes:
+                    # (until the oldest has waited WRITE_DELAY: the loop, back, may take it with a claim)
+                    if self._stop.wait(self.write_due_in(WRITE_DELAY) or WRITE_DELAY):
+                        break
+                    if self._loop_away and self.write_due_in(WRITE_DELAY) == 0:
                         with contextlib.suppress(SQLAlchemyError):   # logged and deferred by flush
                             self.flush()
         finally:
