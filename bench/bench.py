@@ -85,11 +85,16 @@ def _count(marks: Path) -> int:
         return 0
 
 
+def concurrency() -> str:
+    """The pool size of every worker (``--concurrency``; 2, this machine's cores, by default)."""
+    return os.environ.get("BENCH_CONCURRENCY", "2")
+
+
 class Worker:
     def __init__(self, env: dict, log: Path):
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [PY, "-m", "celery", "-A", "benchapp", "worker", "-P", "prefork", "-c", "2", f"--loglevel={os.environ.get('BENCH_LOGLEVEL', 'WARNING')}",
+            [PY, "-m", "celery", "-A", "benchapp", "worker", "-P", "prefork", "-c", concurrency(), f"--loglevel={os.environ.get('BENCH_LOGLEVEL', 'WARNING')}",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"bench{os.getpid()}@%h"],
             env=env, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -204,6 +209,16 @@ def drain_once(target: Target, args, work: Path) -> float:
     finally:
         worker.stop()
     return (args.jobs - 1) / (last - first) if last > first else float("nan")
+
+
+def round_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """Our drain over theirs in each round (the two ran minutes apart at most).
+
+    Why: this machine's speed drifts by as much as 2x within minutes, moving
+    both targets of a round together; the ratio of each round's pair, and the
+    median of those, is steadier than the ratio of the two medians.
+    """
+    return [a / b for a, b in zip(ours, theirs) if b > 0]
 
 
 def run_drains(targets: list[Target], args, work: Path) -> None:
@@ -438,9 +453,12 @@ def main() -> None:
     ap.add_argument("--no-claims", action="store_true", help="skip the claim-scale run")
     ap.add_argument("--repeat", type=int, default=3,
                     help="drain runs per target, the targets taking turns; the table shows the median")
+    ap.add_argument("--concurrency", type=int, default=2,
+                    help="prefork pool size of every worker (default 2: Celery's default on a 2-core machine)")
     ap.add_argument("--prefetch-multiplier", type=int, default=4,
                     help="worker_prefetch_multiplier for every target (Celery's default: 4)")
     args = ap.parse_args()
+    os.environ["BENCH_CONCURRENCY"] = str(args.concurrency)   # (read by every Worker)
 
     work = Path(tempfile.mkdtemp(prefix="sqlq-bench-"))
     redis_proc, redis_url = start_redis(work)
@@ -515,7 +533,7 @@ def report(targets: list[Target], claims: dict, args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c 2, "
+    table = Table(title=f"celery_sqlbackend benchmark: {args.jobs} jobs, prefork -c {args.concurrency}, "
                           f"prefetch multiplier {args.prefetch_multiplier}, one machine")
     cols = [("enqueue_per_s", "enqueue/s"), ("drain_per_s", "drain/s"), ("two_workers_per_s", "2 workers/s"),
             ("two_workers_duplicates", "dup"), ("two_workers_lost", "lost"), ("latency_p50_ms", "p50 ms"),
@@ -536,6 +554,10 @@ def report(targets: list[Target], claims: dict, args) -> None:
         ours, theirs = by.get(f"sqlq+{db}"), by.get(f"sqla+{db}")
         if ours and theirs:
             console.print(f"drain rate sqlq/sqla on {db}: {ours['drain_per_s'] / theirs['drain_per_s']:.1f}x")
+            paired = round_ratios(ours.get("drain_runs", []), theirs.get("drain_runs", []))
+            if len(paired) > 1:
+                console.print("  round by round: " + ", ".join(f"{r:.1f}" for r in paired)
+                              + f"; median {statistics.median(paired):.1f}x")
             if "results_per_s" in ours and "results_per_s" in theirs:
                 console.print(f"results rate sqlq/db+ on {db}: {ours['results_per_s'] / theirs['results_per_s']:.1f}x")
         if ours and "redis" in by:

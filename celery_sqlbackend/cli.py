@@ -21,7 +21,6 @@ Tables are drawn with rich; bulk operations show a progress bar on a terminal.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import click
