@@ -218,7 +218,7 @@ class AckBuffer:
         the acks since the last one; a timer that wrote whatever was queued
         when it fired wrote a transaction of its own (a durable commit, and the
         hub blocked on it) for acks the next claim, a few milliseconds later,
-        would have carried: a quarter as many transactions again as claims.
+        would have carried: one for every five claims of a MariaDB drain.
         """
         since = self._queued_since
         if since is None or not self.has_pending_writes:

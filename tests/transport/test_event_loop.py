@@ -1,10 +1,11 @@
 """The transport driven by kombu's event loop (what Celery's asynloop does), on every engine.
 
-On PostgreSQL a claim thread claims and the hub delivers; on SQLite the hub
-claims too (``celery_sqlbackend.eventloop``).  These pin down what that must
-keep: the prefetch count holds for claimed-but-undelivered jobs too, and
-whatever the hub never delivered goes back to ready when the connection
-closes, in place.
+On PostgreSQL a claim thread claims and the hub delivers; on SQLite and
+MariaDB the hub claims too (``celery_sqlbackend.eventloop``).  These pin down
+what that must keep: the prefetch count holds for claimed-but-undelivered jobs
+too, whatever the hub never delivered goes back to ready when the connection
+closes, in place, and acks that no claim carries are written alone only once
+they have waited for one.
 """
 from __future__ import annotations
 
