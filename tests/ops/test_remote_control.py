@@ -52,8 +52,8 @@ def test_control_revoke_stops_a_queued_task(db_url, make_app, spawn_worker, tmp_
     # when the revoke arrives; then let it go.
     cli.run("sqlq", "queue", "pause", "celery")
     task_id = cli.run("call", "testapp.touch", "--args", json.dumps([str(marker)])).stdout.strip()
-    # The client waits out its --timeout for replies; the test goes on once the worker has the revoke.
-    revoke = cli.start("control", "revoke", task_id, "--timeout", "5")
+    # The client waits for the named worker's reply; the test goes on once the worker has the revoke.
+    revoke = cli.start("control", "revoke", task_id, "-d", f"rev@{socket.gethostname()}", "--timeout", "30")
     worker.wait_log(rf"Tasks flagged as revoked: {task_id}", timeout=30)
     cli.run("sqlq", "queue", "resume", "celery")
 
