@@ -413,7 +413,10 @@ class Channel(virtual.Channel):
 
     def close(self):
         if not self.closed:
-            feed = getattr(getattr(self, "_transport_ref", None), "_feed", None)
+            transport = getattr(self, "_transport_ref", None)
+            if transport is not None:
+                transport.release_held(self)
+            feed = getattr(transport, "_feed", None)
             if feed is not None:
                 feed.release_pending(self)
             self.finish_completed()

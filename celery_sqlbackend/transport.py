@@ -28,7 +28,10 @@ Loops
 The transport registers with Celery's event loop
 (:mod:`celery_sqlbackend.eventloop`): on PostgreSQL a claim thread claims, on
 SQLite and MySQL/MariaDB the hub's own thread does.  With ``event_loop=False``
-Celery runs its blocking loop, which calls :meth:`Transport.drain_events`.
+Celery runs its blocking loop, which calls :meth:`Transport.drain_events`, as
+does any plain kombu consumer (``celery inspect``'s reply reader among them):
+each call delivers one message, the rest of a claimed batch waiting in the
+transport for the next calls and going back to ready if its channel closes.
 Every loop runs the same claim round (:mod:`celery_sqlbackend.claim_round`),
 which claims through :meth:`Channel._claim`.
 
@@ -43,6 +46,7 @@ others (see :mod:`celery_sqlbackend.pruner`).
 """
 from __future__ import annotations
 
+import collections
 import threading
 from time import monotonic
 
@@ -85,6 +89,8 @@ class Transport(virtual.Transport):
         self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
+        #: (channel, message, queue) claimed by the blocking loop, not yet delivered: see drain_events.
+        self._held: collections.deque = collections.deque()
         self._outage = Outage("worker loop")
         event_loop = self.options.event_loop
         if event_loop is None:
@@ -132,15 +138,24 @@ class Transport(virtual.Transport):
         super().close_connection(connection)
 
     def drain_events(self, connection, timeout=None):
-        """Celery's blocking loop: claim rounds until one delivers; between empty rounds, wait for
-        whichever can change that (an ack, or NOTIFY or the poll: ``claim_round.wait_for_work``)."""
+        """Celery's blocking loop: deliver one message; claim rounds until one has a message to deliver;
+        between empty rounds, wait for whichever can change that (an ack, or NOTIFY or the poll:
+        ``claim_round.wait_for_work``).
+
+        One message per call, the rest of a claimed batch kept for the next calls (``_held``), as
+        kombu's virtual transports deliver: kombu's remote-control client stops after as many calls as
+        it names workers (``Mailbox._collect``), and one call that delivered two replies left the
+        next waiting out the whole timeout for a third.
+        """
+        if self._deliver_held():
+            return
         start = monotonic()
         interval = self.options.polling_interval
         waiter = None
         while True:
             self._wake.clear()
-            round_ = claim_round(self, "loop", self._deliver_batch)
-            if round_.claimed:
+            round_ = claim_round(self, "loop", self._hold_batch)
+            if self._deliver_held() or round_.claimed:
                 return
             remaining = None if timeout is None else timeout - (monotonic() - start)
             if remaining is not None and remaining <= 0:
@@ -159,8 +174,26 @@ class Transport(virtual.Transport):
             acks = round_.channels[0].process.acks if round_.channels else None
             wait_for_work(self._wake, waiter, round_.slots_free, acks, wait)
 
-    def _deliver_batch(self, channel: Channel, messages: Messages) -> None:
+    def _hold_batch(self, channel: Channel, messages: Messages) -> None:
         log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
-        with channel.process.acks.loop_away():
-            for payload, queue in messages:
+        self._held.extend((channel, payload, queue) for payload, queue in messages)
+
+    def _deliver_held(self) -> bool:
+        """Deliver the oldest message claimed and not yet delivered, if any (a closed channel's go back)."""
+        while self._held:
+            channel, payload, queue = self._held.popleft()
+            if channel.closed:
+                channel._release(payload["properties"]["delivery_tag"])
+                continue
+            with channel.process.acks.loop_away():   # (a delivery may block in billiard: acks go meanwhile)
                 self._deliver(payload, queue)
+            return True
+        return False
+
+    def release_held(self, channel: Channel) -> None:
+        """Give back what was claimed for ``channel`` and not delivered (it is closing)."""
+        mine = [held for held in self._held if held[0] is channel]
+        if mine:
+            self._held = collections.deque(held for held in self._held if held[0] is not channel)
+            for _, payload, _ in mine:
+                channel._release(payload["properties"]["delivery_tag"])

@@ -26,9 +26,13 @@ def test_inspect_ping_answered_by_two_workers(db_url, make_app, spawn_worker, tm
     spawn_worker(tmp_path, hostname="beta@%h", pool="solo")
     host = socket.gethostname()
 
-    # Two clients at once (each waits out its whole --timeout), each with its own replies.
-    replies, stats_out = cli.run_together(("inspect", "ping", "--json", "--timeout", "5"),
-                                          ("inspect", "stats", "--json", "--timeout", "5"))
+    # Two clients at once, each with its own replies.  Each names both workers (``-d``), so it returns
+    # once both have replied, well before its --timeout: given 45 s, a client that waited out its 60
+    # would be killed (kombu's client counts drain_events calls, and must get one reply per call).
+    both = f"alpha@{host},beta@{host}"
+    replies, stats_out = cli.run_together(("inspect", "ping", "--json", "-d", both, "--timeout", "60"),
+                                          ("inspect", "stats", "--json", "-d", both, "--timeout", "60"),
+                                          timeout=45)
     answered = json.loads(replies.stdout)
     assert answered == {f"alpha@{host}": {"ok": "pong"}, f"beta@{host}": {"ok": "pong"}}, replies.stdout
 

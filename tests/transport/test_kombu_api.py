@@ -5,6 +5,7 @@ requeue in place, priorities, ETA, purge) one operation at a time.
 """
 from __future__ import annotations
 
+import collections
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -199,7 +200,11 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
     consumer.qos(prefetch_count=4)
     with consumer:
         conn.drain_events(timeout=2)
-        assert len(got) == 4                 # one claim of the whole prefetch
+        # One claim of the whole prefetch, delivered one message per call (as kombu's virtual transports do).
+        assert len(got) == 1 and rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)]
+        for _ in range(3):
+            conn.drain_events(timeout=2)
+        assert len(got) == 4
         got[0].ack()                         # one slot free, three deliveries waiting
         assert consumer.channel._claim_limit() == 0
         assert consumer.channel._claim_limit(share=4) == 1     # the event loop's claim thread: a quarter
@@ -208,6 +213,7 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
             conn.drain_events(timeout=0.3)
         assert len(got) == 4
         got[1].ack()                         # half free: claims two
+        conn.drain_events(timeout=2)
         conn.drain_events(timeout=2)
         assert len(got) == 6
         got[2].ack()                         # one free; the other three are running, none waiting
@@ -219,3 +225,25 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
         conn.drain_events(timeout=2)
         assert len(got) == 7
     assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)]
+
+
+def test_drain_events_delivers_one_message_per_call_and_a_closed_channel_gives_back_the_rest(db_url):
+    # kombu's remote-control client stops after as many drain_events calls as it names workers
+    # (``Mailbox._collect``): two replies delivered by one call left it waiting out its whole timeout.
+    from kombu import Consumer
+    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c:
+        _publish(c, n=3)
+        got = []
+        consumer = Consumer(c.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(body["i"])],
+                            accept=["json"])
+        consumer.qos(prefetch_count=3)
+        with consumer:
+            c.drain_events(timeout=2)
+            assert got == [0]                # three claimed, one delivered
+            assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(3,)]
+            c.drain_events(timeout=2)
+            assert got == [0, 1]
+            consumer.channel.close()         # the undelivered third goes back to ready, in place
+            assert rows(db_url, "select count(*) from sqlq_claimed_executions where job_id = 3") == [(0,)]
+            assert rows(db_url, "select count(*) from sqlq_ready_executions where job_id = 3") == [(1,)]
+            assert c.transport._held == collections.deque()
