@@ -179,10 +179,13 @@ class Transport(virtual.Transport):
         self._held.extend((channel, payload, queue) for payload, queue in messages)
 
     def _deliver_held(self) -> bool:
-        """Deliver the oldest message claimed and not yet delivered, if any (a closed channel's go back)."""
+        """Deliver the oldest message claimed and not yet delivered, if any (those of a closed channel,
+        or of a worker shutting down, go back to ready)."""
         while self._held:
             channel, payload, queue = self._held.popleft()
-            if channel.closed:
+            worker = None if channel.closed else channel.worker
+            if channel.closed or (worker is not None and worker.stopping()):
+                # (a worker shutting down takes no more jobs: the rest of its batch goes back to ready)
                 channel._release(payload["properties"]["delivery_tag"])
                 continue
             with channel.process.acks.loop_away():   # (a delivery may block in billiard: acks go meanwhile)

@@ -247,3 +247,25 @@ def test_drain_events_delivers_one_message_per_call_and_a_closed_channel_gives_b
             assert rows(db_url, "select count(*) from sqlq_claimed_executions where job_id = 3") == [(0,)]
             assert rows(db_url, "select count(*) from sqlq_ready_executions where job_id = 3") == [(1,)]
             assert c.transport._held == collections.deque()
+
+
+def test_a_worker_shutting_down_gives_back_the_rest_of_its_batch_instead_of_delivering_it(db_url, monkeypatch):
+    from kombu import Consumer
+    from celery_sqlbackend.worker_hooks import WorkerHooks
+    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c:
+        _publish(c, n=3)
+        got = []
+        consumer = Consumer(c.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(body["i"])],
+                            accept=["json"])
+        consumer.qos(prefetch_count=3)
+        with consumer:
+            c.drain_events(timeout=2)
+            assert got == [0]
+            # What a Celery worker tells the channel once a warm shutdown has begun (``lifecycle``).
+            monkeypatch.setattr(consumer.channel.process, "worker",
+                                WorkerHooks(running_tags=set, stopping=lambda: True, terminating=lambda: False))
+            with pytest.raises(TimeoutError):
+                c.drain_events(timeout=0.3)
+            assert got == [0]
+            assert rows(db_url, "select job_id from sqlq_claimed_executions") == [(1,)]
+            assert rows(db_url, "select job_id from sqlq_ready_executions order by job_id") == [(2,), (3,)]
