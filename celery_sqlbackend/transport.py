@@ -184,8 +184,10 @@ class Transport(virtual.Transport):
         while self._held:
             channel, payload, queue = self._held.popleft()
             worker = None if channel.closed else channel.worker
-            if channel.closed or (worker is not None and worker.stopping()):
-                # (a worker shutting down takes no more jobs: the rest of its batch goes back to ready)
+            stopping = worker is not None and worker.stopping() and queue not in channel._no_ack_queues
+            if channel.closed or stopping:
+                # (a worker shutting down takes no more jobs: the rest of its batch goes back to ready;
+                # a broadcast, remote control among them, holds no claim and is still delivered)
                 channel._release(payload["properties"]["delivery_tag"])
                 continue
             with channel.process.acks.loop_away():   # (a delivery may block in billiard: acks go meanwhile)
