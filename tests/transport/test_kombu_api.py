@@ -6,6 +6,7 @@ requeue in place, priorities, ETA, purge) one operation at a time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -227,45 +228,44 @@ def test_a_busy_consumer_claims_once_half_its_prefetch_is_free_unless_nothing_is
     assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(4,)]
 
 
+@contextlib.contextmanager
+def three_claimed_one_delivered(c):
+    """Three jobs published and claimed in one batch (prefetch 3); one drain_events call delivered the first.
+    Yields the consumer and the numbers of the messages delivered so far."""
+    from kombu import Consumer
+    _publish(c, n=3)
+    got = []
+    consumer = Consumer(c.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(body["i"])],
+                        accept=["json"])
+    consumer.qos(prefetch_count=3)
+    with consumer:
+        c.drain_events(timeout=2)
+        yield consumer, got
+
+
 def test_drain_events_delivers_one_message_per_call_and_a_closed_channel_gives_back_the_rest(db_url):
     # kombu's remote-control client stops after as many drain_events calls as it names workers
     # (``Mailbox._collect``): two replies delivered by one call left it waiting out its whole timeout.
-    from kombu import Consumer
-    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c:
-        _publish(c, n=3)
-        got = []
-        consumer = Consumer(c.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(body["i"])],
-                            accept=["json"])
-        consumer.qos(prefetch_count=3)
-        with consumer:
-            c.drain_events(timeout=2)
-            assert got == [0]                # three claimed, one delivered
-            assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(3,)]
-            c.drain_events(timeout=2)
-            assert got == [0, 1]
-            consumer.channel.close()         # the undelivered third goes back to ready, in place
-            assert rows(db_url, "select count(*) from sqlq_claimed_executions where job_id = 3") == [(0,)]
-            assert rows(db_url, "select count(*) from sqlq_ready_executions where job_id = 3") == [(1,)]
-            assert c.transport._held == collections.deque()
+    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c, three_claimed_one_delivered(c) as (consumer, got):
+        assert got == [0]                # three claimed, one delivered
+        assert rows(db_url, "select count(*) from sqlq_claimed_executions") == [(3,)]
+        c.drain_events(timeout=2)
+        assert got == [0, 1]
+        consumer.channel.close()         # the undelivered third goes back to ready, in place
+        assert rows(db_url, "select count(*) from sqlq_claimed_executions where job_id = 3") == [(0,)]
+        assert rows(db_url, "select count(*) from sqlq_ready_executions where job_id = 3") == [(1,)]
+        assert c.transport._held == collections.deque()
 
 
 def test_a_worker_shutting_down_gives_back_the_rest_of_its_batch_instead_of_delivering_it(db_url, monkeypatch):
-    from kombu import Consumer
     from celery_sqlbackend.worker_hooks import WorkerHooks
-    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c:
-        _publish(c, n=3)
-        got = []
-        consumer = Consumer(c.channel(), [Queue("q")], callbacks=[lambda body, m: got.append(body["i"])],
-                            accept=["json"])
-        consumer.qos(prefetch_count=3)
-        with consumer:
-            c.drain_events(timeout=2)
-            assert got == [0]
-            # What a Celery worker tells the channel once a warm shutdown has begun (``lifecycle``).
-            monkeypatch.setattr(consumer.channel.process, "worker",
-                                WorkerHooks(running_tags=set, stopping=lambda: True, terminating=lambda: False))
-            with pytest.raises(TimeoutError):
-                c.drain_events(timeout=0.3)
-            assert got == [0]
-            assert rows(db_url, "select job_id from sqlq_claimed_executions") == [(1,)]
-            assert rows(db_url, "select job_id from sqlq_ready_executions order by job_id") == [(2,), (3,)]
+    with Connection(f"sqlq+{db_url}", transport_options=OPTS) as c, three_claimed_one_delivered(c) as (consumer, got):
+        assert got == [0]
+        # What a Celery worker tells the channel once a warm shutdown has begun (``lifecycle``).
+        monkeypatch.setattr(consumer.channel.process, "worker",
+                            WorkerHooks(running_tags=set, stopping=lambda: True, terminating=lambda: False))
+        with pytest.raises(TimeoutError):
+            c.drain_events(timeout=0.3)
+        assert got == [0]
+        assert rows(db_url, "select job_id from sqlq_claimed_executions") == [(1,)]
+        assert rows(db_url, "select job_id from sqlq_ready_executions order by job_id") == [(2,), (3,)]
