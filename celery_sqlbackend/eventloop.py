@@ -27,12 +27,12 @@ Each turn claims with the claim round every loop shares
 
 Prefetch: the claim thread counts a batch that is claimed but not yet
 delivered against the prefetch (``Channel._claim_limit(undelivered)``), so
-the worker never holds more than kombu's prefetch count.  A batch the hub
-will not deliver (the channel or connection closed first) is released.
+the worker never holds more than kombu's prefetch count.  What the hub
+will not deliver (the channel or connection closed first, or the worker is
+shutting down) is released (:mod:`.undelivered`, shared with the blocking loop).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -44,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .ack_buffer import WRITE_DELAY, AckBuffer
 from .claim_round import Messages, Outage, RoundResult, claim_round, wait_for_work
 from .notify import waiter_for
+from .undelivered import Undelivered
 from .store import store_for
 
 log = logging.getLogger("celery_sqlbackend.eventloop")
@@ -75,8 +76,7 @@ class ClaimFeed:
         self.on_hub = on_hub
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
-        self._pending: collections.deque = collections.deque()   # (channel, payload, queue)
-        self._lock = threading.Lock()
+        self._pending = Undelivered()   # claimed, waiting for the hub to deliver
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._kicked = False
@@ -152,15 +152,9 @@ class ClaimFeed:
         self._deliver_pending()
 
     def _deliver_pending(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return
-                channel, payload, queue = self._pending.popleft()
-            if channel.closed:
-                channel._release(payload["properties"]["delivery_tag"])
-            else:
-                channel.connection._deliver(payload, queue)
+        while (entry := self._pending.next()) is not None:
+            channel, payload, queue = entry
+            channel.connection._deliver(payload, queue)
 
     def _claim_on_hub(self) -> None:
         """One claim round on the hub's thread (``on_hub``); after a claim, another round next turn
@@ -212,16 +206,7 @@ class ClaimFeed:
 
     def release_pending(self, channel=None) -> None:
         """Give back the undelivered batch of ``channel`` (default: of every channel)."""
-        with self._lock:
-            keep = collections.deque(p for p in self._pending if channel is not None and p[0] is not channel)
-            gone = [p for p in self._pending if channel is None or p[0] is channel]
-            self._pending = keep
-        for ch, payload, _ in gone:
-            ch._release(payload["properties"]["delivery_tag"])
-
-    def undelivered(self, channel) -> int:
-        with self._lock:
-            return sum(1 for p in self._pending if p[0] is channel)
+        self._pending.release(channel)
 
     # ------------------------------------------------------------------ claim thread
 
@@ -258,10 +243,9 @@ class ClaimFeed:
 
     def _claim_round(self) -> RoundResult:
         """One claim round (``claim_round``), its batches kept for the hub to deliver."""
-        return claim_round(self.transport, "hub" if self.on_hub else "thread", self._keep, self.undelivered)
+        return claim_round(self.transport, "hub" if self.on_hub else "thread", self._keep, self._pending.count)
 
     def _keep(self, channel, messages: Messages) -> None:
-        with self._lock:
-            self._pending.extend((channel, payload, queue) for payload, queue in messages)
+        self._pending.keep(channel, messages)
         if not self.on_hub:
             os.write(self._w, b".")

@@ -46,7 +46,6 @@ others (see :mod:`celery_sqlbackend.pruner`).
 """
 from __future__ import annotations
 
-import collections
 import threading
 from time import monotonic
 
@@ -59,6 +58,7 @@ from .eventloop import ClaimFeed
 from .notify import waiter_for
 from .options import Options, for_connection
 from .store import store_for
+from .undelivered import Undelivered
 from .urls import SCHEME, mask as mask_url
 
 
@@ -89,8 +89,8 @@ class Transport(virtual.Transport):
         self.options = Options.from_mapping(for_connection(client))
         self._wake = threading.Event()
         self._feed: ClaimFeed | None = None
-        #: (channel, message, queue) claimed by the blocking loop, not yet delivered: see drain_events.
-        self._held: collections.deque = collections.deque()
+        #: What the blocking loop claimed and has not delivered yet: see drain_events.
+        self._held = Undelivered()
         self._outage = Outage("worker loop")
         event_loop = self.options.event_loop
         if event_loop is None:
@@ -176,29 +176,18 @@ class Transport(virtual.Transport):
 
     def _hold_batch(self, channel: Channel, messages: Messages) -> None:
         log.debug("claimed %d message(s) from %s", len(messages), sorted(set(q for _, q in messages)))
-        self._held.extend((channel, payload, queue) for payload, queue in messages)
+        self._held.keep(channel, messages)
 
     def _deliver_held(self) -> bool:
-        """Deliver the oldest message claimed and not yet delivered, if any (those of a closed channel,
-        or of a worker shutting down, go back to ready)."""
-        while self._held:
-            channel, payload, queue = self._held.popleft()
-            worker = None if channel.closed else channel.worker
-            stopping = worker is not None and worker.stopping() and queue not in channel._no_ack_queues
-            if channel.closed or stopping:
-                # (a worker shutting down takes no more jobs: the rest of its batch goes back to ready;
-                # a broadcast, remote control among them, holds no claim and is still delivered)
-                channel._release(payload["properties"]["delivery_tag"])
-                continue
-            with channel.process.acks.loop_away():   # (a delivery may block in billiard: acks go meanwhile)
-                self._deliver(payload, queue)
-            return True
-        return False
+        """Deliver the oldest message claimed and not yet delivered, if any (see ``undelivered``)."""
+        entry = self._held.next()
+        if entry is None:
+            return False
+        channel, payload, queue = entry
+        with channel.process.acks.loop_away():   # (a delivery may block in billiard: acks go meanwhile)
+            self._deliver(payload, queue)
+        return True
 
     def release_held(self, channel: Channel) -> None:
         """Give back what was claimed for ``channel`` and not delivered (it is closing)."""
-        mine = [held for held in self._held if held[0] is channel]
-        if mine:
-            self._held = collections.deque(held for held in self._held if held[0] is not channel)
-            for _, payload, _ in mine:
-                channel._release(payload["properties"]["delivery_tag"])
+        self._held.release(channel)
